@@ -1,0 +1,143 @@
+"""Token sampling: temperature, top-k, top-p, allowed-id masks, classifier-free guidance, and the
+KV-cached decoding loop shared by every generation script."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Schedule = float | Sequence[float] | Callable[[int], float]
+
+
+def _at(value: Schedule | None, step: int) -> float | None:
+    """Value of a constant, per-step list, or callable schedule at `step`."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if callable(value):
+        return value(step)
+    return value[min(step, len(value) - 1)]
+
+
+def id_range_mask(vocab_size: int, lo: int, hi: int, extra: Sequence[int] = (), device=None) -> torch.Tensor:
+    """[V] bool, True on ids in [lo, hi) and on `extra` ids."""
+    m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    m[lo:hi] = True
+    if extra:
+        m[list(extra)] = True
+    return m
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely ids whose probability reaches p; the rest get -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each id
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def cfg_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """[2B, V] with conditional rows first -> [B, V] guided logits u + s * (c - u)."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, V]
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    allowed: torch.Tensor | None = None,  # [V] or [B, V] bool
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one id per row ([B] long). temperature 0 is greedy."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        vals, idx = logits.topk(top_k, dim=-1)  # [B, k], sorted
+        if top_p is not None and top_p < 1.0:
+            vals = top_p_filter(vals, top_p)
+        choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)  # [B, 1]
+        return idx.gather(-1, choice).squeeze(-1)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into ids [B, T] and a validity mask [B, T] (prompts end at the same column)."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, t - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            valid[i, t - len(s):] = True
+    return ids, valid
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompt: torch.Tensor,  # [B, T] (or [2B, T] with cfg_scale: conditional rows first)
+    max_new_tokens: int,
+    *,
+    valid: torch.Tensor | None = None,  # [B, T] False on left padding
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    allowed: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+    cfg_scale: Schedule | None = None,
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+    step_fn: Callable | None = None,
+) -> torch.Tensor:
+    """KV-cached sampling; returns the new ids [B, N] (N <= max_new_tokens when stop_id ends all rows).
+
+    With `cfg_scale` the batch holds conditional then unconditional prompts; both halves receive
+    the same sampled token and the guided logits are used. `step_fn(ids [B, T])` may replace the
+    model call (e.g. a torch.compile'd step).
+    """
+    rows, t = prompt.shape
+    b = rows // 2 if cfg_scale is not None else rows
+    device = prompt.device
+    cache = model.new_cache(rows, t + max_new_tokens, device=device)
+    if valid is not None and bool(valid.all()):
+        valid = None
+    if valid is not None:
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [rows, T]
+        logits = model(prompt, position_ids=pos, valid=valid, cache=cache)[:, -1]
+        next_pos = pos[:, -1:] + 1  # [rows, 1]
+    else:
+        logits = model(prompt, cache=cache)[:, -1]
+        next_pos = None
+    step_valid = torch.ones(rows, 1, dtype=torch.bool, device=device) if valid is not None else None
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    n = 0
+    for step in range(max_new_tokens):
+        scale = _at(cfg_scale, step)
+        lg = cfg_combine(logits, scale) if cfg_scale is not None else logits
+        allow = allowed(step) if callable(allowed) else allowed
+        tok = sample(lg, temperature, top_k, top_p, allow, generator)  # [B]
+        if stop_id is not None:
+            tok = torch.where(done, torch.full_like(tok, stop_id), tok)
+            done |= tok == stop_id
+        out[:, step] = tok
+        n = step + 1
+        if n == max_new_tokens or (stop_id is not None and bool(done.all())):
+            break
+        inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
+        if next_pos is not None:
+            logits = model(inp, position_ids=next_pos, valid=step_valid, cache=cache)[:, -1]
+            next_pos = next_pos + 1
+        elif step_fn is not None:
+            logits = step_fn(inp, cache)
+        else:
+            logits = model(inp, cache=cache)[:, -1]
+    return out[:, :n]

@@ -1,0 +1,87 @@
+import torch
+
+from generate.sampling import cfg_combine, generate, id_range_mask, left_pad, sample, top_p_filter
+from models.config import LMConfig
+from models.transformer import Transformer
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.8))
+    # sorted: 0.4, 0.3, 0.15 (cum 0.85 >= 0.8) -> exactly these three
+    assert kept.tolist() == [[False, True, False, True, True]]
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.7))
+    assert kept.tolist() == [[False, True, False, True, False]]  # 0.4 + 0.3 reaches 0.7
+
+
+def test_masked_ids_never_drawn():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(10_000, 50)
+    logits[:, :10] = 5.0  # the disallowed ids are the most likely ones
+    allowed = id_range_mask(50, 10, 30)
+    ids = sample(logits, temperature=1.0, allowed=allowed, generator=g)
+    assert ((ids >= 10) & (ids < 30)).all()
+    assert len(ids.unique()) == 20
+
+
+def test_top_k_and_greedy():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]]).expand(2000, 4)
+    g = torch.Generator().manual_seed(1)
+    ids = sample(logits, top_k=2, generator=g)
+    assert set(ids.tolist()) == {1, 2}
+    assert sample(logits[:1], temperature=0).item() == 1
+
+
+def test_cfg_combine():
+    c, u = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    torch.testing.assert_close(cfg_combine(torch.cat([c, u]), 3.0), u + 3.0 * (c - u))
+
+
+def _model():
+    torch.manual_seed(0)
+    return Transformer(LMConfig.from_preset("tiny")).eval()
+
+
+def test_same_seed_same_tokens():
+    m = _model()
+    prompt = torch.randint(0, 256, (2, 5))
+    run = lambda s: generate(m, prompt, 12, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_greedy_generation_matches_uncached_argmax():
+    m = _model()
+    prompt = torch.randint(0, 256, (1, 6))
+    out = generate(m, prompt, 8, temperature=0)
+    seq = prompt
+    for _ in range(8):
+        seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq[:, 6:])
+
+
+def test_left_padded_batch_equals_single_prompts():
+    m = _model()
+    a, b = [5, 6, 7, 8, 9], [10, 11]
+    ids, valid = left_pad([a, b], pad_id=0)
+    both = generate(m, ids, 6, valid=valid, temperature=0)
+    for row, p in zip(both, (a, b)):
+        single = generate(m, torch.tensor([p]), 6, temperature=0)
+        assert torch.equal(row, single[0])
+
+
+def test_cfg_generation_and_allowed_range():
+    m = _model()
+    cond, uncond = [1, 2, 3, 4], [1]
+    ids, valid = left_pad([cond, cond, uncond, uncond], pad_id=0)
+    allowed = id_range_mask(256, 100, 120)
+    out = generate(m, ids, 10, valid=valid, cfg_scale=lambda s: 1.0 + s, allowed=allowed,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 10)
+    assert ((out >= 100) & (out < 120)).all()
+
+
+def test_stop_id_ends_generation():
+    m = _model()
+    out = generate(m, torch.tensor([[1, 2]]), 50, allowed=id_range_mask(256, 7, 8), stop_id=7)
+    assert out.tolist() == [[7]]
