@@ -14,6 +14,29 @@ from models.config import LMConfig
 from models.masks import attention_mask
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward: about a third of the memory passes of autograd's
+    composite graph (the op is memory-bound on CPU). Saves the normalised input and 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # one read of x, no x**2 temporary
+        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # [..., 1]
+        xhat = x * r
+        ctx.save_for_backward(xhat, weight, r)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, weight, r = ctx.saved_tensors
+        gw = grad * weight
+        # d/dx [w * x * r] = r * (gw - xhat * mean(gw * xhat))
+        c = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(xhat.shape[-1])
+        dx = gw.addcmul_(xhat, c, value=-1).mul_(r)
+        dw = (grad * xhat).sum(dim=tuple(range(grad.dim() - 1))) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -21,21 +44,66 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        w = self.weight
+        if x.dtype != torch.float32 or w.dtype != torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)  # computes in fp32 internally
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _RMSNormFn.apply(x, w, self.eps)
+        # Inference: in-place on temporaries, fewer kernels than F.rms_norm's CPU composite.
+        r = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return (x * r).mul_(w)
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the "rotate half" layout used by Llama/Qwen2 checkpoints; explicit position ids."""
+    """RoPE in the "rotate half" layout used by Llama/Qwen2 checkpoints; explicit position ids.
+
+    `forward` computes cos/sin for arbitrary position ids; `table` serves consecutive positions from a
+    cached cos/sin table (grown on demand), so a decode step does no trigonometry.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [E/2]
+        # Cached tables [S, E]: cos, and sin with its first half negated (see `rotate`).
+        self.register_buffer("cos_table", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0, head_dim), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # [B, T, E/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, E]
         return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)  # [B, 1, T, E]
+
+    def signed(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and half-negated sin [B, T, 1, E] for explicit position ids (the layout `rotate` takes)."""
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq.float()  # [B, T, E/2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, T, 1, E]
+        sin = emb.sin()
+        sin[..., : freqs.shape[-1]].neg_()
+        return emb.cos().to(dtype), sin.to(dtype)
+
+    def table(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and half-negated sin [T, 1, E] for positions start..end-1 (views of the cached table)."""
+        if self.cos_table.shape[0] < end:
+            self._grow(end)
+        cos, sin = self.cos_table[start:end, None], self.sin_table[start:end, None]
+        return cos.to(dtype), sin.to(dtype)
+
+    def _grow(self, end: int) -> None:
+        n = max(end, 2 * self.cos_table.shape[0], 256)
+        # Ordinary tensors even when first called under inference_mode: training may reuse them.
+        with torch.inference_mode(False), torch.no_grad():
+            pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+            cos, sin = self.signed(pos[None], torch.float32)
+            self.cos_table, self.sin_table = cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [..., E] with cos and half-negated sin broadcastable to x: equals `apply_rope`.
+
+    rotate_half(x) * sin == roll(x, E/2) * sin_signed, which needs one copy instead of neg + cat.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,16 +150,47 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None, layer: int):
+        """cos/sin: [B|1, T, 1, E], sin half-negated (RotaryEmbedding.table/.signed)."""
         b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split((self.n_heads, self.n_kv, self.n_kv), dim=1)  # [B, H|K, T, E]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, kv = self.n_heads, self.n_kv
+        qkv = self.qkv(x).view(b, t, h + 2 * kv, self.head_dim)  # [B, T, H+2K, E]
+        # Split along heads before transposing: the split's backward then writes one contiguous
+        # [B, T, H+2K, E] gradient, which views back onto the qkv output without another copy.
+        if qkv.requires_grad:
+            q, k, v = qkv.split((h, kv, kv), dim=2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        else:  # inference: rotate q and k in one go (fewer kernels per decode step)
+            qk, v = qkv.split((h + kv, kv), dim=2)
+            q, k = rotate(qk, cos, sin).split((h, kv), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, E]
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, K, S, E]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=kv != h
         )  # [B, H, T, E]
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up on the fused [.., 2F] projection; the backward writes both halves of the
+    gradient into one buffer instead of autograd's two tensors plus a cat."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -101,8 +200,11 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate_up = self.gate_up(x)
+        if gate_up.requires_grad:
+            return self.down(_SwiGLUFn.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down(F.silu(gate).mul_(up))
 
 
 class Block(nn.Module):
@@ -167,10 +269,11 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + t} positions exceeds the KV cache length {cache.max_len}")
         if cache is None and t > self.cfg.max_len:
             raise ValueError(f"sequence of {t} positions exceeds max_len {self.cfg.max_len}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + t, device=x.device).expand(b, t)
+        if position_ids is None:  # consecutive positions: slice the cached cos/sin table
+            cos, sin = self.rope.table(start, start + t, x.dtype)  # [T, 1, E]
+        else:
+            cos, sin = self.rope.signed(position_ids, x.dtype)  # [B, T, 1, E]
         mask, is_causal = self._mask(b, t, start, block_ids, valid, cache, x.device)
-        cos, sin = self.rope(position_ids, x.dtype)
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
@@ -187,12 +290,15 @@ class Transformer(nn.Module):
             q_block = block_ids if block_ids is not None else torch.arange(t, device=device).expand(b, t)
             return attention_mask(q_block, q_block, valid), False
         # With a cache: record this step's block ids and validity, then mask over every filled slot.
+        # Until a step brings block ids, every slot's block id is its position: nothing is stored
+        # (one kernel less per decode step), and the first block step backfills the positions.
         end = start + t
-        if block_ids is not None:
-            cache.block[:, start:end] = block_ids
+        if block_ids is not None and not cache.uses_blocks:
+            if start:
+                cache.block[:, :start] = torch.arange(start, device=device)
             cache.uses_blocks = True
-        else:
-            cache.block[:, start:end] = torch.arange(start, end, device=device)
+        if cache.uses_blocks:
+            cache.block[:, start:end] = block_ids if block_ids is not None else torch.arange(start, end, device=device)
         if valid is not None:
             cache.valid[:, start:end] = valid
             cache.has_padding = True
@@ -201,7 +307,10 @@ class Transformer(nn.Module):
                 return None, False  # one causal query sees every filled slot
             if start == 0:
                 return None, True
-        q_block = cache.block[:, start:end]
-        key_valid = cache.valid[:, :end] if cache.has_padding else None
         q_index = torch.arange(start, end, device=device)
-        return attention_mask(q_block, cache.block[:, :end], key_valid, q_index), False
+        if cache.uses_blocks:
+            q_block, k_block = cache.block[:, start:end], cache.block[:, :end]
+        else:
+            q_block, k_block = q_index.expand(b, t), torch.arange(end, device=device).expand(b, end)
+        key_valid = cache.valid[:, :end] if cache.has_padding else None
+        return attention_mask(q_block, k_block, key_valid, q_index), False

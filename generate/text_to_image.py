@@ -1,0 +1,60 @@
+"""Draw images from text: `python -m generate.text_to_image --ckpt results/demo/lm --prompt "a handwritten 7"`.
+
+Writes <out>/<prompt index>_<sample>.png for every image and <out>/grid.png (one row per prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from generate.common import add_common, check_args, load, run_main
+from generate.pipeline import text_to_image
+from vision_tokenizers.image_io import grid, save_png
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--out", default="results/t2i")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            p.error(f"--prompts-file {f}: file not found")
+        args.prompt += [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    if not args.prompt:
+        p.error("give at least one --prompt or a --prompts-file")
+    for i, text in enumerate(args.prompt):
+        if not text.strip():
+            p.error(f"prompt {i + 1} is empty")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    bundle, gen = load(args)
+    images = text_to_image(bundle, args.prompt, args.n, cfg=args.cfg, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, generator=gen).cpu()
+    out = Path(args.out)
+    # Everything is generated before the first write, and each PNG is written atomically.
+    for i in range(len(args.prompt)):
+        for j in range(args.n):
+            save_png(images[i * args.n + j], out / f"{i:03d}_{j:02d}.png")
+    (out / "prompts.txt").write_text("\n".join(args.prompt) + "\n")
+    save_png(grid(images, nrow=args.n), out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

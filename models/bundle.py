@@ -1,0 +1,112 @@
+"""A trained multimodal model as one object: LM + text tokenizer + vocabulary layout + vision tokenizer.
+
+Two on-disk forms, both loaded without executing pickled code:
+- an inference folder: config.json, model.safetensors, vision_tokenizer.safetensors, tokenizer.json
+- a Lightning .ckpt whose "mmar" entry holds the same config and whose state_dict has
+  "lm.*" and "vision.*" weights (loaded with torch.load(weights_only=True)).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from models.config import LMConfig
+from models.text_tokenizer import TextTokenizer
+from models.transformer import Transformer
+from models.vocab import VocabLayout
+from models.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
+from vision_tokenizers import registry
+
+FORMAT = "mmar-bundle/1"
+
+
+@dataclass
+class Bundle:
+    lm: Transformer
+    tokenizer: TextTokenizer
+    layout: VocabLayout
+    vision: torch.nn.Module
+    max_len: int
+
+    @property
+    def image_channels(self) -> int:
+        return self.vision.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.config.image_size
+
+    def meta(self) -> dict:
+        """Everything but weights and the tokenizer JSON: what config.json holds."""
+        return {
+            "format": FORMAT,
+            "lm": self.lm.cfg.to_dict(),
+            "layout": self.layout.to_dict(),
+            "vision": registry.describe(self.vision),
+            "sequence": {"max_len": self.max_len},
+        }
+
+    def save(self, folder: str | Path) -> None:
+        """Write the inference folder atomically (it appears whole or not at all)."""
+        with atomic_dir(folder) as tmp:
+            (tmp / "config.json").write_text(json.dumps(self.meta(), indent=2))
+            atomic_save_file(plain_state(self.lm), tmp / "model.safetensors")
+            registry.save(self.vision, tmp / "vision_tokenizer.safetensors")
+            self.tokenizer.save(tmp / "tokenizer.json")
+
+    def to(self, device) -> "Bundle":
+        self.lm.to(device)
+        self.vision.to(device)
+        return self
+
+
+def _from_meta(meta: dict, tokenizer: TextTokenizer, source: str) -> tuple[Transformer, VocabLayout, torch.nn.Module, int]:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{source}: not an mmar model (format {meta.get('format')!r}, expected {FORMAT!r})")
+    layout = VocabLayout.from_dict(meta["layout"])
+    cfg = LMConfig.from_dict(meta["lm"])
+    if cfg.vocab_size < layout.size:
+        raise ValueError(f"{source}: LM vocabulary {cfg.vocab_size} is smaller than the layout's {layout.size}")
+    if tokenizer.vocab_size != layout.text_size:
+        raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} ids, layout expects {layout.text_size}")
+    vision = registry.build(meta["vision"]["kind"], meta["vision"]["config"])
+    return Transformer(cfg), layout, vision, meta["sequence"]["max_len"]
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load an inference folder or a Lightning .ckpt written by the LM training module."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        for name in ("config.json", "model.safetensors", "vision_tokenizer.safetensors", "tokenizer.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name}: missing from the model folder")
+        try:
+            meta = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
+        tok = TextTokenizer.from_file(path / "tokenizer.json")
+        lm, layout, _, max_len = _from_meta(meta, tok, str(path / "config.json"))
+        load_state_strict(lm, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+        vision = registry.load(path / "vision_tokenizer.safetensors")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        meta = ckpt.get("mmar") if isinstance(ckpt, dict) else None
+        if meta is None or "tokenizer_json" not in meta:
+            raise ValueError(f"{path}: not an mmar language-model checkpoint (no 'mmar' entry)")
+        tok = TextTokenizer.from_json(meta["tokenizer_json"])
+        lm, layout, vision, max_len = _from_meta(meta, tok, str(path))
+        state = ckpt["state_dict"]
+        load_state_strict(lm, {k[3:]: v for k, v in state.items() if k.startswith("lm.")}, str(path))
+        load_state_strict(vision, {k[7:]: v for k, v in state.items() if k.startswith("vision.")}, str(path))
+    lm.eval().requires_grad_(False)
+    vision.eval().requires_grad_(False)
+    return Bundle(lm, tok, layout, vision, max_len).to(device)

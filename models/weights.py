@@ -1,0 +1,78 @@
+"""Weight files: strict loading with one-line errors, and atomic writes (temp file/folder + rename)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` whose errors name the file and the first offending key."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise ValueError(f"{source}: unexpected key {k} for this config")
+        if own[k].shape != v.shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)} for this config")
+    state = dict(state)
+    by_ptr: dict[int, str] = {}
+    for k, v in own.items():  # tied weights: one stored copy satisfies every alias
+        first = by_ptr.setdefault(v.data_ptr(), k) if v.numel() else k
+        if k not in state and first in state:
+            state[k] = state[first]
+        elif first not in state and k in state:
+            state[first] = state[k]
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{source}: missing key {missing[0]}")
+    model.load_state_dict(state, strict=True)
+
+
+def plain_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies (safetensors refuses shared storage, so tied weights appear once)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen.add(v.data_ptr())
+        out[prefix + k] = v.detach().contiguous().cpu()
+    return out
+
+
+def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temp folder beside `path`; on success it replaces `path` whole, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,157 @@
+"""Lightning data modules: images for tokenizer training; code+caption sequences for the LM.
+
+Both split a source the same way (`holdout` images set aside by `seed`), so the held-out images
+that the demo evaluates on are never seen by the tokenizer or the language model.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+from models.text_tokenizer import TextTokenizer
+from models.vocab import VocabLayout
+from models.weights import atomic_save_file
+from train.sequences import SequenceBuilder, SequenceConfig
+from train.sources import ImageTextSet, load_source, split_indices
+from vision_tokenizers import registry
+
+
+def split_source(source: str, path: str | None, holdout: int, seed: int) -> tuple[ImageTextSet, ImageTextSet]:
+    data = load_source(source, path)
+    if not 0 <= holdout < len(data):
+        raise ValueError(f"holdout {holdout} must be in [0, {len(data)}) for source {source!r}")
+    train_idx, held_idx = split_indices(len(data), holdout, seed)
+    return data.subset(train_idx), data.subset(held_idx)
+
+
+class ImageDataset(Dataset):
+    def __init__(self, data: ImageTextSet, channels: int, size: int):
+        self.data, self.channels, self.size = data, channels, size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data.image(i, self.channels, self.size)  # [C, S, S]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images only, for training a vision tokenizer."""
+
+    def __init__(self, source: str = "mnist", path: str | None = None, holdout: int = 1500, seed: int = 0,
+                 channels: int = 1, image_size: int = 28, batch_size: int = 64, val_size: int = 256,
+                 num_workers: int = 0):
+        super().__init__()
+        self.source, self.path, self.holdout, self.seed = source, path, holdout, seed
+        self.channels, self.image_size = channels, image_size
+        self.batch_size, self.val_size, self.num_workers = batch_size, val_size, num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        train, held = split_source(self.source, self.path, self.holdout, self.seed)
+        self.train_set = ImageDataset(train, self.channels, self.image_size)
+        self.val_set = ImageDataset(held.subset(range(min(self.val_size, len(held)))), self.channels, self.image_size)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+
+
+@torch.inference_mode()
+def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256) -> torch.Tensor:
+    """All images of `data` -> codes [N, h, w] (int32)."""
+    c, s = vision.config.in_channels, vision.config.image_size
+    out = []
+    for i in range(0, len(data), batch):
+        x = torch.stack([data.image(j, c, s) for j in range(i, min(i + batch, len(data)))])
+        out.append(vision.encode(x).to(torch.int32))
+    return torch.cat(out)
+
+
+def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None) -> torch.Tensor:
+    """Encode once per (tokenizer checkpoint hash, dataset key); later epochs and runs read the cache."""
+    if cache_dir is None:
+        return encode_images(vision, data)
+    digest = hashlib.sha256(f"{registry.file_hash(vision_path)}|{key}|{len(data)}".encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"codes-{digest}.safetensors"
+    if path.is_file():
+        codes = load_file(str(path))["codes"]
+        if len(codes) == len(data):
+            return codes
+    codes = encode_images(vision, data)
+    atomic_save_file({"codes": codes}, path)
+    return codes
+
+
+class CodeCaptionDataset(Dataset):
+    """One LM sequence per image. Training draws template, order and guidance drop anew at each visit
+    (from torch's RNG, so `seed_everything` makes runs repeatable); validation (`fixed`) draws once per index."""
+
+    def __init__(self, codes: torch.Tensor, data: ImageTextSet, builder: SequenceBuilder, fixed_seed: int | None = None):
+        self.codes, self.data, self.builder, self.fixed_seed = codes, data, builder, fixed_seed
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int):
+        if self.fixed_seed is None:
+            rng = random.Random(int(torch.randint(0, 2**62, ()).item()))
+        else:
+            rng = random.Random(self.fixed_seed * 1_000_003 + i)
+        cap = rng.choice(self.data.captions[i])
+        return self.builder.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{i}]")
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk."""
+
+    def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 256, holdout: int = 1500,
+                 seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 128,
+                 p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
+                 cache_dir: str | None = "results/cache", num_workers: int = 0):
+        super().__init__()
+        self.vision_path, self.source, self.path = vision_tokenizer, source, path
+        self.holdout, self.seed, self.batch_size, self.val_size = holdout, seed, batch_size, val_size
+        self.cache_dir, self.num_workers = cache_dir, num_workers
+        self.seq_cfg = SequenceConfig(max_len, p_caption_first, p_drop_caption)
+        self.train_data, self.held_data = split_source(source, path, holdout, seed)
+        if text_tokenizer:
+            self.tokenizer = TextTokenizer.from_file(text_tokenizer)
+        else:
+            corpus = [c for caps in self.train_data.captions for c in caps]
+            self.tokenizer = TextTokenizer.train_bpe(corpus, bpe_vocab_size)
+        self.vision = registry.load(vision_tokenizer)
+        self.layout = VocabLayout(self.tokenizer.vocab_size, self.vision.config.codebook_size)
+        self.builder = SequenceBuilder(self.tokenizer, self.layout, self.seq_cfg)
+
+    def vocab_info(self) -> dict:
+        """What the LM module needs to build itself (see MultimodalLMModule.configure_model)."""
+        return {"tokenizer": self.tokenizer, "layout": self.layout, "vision": self.vision,
+                "vision_path": self.vision_path, "max_len": self.seq_cfg.max_len,
+                "class_names": self.train_data.class_names}
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        key = f"{self.source}|{self.path}|{self.holdout}|{self.seed}"
+        val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
+        train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir)
+        val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir)
+        self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.builder)
+        self.val_set = CodeCaptionDataset(val_codes, val, self.builder, fixed_seed=self.seed)
+        self.val_images = val
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=self.builder.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.builder.collate, num_workers=self.num_workers)

