@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from generate.sampling import generate
+from generate.sampling import generate, make_step_fn
 from models.config import LMConfig
 from models.transformer import Transformer
 
@@ -289,7 +289,6 @@ def main() -> None:
                      o, t, res["decode_tokens_per_s_ratio"]))
         if args.compile:
             t0 = time.perf_counter()
-            from generate.sampling import make_step_fn
             step_fn = make_step_fn(ours, compile=True)
             generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), args.new_tokens, top_k=DEC_TOP_K,
                      step_fn=step_fn)  # compiles

@@ -52,12 +52,13 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one id per row ([B] long). temperature 0 is greedy."""
-    logits = logits.float()
+    logits = logits.float()  # no copy when already fp32
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # x / 1 == x exactly: skip the kernel
+        logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         vals, idx = logits.topk(top_k, dim=-1)  # [B, k], sorted
         if top_p is not None and top_p < 1.0:
@@ -100,8 +101,9 @@ def generate(
     """KV-cached sampling; returns the new ids [B, N] (N <= max_new_tokens when stop_id ends all rows).
 
     With `cfg_scale` the batch holds conditional then unconditional prompts; both halves receive
-    the same sampled token and the guided logits are used. `step_fn(ids [B, T])` may replace the
-    model call (e.g. a torch.compile'd step).
+    the same sampled token and the guided logits are used. `step_fn(ids [rows, 1], cache) -> logits
+    [rows, V]` may replace the per-token model call when there is no padding (e.g. `make_step_fn(model,
+    compile=True)`); it must advance the cache by one position.
     """
     rows, t = prompt.shape
     b = rows // 2 if cfg_scale is not None else rows
@@ -117,27 +119,99 @@ def generate(
         logits = model(prompt, cache=cache)[:, -1]
         next_pos = None
     step_valid = torch.ones(rows, 1, dtype=torch.bool, device=device) if valid is not None else None
+    if next_pos is None and step_fn is None:
+        step_fn = _eager_step(model)
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device) if stop_id is not None else None
     n = 0
     for step in range(max_new_tokens):
-        scale = _at(cfg_scale, step)
-        lg = cfg_combine(logits, scale) if cfg_scale is not None else logits
+        lg = cfg_combine(logits, _at(cfg_scale, step)) if cfg_scale is not None else logits
         allow = allowed(step) if callable(allowed) else allowed
         tok = sample(lg, temperature, top_k, top_p, allow, generator)  # [B]
-        if stop_id is not None:
-            tok = torch.where(done, torch.full_like(tok, stop_id), tok)
+        if done is not None:
+            tok = tok.masked_fill(done, stop_id)
             done |= tok == stop_id
         out[:, step] = tok
         n = step + 1
-        if n == max_new_tokens or (stop_id is not None and bool(done.all())):
+        if n == max_new_tokens or (done is not None and bool(done.all())):
             break
         inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
         if next_pos is not None:
             logits = model(inp, position_ids=next_pos, valid=step_valid, cache=cache)[:, -1]
             next_pos = next_pos + 1
-        elif step_fn is not None:
-            logits = step_fn(inp, cache)
         else:
-            logits = model(inp, cache=cache)[:, -1]
+            logits = step_fn(inp, cache)
     return out[:, :n]
+
+
+def _eager_step(model) -> Callable:
+    def step(ids: torch.Tensor, cache) -> torch.Tensor:
+        return model(ids, cache=cache)[:, -1]
+
+    return step
+
+
+def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
+    """A one-token decode step for `generate(step_fn=...)`: (ids [B, 1], cache) -> logits [B, V].
+
+    Without `compile` this is the eager `model(ids, cache=cache)[:, -1]`. With `compile=True` the
+    step of our models.transformer.Transformer runs through `torch.compile` (Inductor fuses each
+    layer's norms, RoPE, attention and SwiGLU into a few C++ loops around the matmuls). The graph
+    reads the filled part of the KV cache as inputs (the length is a dynamic dimension, so it
+    compiles once or twice, not per position) and returns this position's keys/values, which are
+    written into the cache outside it: writing them inside made Inductor copy the whole cache every
+    step. Plain causal decoding only (no padding or block ids), which is when generate() calls it.
+    `compile_kwargs` go to torch.compile (e.g. mode=...).
+    """
+    if not compile:
+        return _eager_step(model)
+    graph = torch.compile(_decode_graph, fullgraph=True, **compile_kwargs)
+    rope = model.rope
+
+    def step(ids: torch.Tensor, cache) -> torch.Tensor:
+        pos = cache.pos
+        if cache.has_padding or cache.uses_blocks:
+            raise ValueError("the compiled decode step supports plain causal caches only")
+        if pos + 1 > cache.max_len:
+            raise ValueError(f"sequence of {pos + 1} positions exceeds the KV cache length {cache.max_len}")
+        cos, sin = rope.table(pos, pos + 1, cache.k.dtype)  # [1, 1, E]
+        ks, vs = list(cache.k[:, :, :, :pos].unbind(0)), list(cache.v[:, :, :, :pos].unbind(0))
+        if pos > 1:  # one graph for every cache length (0 and 1 are always specialised)
+            for t in ks + vs:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+        logits, k, v = graph(model, ids, cos, sin, ks, vs)
+        cache.k[:, :, :, pos:pos + 1] = k
+        cache.v[:, :, :, pos:pos + 1] = v
+        cache.pos = pos + 1
+        return logits
+
+    return step
+
+
+def _decode_graph(model, ids, cos, sin, ks, vs):
+    """One position through the Transformer: ids [B, 1], cos/sin [1, 1, E] (half-negated sin), per
+    layer cached keys/values [B, K, S, E]. Returns logits [B, V] and keys/values [L, B, K, 1, E]."""
+    from models.transformer import rotate
+
+    b = ids.shape[0]
+    x = model.tok_emb(ids)  # [B, 1, D]
+    new_k, new_v = [], []
+    for blk, k_old, v_old in zip(model.blocks, ks, vs):
+        attn = blk.attn
+        h, kv, e = attn.n_heads, attn.n_kv, attn.head_dim
+        qkv = attn.qkv(blk.attn_norm(x)).view(b, 1, h + 2 * kv, e)
+        qk, v = qkv.split((h + kv, kv), dim=2)
+        q, k = rotate(qk, cos, sin).split((h, kv), dim=2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, 1, E]
+        new_k.append(k)
+        new_v.append(v)
+        # Single-query attention as products and sums, which Inductor fuses (query groups for GQA).
+        qg = q.reshape(b, kv, h // kv, 1, e) * (e ** -0.5)  # [B, K, G, 1, E]
+        s_old = (qg * k_old.unsqueeze(2)).sum(-1)  # [B, K, G, S]
+        s_new = (qg * k.unsqueeze(2)).sum(-1)  # [B, K, G, 1]
+        p = torch.cat([s_old, s_new], dim=-1).softmax(dim=-1)
+        n_old = s_old.shape[-1]
+        y = (p[..., :n_old].unsqueeze(-1) * v_old.unsqueeze(2)).sum(-2) + p[..., n_old:] * v.unsqueeze(2).squeeze(-2)
+        x = x + attn.proj(y.reshape(b, 1, h * e))
+        x = x + blk.mlp(blk.mlp_norm(x))
+    return model.head(model.norm(x))[:, -1], torch.stack(new_k), torch.stack(new_v)

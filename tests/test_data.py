@@ -1,0 +1,147 @@
+import gzip
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.vocab import VocabLayout
+from train.sequences import IMAGE, SequenceBuilder, SequenceConfig
+from train.sources import load_source, read_idx, split_indices
+
+
+def _png(path, value=128, size=(10, 12)):
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+
+
+def test_digits_source_and_split():
+    d = load_source("digits")
+    assert len(d) == 1797 and d.image(0, 1, 8).shape == (1, 8, 8)
+    assert -1 <= d.image(0, 1, 8).min() and d.image(0, 1, 8).max() <= 1
+    assert any("handwritten 0" in c for c in d.captions[0])
+    tr, held = split_indices(len(d), 300, seed=0)
+    assert len(set(tr) & set(held)) == 0 and len(tr) + len(held) == 1797
+    assert len(set(d.labels[held[:100]])) == 10  # held-out prefix is mixed even if the source is sorted
+
+
+def test_idx_reader(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape) + arr.tobytes()
+    (tmp_path / "a.gz").write_bytes(gzip.compress(raw))
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), arr)
+    (tmp_path / "bad").write_bytes(raw[:-3])
+    with pytest.raises(ValueError, match="bad: IDX header"):
+        read_idx(tmp_path / "bad")
+
+
+def test_fashion_mnist_missing_gives_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        load_source("fashion_mnist", str(tmp_path))
+
+
+def test_jsonl_source_and_errors(tmp_path):
+    _png(tmp_path / "a.png")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"image": "a.png", "caption": "a grey square"}) + "\n")
+    d = load_source("jsonl", str(good))
+    assert d.captions == [["a grey square"]] and d.image(0, 3, 16).shape == (3, 16, 16)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"image": "a.png", "caption": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: empty caption"):
+        load_source("jsonl", str(empty))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"image": "nope.png", "caption": "x"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl:1: image file .*nope.png not found"):
+        load_source("jsonl", str(missing))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: invalid JSON"):
+        load_source("jsonl", str(broken))
+
+
+def test_folder_and_webdataset_sources(tmp_path):
+    (tmp_path / "imgs" / "red_car").mkdir(parents=True)
+    _png(tmp_path / "imgs" / "red_car" / "1.png")
+    _png(tmp_path / "imgs" / "2.png")
+    (tmp_path / "imgs" / "2.txt").write_text("a flat image")
+    d = load_source("folder", str(tmp_path / "imgs"))
+    assert sorted(c[0] for c in d.captions) == ["a flat image", "red car"]
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, cap in (("s1", b"first"), ("s2", json.dumps({"caption": "second"}).encode())):
+            buf = io.BytesIO()
+            Image.fromarray(np.zeros((5, 5), np.uint8)).save(buf, format="PNG")
+            for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.{'txt' if key == 's1' else 'json'}", cap)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    w = load_source("wds", str(tmp_path / "shard-*.tar"))
+    assert sorted(c[0] for c in w.captions) == ["first", "second"]
+    assert w.image(0, 1, 8).shape == (1, 8, 8)
+
+
+def test_corrupt_image_error_names_file(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    d = load_source("jsonl", str(_jsonl(tmp_path, "bad.png")))
+    with pytest.raises(ValueError, match=r"bad.png: cannot read image"):
+        d.image(0, 1, 8)
+
+
+def _jsonl(tmp_path, image):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"image": image, "caption": "c"}) + "\n")
+    return p
+
+
+@pytest.fixture()
+def builder(caption_tokenizer):
+    layout = VocabLayout(caption_tokenizer.vocab_size, 32)
+    return SequenceBuilder(caption_tokenizer, layout, SequenceConfig(max_len=60))
+
+
+def test_sequence_builder_orders_ranges_and_padding(builder):
+    tok, layout = builder.tok, builder.layout
+    rng = random.Random(0)
+    codes = torch.randint(0, 32, (4, 4))
+    samples = [builder.build(codes, "a handwritten 3", rng) for _ in range(400)]
+    firsts = [s.ids[1].item() == tok.boi_id for s in samples]  # image->caption starts <bos> <boi>
+    assert 0.4 < np.mean(firsts) < 0.6  # both orders, about 50/50
+    for s in samples[:50]:
+        img = s.ids[s.modality == IMAGE]
+        assert img[0] == tok.boi_id and img[-1] == tok.eoi_id
+        assert ((img[1:-1] >= layout.image_offset) & (img[1:-1] < layout.size)).all()
+        assert torch.equal(img[1:-1] - layout.image_offset, codes.flatten())
+        assert s.ids[0] == tok.bos_id and s.ids[-1] == tok.eos_id and not s.loss[0] and s.loss[1:].all()
+    batch = builder.collate(samples[:8] + [builder.build(codes, "a picture of the number 3", rng)])
+    pad = ~batch["valid"]
+    assert pad.any()
+    assert (batch["ids"][pad] == tok.pad_id).all() and not batch["loss"][pad].any()
+    assert (batch["valid"].long().diff(dim=1) <= 0).all()  # right padding only
+
+
+def test_guidance_drop_rate(builder):
+    rng = random.Random(1)
+    cfg = builder.cfg
+    codes = torch.zeros(16, dtype=torch.long)
+    n_caption_first = n_dropped = 0
+    for _ in range(4000):
+        s = builder.build(codes, "the digit seven", rng)
+        if s.ids[1].item() != builder.tok.boi_id or len(s.ids) == 16 + 4:
+            if len(s.ids) == 16 + 4:
+                n_dropped += 1  # <bos> <boi> codes <eoi> <eos>: caption dropped
+            n_caption_first += 1
+    rate = n_dropped / n_caption_first
+    assert abs(rate - cfg.p_drop_caption) < 0.03, rate
+
+
+def test_builder_rejects_empty_caption_and_overlong(builder):
+    with pytest.raises(ValueError, match="empty caption"):
+        builder.build(torch.zeros(16, dtype=torch.long), "  ", random.Random(0))
+    with pytest.raises(ValueError, match="sample 7.*exceeds max_len 60"):
+        builder.build(torch.zeros(80, dtype=torch.long), "a", random.Random(0), where="sample 7")

@@ -1,0 +1,70 @@
+"""Short real fits on scikit-learn digits through the Lightning modules, the CLI and the checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.bundle import load_bundle
+from train.cli import main as cli_main
+from train.datamodules import ImageDataModule, ImageTextDataModule
+from train.tokenizer_module import VQTokenizerModule
+
+from conftest import LossRecorder, make_trainer
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_tokenizer_fit_lowers_reconstruction_loss(tmp_path, tiny_vq_config):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_vq_config, restart_dead_codes=True)
+    module = VQTokenizerModule(cfg, lr=3e-3, warmup_steps=5, export_path=str(tmp_path / "vq.safetensors"))
+    rec = LossRecorder("train/rec")
+    trainer = make_trainer(tmp_path, 60, [rec], val_check_interval=30)
+    trainer.fit(module, ImageDataModule("digits", holdout=200, image_size=8, batch_size=32, val_size=32))
+    assert _mean(rec.losses[-10:]) < 0.6 * _mean(rec.losses[:5])
+    assert (tmp_path / "vq.safetensors").is_file()  # exported at the end of fit
+    assert "val/psnr" in trainer.callback_metrics
+
+
+def test_lm_fit_lowers_loss(fitted_lm):
+    _, losses, _, _ = fitted_lm
+    assert _mean(losses[-10:]) < _mean(losses[:5]) - 0.5
+
+
+def test_codes_are_cached_on_disk(fitted_lm):
+    _, _, _, dm = fitted_lm
+    files = list((dm.cache_dir and __import__("pathlib").Path(dm.cache_dir)).glob("codes-*.safetensors"))
+    assert len(files) == 2  # train and validation splits
+    again = ImageTextDataModule(dm.vision_path, source="digits", holdout=200, bpe_vocab_size=200,
+                                batch_size=32, max_len=48, cache_dir=dm.cache_dir)
+    again.setup()
+    assert torch.equal(again.train_set.codes, dm.train_set.codes)
+
+
+def test_lightning_checkpoint_loads_weights_only_as_bundle(fitted_lm):
+    module, _, ckpt, _ = fitted_lm
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # no pickled code needed
+    assert raw["mmar"]["format"] == "mmar-bundle/1"
+    b = load_bundle(ckpt)
+    ids = torch.randint(0, b.layout.size, (1, 10))
+    torch.testing.assert_close(b.lm(ids), module.lm.float().eval()(ids))
+    assert not list(ckpt.parent.glob(".*.tmp"))  # atomic write left no temp file
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", "configs/mnist_lm.yaml", "--print_config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.lm_module.MultimodalLMModule" in out and "gradient_clip_val" in out
+
+
+def test_cli_rejects_bad_value(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", "configs/mnist_lm.yaml", "--trainer.max_epochs", "many"])
+    assert e.value.code != 0
+    assert "max_epochs" in capsys.readouterr().err
