@@ -1,13 +1,19 @@
 """Speed of our decoder against Hugging Face's LlamaForCausalLM holding the same weights (CPU, fp32).
 
-    .venv/bin/python -m benchmarks.lm_speed            # full run, writes benchmarks/results/lm_speed.json
-    .venv/bin/python -m benchmarks.lm_speed --compile  # our decode step through torch.compile as well
+    .venv/bin/python -m benchmarks.lm_speed            # ~2-3 min, writes benchmarks/results/lm_speed.json
+    .venv/bin/python -m benchmarks.lm_speed --compile  # also our torch.compile'd decode step (+~1 min)
 
-Measures (ours and theirs alternate inside every repeat; the reported ratio is the median of the
-per-repeat ratios ours/theirs, so background load hits both sides alike):
+Shape: hidden 256, 4 layers, 8 heads, SwiGLU 688, vocabulary 2048, fp32, torch.set_num_threads(2).
+Both models are checked to compute the same logits (full sequence and KV-cached) and the same
+gradients before anything is timed. Measured, with ours and theirs alternating inside every repeat
+(the order flips each repeat) so that background load hits both alike; each ratio is the median of
+the per-repeat ratios ours/theirs:
 1. training tokens/s: forward + cross-entropy + backward + AdamW step, batch 16 x 256 tokens;
 2. KV-cached sampling tokens/s: batch 8, 16-token prompt, 256 new tokens, top-k 100, temperature 1;
-3. an fp32 matmul peak (2048^3 torch.mm) and the training GFLOP/s of both models as a share of it.
+   ours is generate.sampling.generate, theirs is model.generate with whichever of its dynamic and
+   static caches is faster here (both are timed first);
+3. an fp32 matmul peak (2048^3 torch.mm) and both models' training GFLOP/s as a share of it.
+The load average is recorded: other processes on the machine slow both sides, not always equally.
 """
 from __future__ import annotations
 
@@ -30,7 +36,6 @@ from models.transformer import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_speed.json"
 
-# The shape under test: hidden 256, 4 layers, 8 heads (head dim 32), SwiGLU 688, vocabulary 2048.
 VOCAB, DIM, LAYERS, HEADS, MLP = 2048, 256, 4, 8, 688
 TRAIN_BATCH, TRAIN_LEN = 16, 256
 DEC_BATCH, DEC_PROMPT, DEC_NEW, DEC_TOP_K = 8, 16, 256, 100
@@ -38,10 +43,11 @@ MAX_LEN = 512
 
 
 # ---------------------------------------------------------------------------------------------
-# Models with shared weights
+# Two models, one set of weights
 # ---------------------------------------------------------------------------------------------
 
 def build_models(seed: int = 0):
+    """HF LlamaForCausalLM with its own random init, and our Transformer holding a copy of its weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -51,7 +57,7 @@ def build_models(seed: int = 0):
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg._attn_implementation = "sdpa"  # transformers' default on CPU, stated explicitly
     theirs = LlamaForCausalLM(hf_cfg)
     cfg = LMConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, mlp_dim=MLP,
                    rope_theta=10000.0, norm_eps=1e-5, max_len=MAX_LEN)
@@ -67,7 +73,7 @@ def copy_hf_weights(hf, ours: Transformer) -> None:
     ours.tok_emb.weight.copy_(src.embed_tokens.weight)
     ours.norm.weight.copy_(src.norm.weight)
     ours.head.weight.copy_(hf.lm_head.weight)
-    for layer, blk in zip(src.layers, ours.blocks):
+    for layer, blk in zip(src.layers, ours.blocks, strict=True):
         a, m = layer.self_attn, layer.mlp
         blk.attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0))
         blk.attn.proj.weight.copy_(a.o_proj.weight)
@@ -77,246 +83,294 @@ def copy_hf_weights(hf, ours: Transformer) -> None:
         blk.mlp_norm.weight.copy_(layer.post_attention_layernorm.weight)
 
 
-@torch.no_grad()
-def check_same_function(ours, theirs) -> float:
-    """Both models must compute the same logits (full sequence and KV-cached steps)."""
+def check_same_function(ours, theirs) -> dict:
+    """Same logits (full sequence, KV-cached steps, greedy decoding) and same gradients, or raise."""
     ours.eval(), theirs.eval()
-    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
-    a, b = ours(ids), theirs(ids).logits
-    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
-    cache = ours.new_cache(2, 64)
-    stepped = torch.cat([ours(ids[:, :48], cache=cache)] + [ours(ids[:, i:i + 1], cache=cache) for i in range(48, 64)], 1)
-    torch.testing.assert_close(stepped, b, atol=2e-4, rtol=1e-4)
-    return float((a - b).abs().max())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 65), generator=g)
+    tol = dict(atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        lo, lt = ours(ids), theirs(ids).logits
+        torch.testing.assert_close(lo, lt, **tol)
+        cache = ours.new_cache(2, 65)
+        stepped = [ours(ids[:, :48], cache=cache)] + [ours(ids[:, i:i + 1], cache=cache) for i in range(48, 65)]
+        torch.testing.assert_close(torch.cat(stepped, 1), lt, **tol)
+    prompt = ids[:, :DEC_PROMPT]
+    greedy_ours = generate(ours, prompt, 16, temperature=0)
+    greedy_theirs = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=16, min_new_tokens=16, pad_token_id=0)[:, DEC_PROMPT:]
+    assert torch.equal(greedy_ours, greedy_theirs), "greedy decoding differs"
+
+    def grads(model, hf):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])
+        F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+
+    grads(ours, False), grads(theirs, True)
+    pairs = [(ours.tok_emb.weight.grad, theirs.model.embed_tokens.weight.grad),
+             (ours.head.weight.grad, theirs.lm_head.weight.grad), (ours.norm.weight.grad, theirs.model.norm.weight.grad)]
+    for blk, layer in zip(ours.blocks, theirs.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        pairs += [
+            (blk.attn.qkv.weight.grad, torch.cat([a.q_proj.weight.grad, a.k_proj.weight.grad, a.v_proj.weight.grad])),
+            (blk.attn.proj.weight.grad, a.o_proj.weight.grad),
+            (blk.mlp.gate_up.weight.grad, torch.cat([m.gate_proj.weight.grad, m.up_proj.weight.grad])),
+            (blk.mlp.down.weight.grad, m.down_proj.weight.grad),
+            (blk.attn_norm.weight.grad, layer.input_layernorm.weight.grad),
+            (blk.mlp_norm.weight.grad, layer.post_attention_layernorm.weight.grad),
+        ]
+    for x, y in pairs:
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-3)
+    ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
+    return {"max_logit_diff": float((lo - lt).abs().max()),
+            "max_grad_diff": max(float((x - y).abs().max()) for x, y in pairs)}
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOP accounting
+# FLOPs and the matmul peak
 # ---------------------------------------------------------------------------------------------
 
 def non_embedding_params(ours: Transformer) -> int:
-    """All weights except the input embedding table (a lookup, no FLOPs); the lm head is counted."""
+    """Every weight except the input embedding table (a lookup, no FLOPs); the lm head is counted."""
     return ours.num_params() - ours.tok_emb.weight.numel()
 
 
-def train_flops_per_step(n_params: int, batch: int, seq: int) -> float:
-    """Training FLOPs of one step (PaLM appendix B convention, forward + backward = 3x forward):
+def train_flops_per_token(n_params: int, seq: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B; backward = 2 x forward):
 
-        6 * N * tokens  +  12 * n_layers * dim * seq * tokens
+        6 * N  +  12 * n_layers * dim * seq
 
-    N = non-embedding parameters (each weight: 1 multiply-add forward, 2 backward), tokens = batch * seq;
-    the second term is attention scores QK^T and the weighted sum AV (2 * 2 * seq * dim per token and
-    layer forward, times 3), counted over the full seq x seq square as PaLM does (no causal halving).
+    N = non-embedding parameters (a multiply-add per weight and token forward, two backward). The
+    second term is attention's QK^T and AV (2 * 2 * seq * dim per token and layer forward, x3),
+    counted over the full seq x seq square as PaLM does, although causal kernels skip about half.
     """
-    tokens = batch * seq
-    return 6.0 * n_params * tokens + 12.0 * LAYERS * DIM * seq * tokens
+    return 6.0 * n_params + 12.0 * LAYERS * DIM * seq
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 8) -> float:
-    """Best-of-reps fp32 torch.mm GFLOP/s on n x n @ n x n (the practical peak of this machine)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    for _ in range(2):
-        torch.mm(a, b, out=out)
-    times = []
+def matmul_peak_gflops(n: int = 2048, reps: int = 6) -> float:
+    """Best-of-reps fp32 torch.mm GFLOP/s on n x n @ n x n (the practical peak on this machine)."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / min(times) / 1e9
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Timing helpers
+# ---------------------------------------------------------------------------------------------
+
+def alternate(fns: dict, repeats: int, deadline: float, min_repeats: int = 3) -> dict[str, list[float]]:
+    """Run every fn once per repeat, the order rotating, and collect the seconds each returns; stop
+    early (after `min_repeats`) once past `deadline` (a perf_counter value) to stay within budget."""
+    names, times = list(fns), {k: [] for k in fns}
+    for r in range(repeats):
+        if r >= min_repeats and time.perf_counter() > deadline:
+            break
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(fns[name]())
+    return times
+
+
+def timed(fn):
+    """fn -> a function that runs fn and returns its wall time in seconds."""
+    def run():
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
+def ratio(times: dict, ours: str, theirs: str = "theirs") -> float:
+    """Median over repeats of (tokens/s ours) / (tokens/s theirs) = t_theirs / t_ours."""
+    return statistics.median(t / o for o, t in zip(times[ours], times[theirs]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Training
 # ---------------------------------------------------------------------------------------------
 
 def make_train_step(model, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # same (default) settings for both
 
-    def step(ids: torch.Tensor) -> float:
-        inp, tgt = ids[:, :-1], ids[:, 1:]
-        logits = model(inp).logits if hf else model(inp)  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1))
-        loss.backward()
+    def step(ids: torch.Tensor) -> None:
+        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])  # [B, T, V]
+        F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
     return step
 
 
-def bench_train(ours, theirs, repeats: int, steps: int, warmup: int) -> dict:
+def bench_train(ours, theirs, repeats: int, steps: int, warmup: int, deadline: float) -> dict:
     ours.train(), theirs.train()
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, VOCAB, (TRAIN_BATCH, TRAIN_LEN + 1), generator=g) for _ in range(steps)]
-    fns = {"ours": make_train_step(ours, hf=False), "theirs": make_train_step(theirs, hf=True)}
-    tps = {"ours": [], "theirs": []}
-    for r in range(repeats):
-        order = ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")
-        for name in order:
-            fn = fns[name]
-            for i in range(warmup):
-                fn(batches[i % steps])
+    steppers = {"ours": make_train_step(ours, hf=False), "theirs": make_train_step(theirs, hf=True)}
+    for fn in steppers.values():
+        for i in range(warmup):
+            fn(batches[i % steps])
+
+    def repeat(fn):
+        def run():
             t0 = time.perf_counter()
             for b in batches:
                 fn(b)
-            tps[name].append(steps * TRAIN_BATCH * TRAIN_LEN / (time.perf_counter() - t0))
+            return time.perf_counter() - t0
+        return run
+
+    wall = alternate({k: repeat(fn) for k, fn in steppers.items()}, repeats, deadline)
     ours.eval(), theirs.eval()
-    return tps
+    return wall
 
 
 # ---------------------------------------------------------------------------------------------
-# KV-cached sampling
+# 2. KV-cached sampling
 # ---------------------------------------------------------------------------------------------
 
-def hf_generate(theirs, prompt, new_tokens, cache_impl, seed):
+def hf_generate(theirs, prompt, new_tokens: int, cache_impl: str | None, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     kw = {"cache_implementation": cache_impl} if cache_impl else {}
     out = theirs.generate(
         prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=DEC_TOP_K,
-        top_p=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, **kw,
+        top_p=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **kw,
     )
+    assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
     return out[:, prompt.shape[1]:]
 
 
-def pick_hf_cache(theirs, prompt, new_tokens) -> tuple[str | None, dict]:
-    """Time HF's dynamic and static caches a few times each and keep the faster (fair to them)."""
-    times = {}
-    for impl in (None, "static"):
-        try:
-            hf_generate(theirs, prompt, new_tokens, impl, 0)  # warmup
-            ts = []
-            for s in range(3):
-                t0 = time.perf_counter()
-                out = hf_generate(theirs, prompt, new_tokens, impl, s)
-                ts.append(time.perf_counter() - t0)
-            assert out.shape == (prompt.shape[0], new_tokens), out.shape
-            times[impl or "dynamic"] = statistics.median(ts)
-        except Exception as e:  # static cache may be unsupported for some setups
-            print(f"  HF cache {impl or 'dynamic'!r} failed: {type(e).__name__}: {e}")
-    best = min(times, key=times.get)
-    return (None if best == "dynamic" else best), times
-
-
-def bench_decode(ours, theirs, repeats: int, new_tokens: int, step_fn=None) -> dict:
+def bench_decode(ours, theirs, repeats: int, new_tokens: int, deadline: float, compiled=None) -> dict:
     ours.eval(), theirs.eval()
     prompt = torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT), generator=torch.Generator().manual_seed(3))
-    cache_impl, cache_times = pick_hf_cache(theirs, prompt, new_tokens)
+    seed = iter(range(10 ** 6))
 
-    def run_ours(seed):
-        out = generate(ours, prompt, new_tokens, temperature=1.0, top_k=DEC_TOP_K,
-                       generator=torch.Generator().manual_seed(seed), step_fn=step_fn)
-        assert out.shape == (DEC_BATCH, new_tokens)
+    # Their faster cache, from two alternating timed runs each (after a warmup each).
+    impls = {"dynamic": None, "static": "static"}
+    cand = {}
+    for name, impl in impls.items():
+        try:
+            hf_generate(theirs, prompt, new_tokens, impl, 0)
+            cand[name] = timed(lambda impl=impl: hf_generate(theirs, prompt, new_tokens, impl, next(seed)))
+        except Exception as e:  # noqa: BLE001 - a cache that does not work here is simply not used
+            print(f"  HF {name} cache failed, not used: {type(e).__name__}: {e}")
+    cache_times = {k: statistics.median(v) for k, v in alternate(cand, 2, 0.0, 2).items()}
+    hf_cache = min(cache_times, key=cache_times.get)
 
-    def run_theirs(seed):
-        hf_generate(theirs, prompt, new_tokens, cache_impl, seed)
-
-    fns = {"ours": run_ours, "theirs": run_theirs}
-    for fn in fns.values():
-        fn(0)  # warmup
-    tps = {"ours": [], "theirs": []}
-    for r in range(repeats):
-        order = ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name](r)
-            tps[name].append(DEC_BATCH * new_tokens / (time.perf_counter() - t0))
-    tps["hf_cache"] = cache_impl or "dynamic"
-    tps["hf_cache_times"] = cache_times
-    return tps
+    fns = {
+        "ours": lambda: generate(ours, prompt, new_tokens, temperature=1.0, top_k=DEC_TOP_K,
+                                 generator=torch.Generator().manual_seed(next(seed))),
+        "theirs": lambda: hf_generate(theirs, prompt, new_tokens, impls[hf_cache], next(seed)),
+    }
+    if compiled is not None:
+        fns["ours_compiled"] = lambda: generate(ours, prompt, new_tokens, temperature=1.0, top_k=DEC_TOP_K,
+                                                generator=torch.Generator().manual_seed(next(seed)),
+                                                step_fn=compiled)
+    for name, fn in fns.items():
+        if name != "theirs":
+            fn()  # warmup (theirs ran above)
+    fns = {k: timed(fn) for k, fn in fns.items()}
+    times = alternate(fns, repeats, deadline)
+    return {"times": times, "hf_cache": hf_cache, "hf_cache_times": cache_times}
 
 
 # ---------------------------------------------------------------------------------------------
 
-def ratio_median(ours: list[float], theirs: list[float]) -> float:
-    return statistics.median(o / t for o, t in zip(ours, theirs))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per repeat and model")
-    ap.add_argument("--train-warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="alternating decoding repeats (at least 3 run)")
+    ap.add_argument("--train-repeats", type=int, default=8, help="alternating training repeats (at least 3 run)")
+    ap.add_argument("--train-steps", type=int, default=2, help="timed training steps per repeat and model")
     ap.add_argument("--new-tokens", type=int, default=DEC_NEW)
     ap.add_argument("--compile", action="store_true", help="also time our decode step under torch.compile")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="past this much wall time, stop repeating after the third repeat")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
     ours, theirs = build_models()
     n_params = non_embedding_params(ours)
-    max_diff = check_same_function(ours, theirs)
-    print(f"same weights: max |logit diff| = {max_diff:.2e} ({n_params / 1e6:.2f}M non-embedding params, "
-          f"{ours.num_params() / 1e6:.2f}M total)")
-
+    checks = check_same_function(ours, theirs)
+    print(f"same function: max |logit diff| {checks['max_logit_diff']:.1e}, max |grad diff| "
+          f"{checks['max_grad_diff']:.1e}, greedy decoding identical ({n_params / 1e6:.2f}M non-embedding params)")
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak (2048^3 torch.mm, {args.threads} threads): {peak:.1f} GFLOP/s")
 
     res: dict = {}
     rows = []
-    if not args.skip_train:
-        tr = bench_train(ours, theirs, args.repeats, args.train_steps, args.train_warmup)
-        flops = train_flops_per_step(n_params, TRAIN_BATCH, TRAIN_LEN) / (TRAIN_BATCH * TRAIN_LEN)  # per token
-        o, t = statistics.median(tr["ours"]), statistics.median(tr["theirs"])
-        res.update(
-            train_tokens_per_s_ours=o, train_tokens_per_s_theirs=t,
-            train_tokens_per_s_ratio=ratio_median(tr["ours"], tr["theirs"]),
-            train_gflop_per_token=flops / 1e9,
-            train_gflops_ours=o * flops / 1e9, train_gflops_theirs=t * flops / 1e9,
-            train_peak_share_ours=o * flops / 1e9 / peak, train_peak_share_theirs=t * flops / 1e9 / peak,
-            train_repeats=args.repeats, train_steps_per_repeat=args.train_steps,
-        )
-        rows.append(("train tokens/s (16x256, AdamW)", o, t, res["train_tokens_per_s_ratio"]))
-        rows.append(("train GFLOP/s", res["train_gflops_ours"], res["train_gflops_theirs"], None))
-        rows.append(("train share of matmul peak", res["train_peak_share_ours"], res["train_peak_share_theirs"], None))
+    # Budget split: training ~45%, decoding the rest (compile time comes out of decoding's share).
+    tr = bench_train(ours, theirs, args.train_repeats, args.train_steps, 1, t_start + 0.45 * args.budget_s)
+    tokens = args.train_steps * TRAIN_BATCH * TRAIN_LEN
+    flops = train_flops_per_token(n_params, TRAIN_LEN)
+    o, t = tokens / statistics.median(tr["ours"]), tokens / statistics.median(tr["theirs"])
+    res.update(
+        train_tokens_per_s_ratio=ratio(tr, "ours"),
+        train_tokens_per_s_ours=o, train_tokens_per_s_theirs=t,
+        train_gflop_per_token=flops / 1e9,
+        train_gflops_ours=o * flops / 1e9, train_gflops_theirs=t * flops / 1e9,
+        train_peak_share_ours=o * flops / 1e9 / peak, train_peak_share_theirs=t * flops / 1e9 / peak,
+        train_repeats=len(tr["ours"]), train_steps_per_repeat=args.train_steps,
+    )
+    rows += [("train tokens/s (16x256, fwd+CE+bwd+AdamW)", o, t, res["train_tokens_per_s_ratio"]),
+             ("train GFLOP/s", res["train_gflops_ours"], res["train_gflops_theirs"], None),
+             ("train share of matmul peak", res["train_peak_share_ours"], res["train_peak_share_theirs"], None)]
+    print(f"training done ({time.perf_counter() - t_start:.0f} s)")
 
-    if not args.skip_decode:
-        de = bench_decode(ours, theirs, args.repeats, args.new_tokens)
-        o, t = statistics.median(de["ours"]), statistics.median(de["theirs"])
-        res.update(
-            decode_tokens_per_s_ours=o, decode_tokens_per_s_theirs=t,
-            decode_tokens_per_s_ratio=ratio_median(de["ours"], de["theirs"]),
-            decode_hf_cache=de["hf_cache"],
-            **{f"decode_hf_{k}_cache_s": v for k, v in de["hf_cache_times"].items()},
-            decode_repeats=args.repeats, decode_new_tokens=args.new_tokens,
-        )
-        rows.append((f"decode tokens/s (8x{args.new_tokens}, top-k {DEC_TOP_K}; HF {de['hf_cache']} cache)",
-                     o, t, res["decode_tokens_per_s_ratio"]))
-        if args.compile:
-            t0 = time.perf_counter()
-            step_fn = make_step_fn(ours, compile=True)
-            generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), args.new_tokens, top_k=DEC_TOP_K,
-                     step_fn=step_fn)  # compiles
-            compile_s = time.perf_counter() - t0
-            dc = bench_decode(ours, theirs, args.repeats, args.new_tokens, step_fn=step_fn)
-            o, t = statistics.median(dc["ours"]), statistics.median(dc["theirs"])
-            res.update(
-                decode_compiled_tokens_per_s_ours=o, decode_compiled_tokens_per_s_theirs=t,
-                decode_compiled_tokens_per_s_ratio=ratio_median(dc["ours"], dc["theirs"]),
-                decode_compile_s=compile_s,
-            )
-            rows.append(("decode tokens/s, ours torch.compile'd", o, t, res["decode_compiled_tokens_per_s_ratio"]))
+    compiled, compile_s = None, None
+    if args.compile:
+        t0 = time.perf_counter()
+        compiled = make_step_fn(ours, compile=True)
+        generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), 4, top_k=DEC_TOP_K, step_fn=compiled)
+        compile_s = time.perf_counter() - t0
+        print(f"compiled our decode step in {compile_s:.0f} s")
+    de = bench_decode(ours, theirs, args.repeats, args.new_tokens, t_start + args.budget_s, compiled)
+    tokens = DEC_BATCH * args.new_tokens
+    dt = de["times"]
+    o, t = tokens / statistics.median(dt["ours"]), tokens / statistics.median(dt["theirs"])
+    res.update(
+        decode_tokens_per_s_ratio=ratio(dt, "ours"),
+        decode_tokens_per_s_ours=o, decode_tokens_per_s_theirs=t,
+        decode_hf_cache=de["hf_cache"],
+        **{f"decode_hf_{k}_cache_s": v for k, v in de["hf_cache_times"].items()},
+        decode_repeats=len(dt["ours"]), decode_new_tokens=args.new_tokens,
+    )
+    rows.append((f"decode tokens/s (8 x {args.new_tokens}, top-k {DEC_TOP_K}; HF {de['hf_cache']} cache)",
+                 o, t, res["decode_tokens_per_s_ratio"]))
+    if compiled is not None:
+        oc = tokens / statistics.median(dt["ours_compiled"])
+        res.update(decode_compiled_tokens_per_s_ratio=ratio(dt, "ours_compiled"),
+                   decode_compiled_tokens_per_s_ours=oc, decode_compile_s=compile_s)
+        rows.append(("decode tokens/s, our step torch.compile'd", oc, t, res["decode_compiled_tokens_per_s_ratio"]))
 
+    peak_end = matmul_peak_gflops()
     wall = time.perf_counter() - t_start
     res.update(
-        matmul_peak_gflops=peak, non_embedding_params=n_params, max_logit_diff=max_diff,
+        matmul_peak_gflops=peak, matmul_peak_gflops_at_end=peak_end,
+        non_embedding_params=n_params, **checks,
+        threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
         platform=platform.platform(), machine=platform.machine(), processor=platform.processor(),
-        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-        transformers_version=__import__("transformers").__version__, python_version=platform.python_version(),
+        torch_version=torch.__version__, transformers_version=__import__("transformers").__version__,
+        python_version=platform.python_version(),
+        loadavg_1min_before=load_before[0], loadavg_1min_after=os.getloadavg()[0],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         wall_s=wall,
     )
 
-    print(f"\n{'metric':<58}{'ours':>12}{'theirs':>12}{'ours/theirs':>13}")
+    print(f"\n{'':<56}{'ours':>12}{'theirs':>12}{'ours/theirs':>13}")
     for name, o, t, r in rows:
         fmt = "{:>12.3f}" if o < 10 else "{:>12.1f}"
-        print(f"{name:<58}" + fmt.format(o) + fmt.format(t) + (f"{r:>13.3f}" if r is not None else ""))
-    print(f"(ratios: median over {args.repeats} alternating repeats; wall time {wall:.0f} s)")
+        print(f"{name:<56}" + fmt.format(o) + fmt.format(t) + (f"{r:>13.3f}" if r is not None else ""))
+    print(f"ratios: medians of per-repeat ratios ({res['train_repeats']} training, {res['decode_repeats']} "
+          f"decoding repeats); load average {load_before[0]:.1f} -> {res['loadavg_1min_after']:.1f}; "
+          f"wall time {wall:.0f} s")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -47,8 +47,7 @@ def text_to_image(
         b.lm, ids.to(dev), n_codes, valid=valid.to(dev), temperature=temperature, top_k=top_k, top_p=top_p,
         allowed=allowed.to(dev), cfg_scale=cfg if guided else None, generator=generator,
     ) - lo  # [B, N]
-    h, w = b.vision.grid
-    return b.vision.decode(codes.view(-1, h, w))
+    return b.vision.decode(codes.view(len(codes), *b.vision.code_shape))
 
 
 @torch.inference_mode()

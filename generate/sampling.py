@@ -191,8 +191,6 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
 def _decode_graph(model, ids, cos, sin, ks, vs):
     """One position through the Transformer: ids [B, 1], cos/sin [1, 1, E] (half-negated sin), per
     layer cached keys/values [B, K, S, E]. Returns logits [B, V] and keys/values [L, B, K, 1, E]."""
-    from models.transformer import rotate
-
     b = ids.shape[0]
     x = model.tok_emb(ids)  # [B, 1, D]
     new_k, new_v = [], []
@@ -201,7 +199,11 @@ def _decode_graph(model, ids, cos, sin, ks, vs):
         h, kv, e = attn.n_heads, attn.n_kv, attn.head_dim
         qkv = attn.qkv(blk.attn_norm(x)).view(b, 1, h + 2 * kv, e)
         qk, v = qkv.split((h + kv, kv), dim=2)
-        q, k = rotate(qk, cos, sin).split((h, kv), dim=2)
+        # RoPE as models.transformer.rotate, the half swap written as a flip of a [2, E/2] view:
+        # Inductor inlines q's rotation into the per-key score loop, where a roll is a gather and
+        # the flip loads whole vectors.
+        swapped = qk.unflatten(-1, (2, e // 2)).flip(-2).flatten(-2)
+        q, k = torch.addcmul(qk * cos, swapped, sin).split((h, kv), dim=2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, 1, E]
         new_k.append(k)
         new_v.append(v)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from models.config import LMConfig
 from models.transformer import RotaryEmbedding, Transformer
+from models.weights import atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -345,14 +345,6 @@ def load_hf_tokenizer(folder: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------- save
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     """Greedy split in name order; a tensor larger than max_bytes gets a shard of its own."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -407,42 +399,23 @@ def save_hf(
         raise FileExistsError(f"{folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder}: exists and is not empty (pass overwrite=True to replace it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         meta = {"format": "pt"}
         if max_shard_bytes is None:
             save_file(tensors, tmp / WEIGHTS, metadata=meta)
-            written = [WEIGHTS]
         else:
             shards = _shards(tensors, max_shard_bytes)
-            written, weight_map = [], {}
+            weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, tmp / name, metadata=meta)
-                written.append(name)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(x.numel() * x.element_size() for x in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            written.append(INDEX)
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / TOKENIZER)
-            written.append(TOKENIZER)
-        for name in [CONFIG, *written]:
-            _fsync(tmp / name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -17,7 +17,10 @@ from safetensors.torch import load_file, safe_open
 from models.weights import atomic_save_file, load_state_strict, plain_state
 
 # kind -> (module, config class, model class)
-KINDS = {"vq": ("vision_tokenizers.vq", "VQConfig", "VQTokenizer")}
+KINDS = {
+    "vq": ("vision_tokenizers.vq", "VQConfig", "VQTokenizer"),
+    "seed": ("vision_tokenizers.seed", "SEEDConfig", "SEEDTokenizer"),
+}
 
 
 def kind_of(model: torch.nn.Module) -> str:

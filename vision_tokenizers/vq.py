@@ -121,6 +121,11 @@ class VQTokenizer(nn.Module):
         return side, side
 
     @property
+    def code_shape(self) -> tuple[int, ...]:
+        """Shape of one image's codes, as `encode` returns and `decode` takes them (vision-tokenizer protocol)."""
+        return self.grid
+
+    @property
     def num_tokens(self) -> int:
         h, w = self.grid
         return h * w
