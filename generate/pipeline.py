@@ -54,7 +54,7 @@ def text_to_image(
 def caption(
     b: Bundle,
     images: torch.Tensor,  # [B, C, H, W] in [-1, 1], already at the trained size
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,

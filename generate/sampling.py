@@ -151,7 +151,7 @@ def _eager_step(model) -> Callable:
     return step
 
 
-def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
+def make_step_fn(model, compile: bool = False, transposed_weights: bool = False, **compile_kwargs) -> Callable:
     """A one-token decode step for `generate(step_fn=...)`: (ids [B, 1], cache) -> logits [B, V].
 
     Without `compile` this is the eager `model(ids, cache=cache)[:, -1]`. With `compile=True` the
@@ -161,12 +161,19 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
     compiles once or twice, not per position) and returns this position's keys/values, which are
     written into the cache outside it: writing them inside made Inductor copy the whole cache every
     step. Plain causal decoding only (no padding or block ids), which is when generate() calls it.
-    `compile_kwargs` go to torch.compile (e.g. mode=...).
+
+    `transposed_weights=True` (with compile) multiplies by [in, out] copies of the projection and
+    head weights, which MKL's small-batch GEMM reads faster than nn.Linear's [out, in] layout: it
+    costs one extra copy of those weights while the step function lives (refreshed whenever a weight
+    changes). `compile_kwargs` go to torch.compile (e.g. mode=...).
     """
     if not compile:
+        if transposed_weights:
+            raise ValueError("transposed_weights needs compile=True")
         return _eager_step(model)
     graph = torch.compile(_decode_graph, fullgraph=True, **compile_kwargs)
     rope = model.rope
+    weights = _TransposedWeights(model) if transposed_weights else None
 
     def step(ids: torch.Tensor, cache) -> torch.Tensor:
         pos = cache.pos
@@ -179,7 +186,7 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
         if pos > 1:  # one graph for every cache length (0 and 1 are always specialised)
             for t in ks + vs:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
-        logits, k, v = graph(model, ids, cos, sin, ks, vs)
+        logits, k, v = graph(model, ids, cos, sin, ks, vs, weights() if weights else None)
         cache.k[:, :, :, pos:pos + 1] = k
         cache.v[:, :, :, pos:pos + 1] = v
         cache.pos = pos + 1
@@ -188,16 +195,43 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Callable:
     return step
 
 
-def _decode_graph(model, ids, cos, sin, ks, vs):
+class _TransposedWeights:
+    """Contiguous [in, out] copies of every projection and head weight, in _decode_graph's order,
+    rebuilt when a weight is replaced or modified in place (tracked by data pointer and version)."""
+
+    def __init__(self, model):
+        self.linears = [m for blk in model.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.gate_up, blk.mlp.down)]
+        self.linears.append(model.head)
+        self.key, self.copies = None, None
+
+    def __call__(self) -> list[torch.Tensor]:
+        key = [(m.weight.data_ptr(), m.weight._version) for m in self.linears]
+        if key != self.key:
+            with torch.no_grad():
+                self.copies = [m.weight.t().contiguous() for m in self.linears]
+            self.key = key
+        return self.copies
+
+
+def _decode_graph(model, ids, cos, sin, ks, vs, weights_t=None):
     """One position through the Transformer: ids [B, 1], cos/sin [1, 1, E] (half-negated sin), per
-    layer cached keys/values [B, K, S, E]. Returns logits [B, V] and keys/values [L, B, K, 1, E]."""
+    layer cached keys/values [B, K, S, E], optionally [in, out] weight copies (_TransposedWeights).
+    Returns logits [B, V] and keys/values [L, B, K, 1, E]."""
+    wt = iter(weights_t or ())
+
+    def linear(mod, x):
+        if weights_t is None:
+            return mod(x)
+        y = x @ next(wt)
+        return y if mod.bias is None else y + mod.bias
+
     b = ids.shape[0]
     x = model.tok_emb(ids)  # [B, 1, D]
     new_k, new_v = [], []
     for blk, k_old, v_old in zip(model.blocks, ks, vs):
         attn = blk.attn
         h, kv, e = attn.n_heads, attn.n_kv, attn.head_dim
-        qkv = attn.qkv(blk.attn_norm(x)).view(b, 1, h + 2 * kv, e)
+        qkv = linear(attn.qkv, blk.attn_norm(x)).view(b, 1, h + 2 * kv, e)
         qk, v = qkv.split((h + kv, kv), dim=2)
         # RoPE as models.transformer.rotate, the half swap written as a flip of a [2, E/2] view:
         # Inductor inlines q's rotation into the per-key score loop, where a roll is a gather and
@@ -214,6 +248,7 @@ def _decode_graph(model, ids, cos, sin, ks, vs):
         p = torch.cat([s_old, s_new], dim=-1).softmax(dim=-1)
         n_old = s_old.shape[-1]
         y = (p[..., :n_old].unsqueeze(-1) * v_old.unsqueeze(2)).sum(-2) + p[..., n_old:] * v.unsqueeze(2).squeeze(-2)
-        x = x + attn.proj(y.reshape(b, 1, h * e))
-        x = x + blk.mlp(blk.mlp_norm(x))
-    return model.head(model.norm(x))[:, -1], torch.stack(new_k), torch.stack(new_v)
+        x = x + linear(attn.proj, y.reshape(b, 1, h * e))
+        gate, up = linear(blk.mlp.gate_up, blk.mlp_norm(x)).chunk(2, dim=-1)  # SwiGLU, as models.transformer
+        x = x + linear(blk.mlp.down, torch.nn.functional.silu(gate) * up)
+    return linear(model.head, model.norm(x))[:, -1], torch.stack(new_k), torch.stack(new_v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from models.config import LMConfig
 from models.masks import attention_mask
@@ -27,6 +28,7 @@ class _RMSNormFn(torch.autograd.Function):
         return xhat * weight
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         xhat, weight, r = ctx.saved_tensors
         gw = grad * weight
@@ -183,6 +185,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return act * up
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)

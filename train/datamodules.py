@@ -113,7 +113,7 @@ class ImageTextDataModule(L.LightningDataModule):
     """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk."""
 
     def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
-                 text_tokenizer: str | None = None, bpe_vocab_size: int = 256, holdout: int = 1500,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int = 1500,
                  seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 128,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
                  cache_dir: str | None = "results/cache", num_workers: int = 0):

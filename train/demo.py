@@ -102,7 +102,7 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
 
     caps = []
     for i in range(0, len(cap_images), 100):
-        caps += caption(bundle, cap_images[i:i + 100], max_new_tokens=12, generator=g)
+        caps += caption(bundle, cap_images[i:i + 100], max_new_tokens=32, generator=g)
     correct = [caption_correct(c, int(y)) for c, y in zip(caps, data.labels[cap_idx])]
     cap_acc = float(np.mean(correct))
     (out / "captions.tsv").write_text("".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))

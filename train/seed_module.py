@@ -55,7 +55,7 @@ class ImageCaptionDataset(Dataset):
         seed = int(torch.randint(0, 2**62, ()).item()) if self.fixed_seed is None else self.fixed_seed * 1_000_003 + i
         cap = random.Random(seed).choice(self.data.captions[i])
         ids = [self.tok.bos_id, *self.tok.encode(cap)][: self.max_len]  # <bos> serves as [CLS]
-        return self.data.image(i, self.channels, self.size), torch.tensor(ids)
+        return self.data.image(i, self.channels, self.size), torch.tensor(ids), int(self.data.labels[i])
 
 
 class ImageCaptionDataModule(L.LightningDataModule):
@@ -83,13 +83,14 @@ class ImageCaptionDataModule(L.LightningDataModule):
         self.val_set = ImageCaptionDataset(val, *args, fixed_seed=self.seed)
 
     def collate(self, items) -> dict[str, torch.Tensor]:
-        images = torch.stack([im for im, _ in items])  # [B, C, S, S]
-        t = max(len(ids) for _, ids in items)
+        images = torch.stack([it[0] for it in items])  # [B, C, S, S]
+        t = max(len(it[1]) for it in items)
         text = torch.full((len(items), t), self.tokenizer.pad_id, dtype=torch.long)  # [B, T]
         valid = torch.zeros((len(items), t), dtype=torch.bool)
-        for i, (_, ids) in enumerate(items):
+        for i, (_, ids, _) in enumerate(items):
             text[i, : len(ids)], valid[i, : len(ids)] = ids, True
-        return {"images": images, "text": text, "text_valid": valid}
+        labels = torch.tensor([it[2] for it in items])  # [B], -1 where the source has no labels
+        return {"images": images, "text": text, "text_valid": valid, "labels": labels}
 
     def train_dataloader(self):
         return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate,
@@ -154,20 +155,26 @@ class SEEDStage1Module(L.LightningModule):
         img = tok.contrastive_image(tok.causal_embeddings(batch["images"]))  # [B, K]
         txt = tok.contrastive_text(batch["text"], batch["text_valid"])  # [B, K]
         loss, logits = contrastive_loss(img, txt, tok.temp, self.label_smoothing)
-        # in-batch image->text R@1; a retrieved caption identical to the true one counts as a hit
+        # in-batch image->text R@1: a retrieved caption identical to the true one counts as a hit;
+        # r1_class: the retrieved caption belongs to an image of the same class (labelled sources)
+        best = logits.argmax(1)
         text = batch["text"].masked_fill(~batch["text_valid"], -1)
-        hit = (text[logits.argmax(1)] == text).all(1).float().mean()
-        return {"loss": loss, "r1": hit}
+        out = {"loss": loss, "r1": (text[best] == text).all(1).float().mean()}
+        labels = batch.get("labels")
+        if labels is not None and bool((labels >= 0).all()):
+            out["r1_class"] = (labels[best] == labels).float().mean()
+        return out
 
     def training_step(self, batch, batch_idx):
         out = self._step(batch)
-        self.log_dict({"train/loss": out["loss"], "train/r1": out["r1"], "train/temp": self.tokenizer.temp.detach()},
-                      prog_bar=True, batch_size=len(batch["images"]))
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=len(batch["images"]))
+        self.log("train/temp", self.tokenizer.temp.detach())
         return out["loss"]
 
     def validation_step(self, batch, batch_idx):
         out = self._step(batch)
-        self.log_dict({"val/loss": out["loss"], "val/r1": out["r1"]}, prog_bar=True, batch_size=len(batch["images"]))
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["images"]))
 
     def configure_optimizers(self):
         opt, sched = adamw_cosine(self.tokenizer, self.lr, self.weight_decay, (0.9, 0.98), self.warmup_steps,

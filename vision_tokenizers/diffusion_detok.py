@@ -28,15 +28,16 @@ class DetokenizerConfig:
     in_channels: int = 1
     image_size: int = 28
     embed_dim: int = 96  # size of the conditioning (generation) embedding
-    channels: tuple[int, ...] = field(default=(32, 64, 64))  # one UNet level each; len-1 halvings
-    attention_levels: int = 2  # self-attention in the last (lowest-resolution) this many levels
+    patch: int = 2  # space-to-depth: the UNet runs on [C * p^2, S / p, S / p] (4x fewer conv FLOPs at p = 2)
+    channels: tuple[int, ...] = field(default=(32, 64))  # one UNet level each; len-1 halvings
+    attention_levels: int = 1  # self-attention in the last (lowest-resolution) this many levels
     layers_per_block: int = 1
     norm_num_groups: int = 8
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "sample"
     sampler: str = "ddim"  # "ddim" | "dpm" (DPMSolverMultistep)
-    sample_steps: int = 25
+    sample_steps: int = 20
     guidance: float = 2.0  # classifier-free guidance scale at sampling (1 = off)
 
     def __post_init__(self) -> None:
@@ -48,12 +49,15 @@ class DetokenizerConfig:
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}")
+        if self.patch < 1:
+            raise ValueError(f"patch must be >= 1, got {self.patch}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
 
     @property
     def factor(self) -> int:
-        return 2 ** (len(self.channels) - 1)
+        """Pixel side multiple the UNet needs (patching times its downsampling)."""
+        return self.patch * 2 ** (len(self.channels) - 1)
 
 
 class DiffusionDetokenizer(nn.Module):
@@ -66,12 +70,13 @@ class DiffusionDetokenizer(nn.Module):
         self.config = cfg = config or DetokenizerConfig()
         n = len(cfg.channels)
         attn = [i >= n - cfg.attention_levels for i in range(n)]
-        side = self.padded_size
+        side = self.padded_size // cfg.patch
+        chans = cfg.in_channels * cfg.patch**2
         time_dim = cfg.channels[0] * 4
         self.unet = UNet2DModel(
             sample_size=side,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
+            in_channels=chans,
+            out_channels=chans,
             block_out_channels=cfg.channels,
             down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
             up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -131,7 +136,10 @@ class DiffusionDetokenizer(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
         """Noisy padded images x_t [B, C, S', S'], timesteps t [B], embeddings [B, G] -> model output
         (noise, v or x0 depending on prediction_type) [B, C, S', S']."""
-        return self.unet(x_t, t, class_labels=self.cond_proj(emb)).sample
+        p = self.config.patch
+        h = F.pixel_unshuffle(x_t, p) if p > 1 else x_t  # [B, C p^2, S'/p, S'/p]
+        out = self.unet(h, t, class_labels=self.cond_proj(emb)).sample
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
     @torch.no_grad()
     def sample(self, emb: Tensor, steps: int | None = None, guidance: float | None = None,
