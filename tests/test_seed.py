@@ -25,7 +25,7 @@ from conftest import LossRecorder, make_trainer
 TINY = SEEDConfig(in_channels=1, image_size=8, patch_size=2, encoder_dim=32, encoder_depth=1, encoder_heads=2,
                   num_queries=8, qformer_dim=32, qformer_layers=2, qformer_heads=2, text_vocab_size=400,
                   max_text_len=16, contrastive_dim=16, codebook_size=32, code_dim=8, restart_dead_codes=True,
-                  head_heads=2, recon_layers=1, gen_layers=1, reverse_qformer_layers=1, gen_dim=32)
+                  head_heads=2, recon_layers=1, gen_layers=1, reverse_qformer_layers=1, gen_dim=16)
 TINY_DETOK = DetokenizerConfig(channels=(16, 16), attention_levels=1, sample_steps=4, guidance=2.0)
 DIGITS = dict(source="digits", holdout=200, seed=0)
 
@@ -267,10 +267,10 @@ def _tiny_unclip_pipeline(tmp_path, embed_dim: int):
         vocab.setdefault(c + "</w>", len(vocab))
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8)
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
                                                 projection_dim=8)).eval()
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
@@ -301,5 +301,5 @@ def test_unclip_pipeline_takes_seed_embeddings(tmp_path):
     images = draw()
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
     torch.testing.assert_close(images, draw())
-    with pytest.raises(ValueError, match=r"image_embeds must be \[B, 32\]"):
+    with pytest.raises(ValueError, match=rf"image_embeds must be \[B, {TINY.gen_dim}\]"):
         unclip_images(pipe, emb[:, :5])

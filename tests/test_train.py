@@ -45,6 +45,53 @@ def test_codes_are_cached_on_disk(fitted_lm):
     assert torch.equal(again.train_set.codes, dm.train_set.codes)
 
 
+def test_augmented_copies_are_cached_after_the_originals(fitted_lm, tmp_path):
+    _, _, _, dm = fitted_lm
+    aug = ImageTextDataModule(dm.vision_path, source="digits", holdout=200, bpe_vocab_size=200, batch_size=32,
+                              max_len=48, cache_dir=str(tmp_path), augment_copies=2)
+    aug.setup()
+    n = len(dm.train_set.codes)
+    codes = aug.train_set.codes  # [3N, h, w]: originals, then two warped copies
+    assert len(aug.train_set) == len(codes) == 3 * n
+    assert torch.equal(codes[:n], dm.train_set.codes)
+    assert not torch.equal(codes[n:2 * n], codes[:n]) and not torch.equal(codes[2 * n:], codes[n:2 * n])
+    assert len(list(tmp_path.glob("codes-*.safetensors"))) == 2
+    again = ImageTextDataModule(dm.vision_path, source="digits", holdout=200, bpe_vocab_size=200, batch_size=32,
+                                max_len=48, cache_dir=str(tmp_path), augment_copies=2)
+    again.setup()  # same seed: the cache is read back, not re-drawn
+    assert torch.equal(again.train_set.codes, codes) and len(list(tmp_path.glob("codes-*.safetensors"))) == 2
+
+    class Recorder:  # stands in for the sequence builder: returns what it was given
+        def build(self, codes, caption, rng, where):
+            return codes, caption, where
+
+    aug.train_set.builder = Recorder()
+    got_codes, cap, where = aug.train_set[2 * n + 5]  # a warped copy carries the captions of its image
+    assert torch.equal(got_codes, codes[2 * n + 5].long()) and cap in aug.train_data.captions[5]
+    assert where.endswith("[5]")
+    with pytest.raises(ValueError, match="augment_copies"):
+        ImageTextDataModule(dm.vision_path, source="digits", holdout=200, augment_copies=-1)
+
+
+def test_text_loss_weight_reweights_text_tokens(fitted_lm):
+    from train.lm_module import MultimodalLMModule
+    from train.sequences import TEXT
+
+    module, _, _, dm = fitted_lm
+    batch = next(iter(dm.val_dataloader()))
+    base = module._loss(batch)
+    weighted = MultimodalLMModule("tiny", text_loss_weight=3.0)
+    weighted.lm = module.lm
+    out = weighted._loss(batch)
+    flag, mod = batch["loss"][:, 1:], batch["modality"][:, 1:]
+    n_text, n_image = (flag & (mod == TEXT)).sum(), (flag & (mod != TEXT)).sum()
+    want = (3 * n_text * base["loss_text"] + n_image * base["loss_image"]) / (3 * n_text + n_image)
+    torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["nll"], base["loss"], rtol=1e-5, atol=1e-5)  # the plain mean is unchanged
+    with pytest.raises(ValueError, match="text_loss_weight"):
+        MultimodalLMModule("tiny", text_loss_weight=0.0)
+
+
 def test_lightning_checkpoint_loads_weights_only_as_bundle(fitted_lm):
     module, _, ckpt, _ = fitted_lm
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # no pickled code needed

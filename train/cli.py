@@ -6,6 +6,7 @@ Checkpoints are written atomically (temp file + rename) unless another Checkpoin
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -43,5 +44,12 @@ class MMARCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
     torch.set_float32_matmul_precision("high")
-    return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-                   save_config_kwargs={"overwrite": True})
+    if args is None:
+        return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, run=run,
+                       save_config_kwargs={"overwrite": True})
+    argv, sys.argv = sys.argv, sys.argv[:1]  # called from Python (demo, benchmarks): only `args` count
+    try:
+        return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+                       save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = argv

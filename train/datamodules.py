@@ -64,35 +64,55 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
 
 
+def augmenter(degrees: float = 10.0, translate: float = 0.05, scale: tuple[float, float] = (0.9, 1.1)):
+    """Small random affine warps (rotation, shift, zoom) with the background value -1 filled in."""
+    from torchvision.transforms import v2
+
+    return v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale, fill=-1.0)
+
+
 @torch.inference_mode()
-def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256) -> torch.Tensor:
-    """All images of `data` -> codes [N, h, w] (int32)."""
+def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256, augment_copies: int = 0,
+                  seed: int = 0) -> torch.Tensor:
+    """All images of `data` -> codes [(1 + augment_copies) * N, h, w] (int32).
+
+    Copy k of image i sits at row k * N + i; copy 0 is the image itself, copies 1.. are random affine
+    warps of it (drawn from `seed`, so the cache is reproducible). Each image is warped independently."""
     c, s = vision.config.in_channels, vision.config.image_size
+    warp = augmenter() if augment_copies else None
     out = []
-    for i in range(0, len(data), batch):
-        x = torch.stack([data.image(j, c, s) for j in range(i, min(i + batch, len(data)))])
-        out.append(vision.encode(x).to(torch.int32))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for k in range(1 + augment_copies):
+            for i in range(0, len(data), batch):
+                x = [data.image(j, c, s) for j in range(i, min(i + batch, len(data)))]  # [C, S, S] each
+                if k:
+                    x = [warp(im) for im in x]
+                out.append(vision.encode(torch.stack(x)).to(torch.int32))
     return torch.cat(out)
 
 
-def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None) -> torch.Tensor:
-    """Encode once per (tokenizer checkpoint hash, dataset key); later epochs and runs read the cache."""
+def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None,
+                 augment_copies: int = 0, seed: int = 0) -> torch.Tensor:
+    """Encode once per (tokenizer checkpoint hash, dataset key, augmentation); later epochs and runs read the cache."""
+    rows = (1 + augment_copies) * len(data)
     if cache_dir is None:
-        return encode_images(vision, data)
-    digest = hashlib.sha256(f"{registry.file_hash(vision_path)}|{key}|{len(data)}".encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"codes-{digest}.safetensors"
+        return encode_images(vision, data, augment_copies=augment_copies, seed=seed)
+    tag = f"{registry.file_hash(vision_path)}|{key}|{len(data)}|aug{augment_copies}|{seed}"
+    path = Path(cache_dir) / f"codes-{hashlib.sha256(tag.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file():
         codes = load_file(str(path))["codes"]
-        if len(codes) == len(data):
+        if len(codes) == rows:
             return codes
-    codes = encode_images(vision, data)
+    codes = encode_images(vision, data, augment_copies=augment_copies, seed=seed)
     atomic_save_file({"codes": codes}, path)
     return codes
 
 
 class CodeCaptionDataset(Dataset):
-    """One LM sequence per image. Training draws template, order and guidance drop anew at each visit
-    (from torch's RNG, so `seed_everything` makes runs repeatable); validation (`fixed`) draws once per index."""
+    """One LM sequence per code row (row r holds a copy of image r % len(data)). Training draws template,
+    order and guidance drop anew at each visit (from torch's RNG, so `seed_everything` makes runs
+    repeatable); validation (`fixed`) draws once per index."""
 
     def __init__(self, codes: torch.Tensor, data: ImageTextSet, builder: SequenceBuilder, fixed_seed: int | None = None):
         self.codes, self.data, self.builder, self.fixed_seed = codes, data, builder, fixed_seed
@@ -105,19 +125,27 @@ class CodeCaptionDataset(Dataset):
             rng = random.Random(int(torch.randint(0, 2**62, ()).item()))
         else:
             rng = random.Random(self.fixed_seed * 1_000_003 + i)
-        cap = rng.choice(self.data.captions[i])
-        return self.builder.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{i}]")
+        j = i % len(self.data)
+        cap = rng.choice(self.data.captions[j])
+        return self.builder.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
 
 
 class ImageTextDataModule(L.LightningDataModule):
-    """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk."""
+    """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk.
+
+    augment_copies: extra randomly warped copies of each training image (small rotation/shift/zoom),
+    encoded once into the cache; an epoch then visits every copy. Small datasets overfit less.
+    """
 
     def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int = 1500,
                  seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 128,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
-                 cache_dir: str | None = "results/cache", num_workers: int = 0):
+                 cache_dir: str | None = "results/cache", num_workers: int = 0, augment_copies: int = 0):
         super().__init__()
+        if augment_copies < 0:
+            raise ValueError(f"augment_copies must be >= 0, got {augment_copies}")
+        self.augment_copies = augment_copies
         self.vision_path, self.source, self.path = vision_tokenizer, source, path
         self.holdout, self.seed, self.batch_size, self.val_size = holdout, seed, batch_size, val_size
         self.cache_dir, self.num_workers = cache_dir, num_workers
@@ -143,7 +171,8 @@ class ImageTextDataModule(L.LightningDataModule):
             return
         key = f"{self.source}|{self.path}|{self.holdout}|{self.seed}"
         val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
-        train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir)
+        train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
+                                   self.augment_copies, self.seed)
         val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir)
         self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.builder)
         self.val_set = CodeCaptionDataset(val_codes, val, self.builder, fixed_seed=self.seed)

@@ -17,13 +17,18 @@ class MultimodalLMModule(L.LightningModule):
 
     `preset` picks an LMConfig preset; the optional fields override it. The vocabulary size and
     maximum length come from the data (text tokenizer + codebook, sequence max_len).
+    `text_loss_weight` scales the loss of text tokens against image tokens (1 = every token counts the
+    same): a caption has ~6 tokens against an image's 49, so captioning gets a small share of the gradient.
     """
 
     def __init__(self, preset: str = "demo", dim: int | None = None, n_layers: int | None = None,
                  n_heads: int | None = None, n_kv_heads: int | None = None, mlp_dim: int | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 100, vocab_info: dict | None = None):
+                 warmup_steps: int = 100, text_loss_weight: float = 1.0, vocab_info: dict | None = None):
         super().__init__()
+        if text_loss_weight <= 0:
+            raise ValueError(f"text_loss_weight must be > 0, got {text_loss_weight}")
+        self.text_loss_weight = text_loss_weight
         overrides = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_dim=mlp_dim)
         self.preset, self.overrides = preset, {k: v for k, v in overrides.items() if v is not None}
         LMConfig.from_preset(preset, **self.overrides)  # fail fast on a bad preset or shape
@@ -63,7 +68,10 @@ class MultimodalLMModule(L.LightningModule):
         logits = self.lm(ids)[:, :-1]  # [B, T-1, V]
         target, flag, mod = ids[:, 1:], loss_flag[:, 1:], modality[:, 1:]
         tok_loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
-        out = {"loss": (tok_loss * flag).sum() / flag.sum().clamp(min=1)}
+        # objective: per-token weights (text tokens x text_loss_weight), normalised by their sum
+        weight = flag * torch.where(mod == TEXT, self.text_loss_weight, 1.0)  # [B, T-1]
+        out = {"loss": (tok_loss * weight).sum() / weight.sum().clamp(min=1e-6),
+               "nll": (tok_loss * flag).sum().detach() / flag.sum().clamp(min=1)}  # plain mean, for comparisons
         for name, m in (("text", TEXT), ("image", IMAGE)):
             sel = flag & (mod == m)
             out[f"loss_{name}"] = (tok_loss * sel).sum().detach() / sel.sum().clamp(min=1)
@@ -77,7 +85,7 @@ class MultimodalLMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self._loss(batch)
-        self.log_dict({"val/loss": out["loss"], "val/loss_text": out["loss_text"],
+        self.log_dict({"val/loss": out["nll"], "val/loss_text": out["loss_text"],
                        "val/loss_image": out["loss_image"]}, prog_bar=True, batch_size=len(batch["ids"]))
 
     def configure_optimizers(self):

@@ -6,9 +6,10 @@ detok    SEEDDetokenizerModule  diffusion UNet conditioned on decode_embedding(e
 then the SEED-LLaMA LM trains with the ordinary ImageTextDataModule + MultimodalLMModule on that file.
 
 At toy scale there are no pretrained encoder weights, so stage 1 also trains the (from-scratch) ViT unless
-`train_encoder: false`; with real weights (`tokenizer.encoder_weights`) the encoder stays frozen as in the
-paper. Stage 2's generation target is the frozen stage-1 encoder's pooled image embedding (mean over its
-patch tokens), standing in for the CLIP-H image embedding unCLIP is conditioned on at full scale.
+`train_encoder: false`, with an extra CLIP loss on its pooled embedding; with real weights
+(`tokenizer.encoder_weights`) the encoder stays frozen as in the paper. Stage 2's generation target is the
+frozen stage-1 encoder's pooled image embedding (mean over its patch tokens) through that CLIP projection,
+standing in for the CLIP-H image embedding unCLIP is conditioned on at full scale.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         if text_tokenizer:
             self.tokenizer = TextTokenizer.from_file(text_tokenizer)
         else:
-            self.tokenizer = TextTokenizer.train_bpe([c for caps in self.train_data.captions for c in caps], bpe_vocab_size)
+            corpus = [c for caps in self.train_data.captions for c in caps]
+            self.tokenizer = TextTokenizer.train_bpe(corpus, bpe_vocab_size)
 
     def setup(self, stage: str | None = None) -> None:
         val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
@@ -116,18 +118,27 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, temp: torch.Tensor, l
 
 
 class SEEDStage1Module(L.LightningModule):
-    """Causal Q-Former (and at toy scale the ViT) trained with image-text contrastive learning."""
+    """Causal Q-Former (and at toy scale the ViT) trained with image-text contrastive learning.
+
+    Loss: ITC(last causal query, text [CLS]) + encoder_clip_weight * ITC(encoder's pooled embedding, text [CLS]).
+    The second term is not SEED's: it gives the from-scratch toy encoder what EVA-CLIP's pretraining gave the
+    paper's, a semantic pooled image embedding, which stage 2 then uses as the generation target (the role of
+    CLIP-H's image embedding). With a frozen pretrained encoder it only fits encoder_proj.
+    """
 
     def __init__(self, tokenizer: SEEDConfig = SEEDConfig(), lr: float = 1e-3, weight_decay: float = 0.05,
                  warmup_steps: int = 100, label_smoothing: float = 0.1, temp_min: float = 0.001,
-                 temp_max: float = 0.5, train_encoder: bool | None = None, export_path: str | None = None):
+                 temp_max: float = 0.5, train_encoder: bool | None = None, encoder_clip_weight: float = 1.0,
+                 export_path: str | None = None):
         super().__init__()
         self.tokenizer = SEEDTokenizer(tokenizer, load_encoder_weights=True)
         self.train_encoder = tokenizer.encoder_weights is None if train_encoder is None else train_encoder
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.label_smoothing, self.temp_range, self.export_path = label_smoothing, (temp_min, temp_max), export_path
+        self.encoder_clip_weight = encoder_clip_weight
         tok = self.tokenizer.requires_grad_(False)
-        trained = [tok.qformer, tok.vision_proj, tok.text_proj] + ([tok.encoder] if self.train_encoder else [])
+        trained = [tok.qformer, tok.vision_proj, tok.text_proj, tok.encoder_proj]
+        trained += [tok.encoder] if self.train_encoder else []
         for m in trained:
             m.requires_grad_(True)
         tok.temp.requires_grad_(True)
@@ -140,7 +151,8 @@ class SEEDStage1Module(L.LightningModule):
             raise ValueError(f"caption tokenizer has {tok.vocab_size} ids but the Q-Former's text_vocab_size is "
                              f"{cfg.text_vocab_size}; raise tokenizer.text_vocab_size")
         if getattr(dm, "max_text_len", 0) > cfg.max_text_len:
-            raise ValueError(f"data max_text_len {dm.max_text_len} exceeds the Q-Former's max_text_len {cfg.max_text_len}")
+            raise ValueError(f"data max_text_len {dm.max_text_len} exceeds the Q-Former's max_text_len "
+                             f"{cfg.max_text_len}")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -152,23 +164,34 @@ class SEEDStage1Module(L.LightningModule):
         tok = self.tokenizer
         with torch.no_grad():
             tok.temp.clamp_(*self.temp_range)
-        img = tok.contrastive_image(tok.causal_embeddings(batch["images"]))  # [B, K]
+        feats = tok.image_features(batch["images"])  # [B, prefix + P, E]
+        img = tok.contrastive_image(tok.qformer.forward_queries(feats))  # [B, K]
         txt = tok.contrastive_text(batch["text"], batch["text_valid"])  # [B, K]
         loss, logits = contrastive_loss(img, txt, tok.temp, self.label_smoothing)
+        extra = {}
+        if self.encoder_clip_weight > 0:  # CLIP loss on the encoder's own pooled embedding (same text side)
+            clip, clip_logits = contrastive_loss(tok.clip_embedding(feats), txt, tok.temp, self.label_smoothing)
+            loss = loss + self.encoder_clip_weight * clip
+            extra = {"clip_loss": clip.detach(), "clip_logits": clip_logits}
         # in-batch image->text R@1: a retrieved caption identical to the true one counts as a hit;
         # r1_class: the retrieved caption belongs to an image of the same class (labelled sources)
         best = logits.argmax(1)
         text = batch["text"].masked_fill(~batch["text_valid"], -1)
         out = {"loss": loss, "r1": (text[best] == text).all(1).float().mean()}
+        if extra:
+            out["clip_loss"] = extra["clip_loss"]
         labels = batch.get("labels")
         if labels is not None and bool((labels >= 0).all()):
             out["r1_class"] = (labels[best] == labels).float().mean()
+            if extra:
+                out["clip_r1_class"] = (labels[extra["clip_logits"].argmax(1)] == labels).float().mean()
         return out
 
     def training_step(self, batch, batch_idx):
         out = self._step(batch)
         self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=len(batch["images"]))
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"},
+                      batch_size=len(batch["images"]))
         self.log("train/temp", self.tokenizer.temp.detach())
         return out["loss"]
 
@@ -198,7 +221,8 @@ class SEEDStage2Module(L.LightningModule):
     """VQ bottleneck + reconstruction and generation heads on top of a frozen stage-1 tokenizer.
 
     L = vq_weight * L_vq + rec_weight * (1 - cos(recon, causal)).mean() + gen_weight * MSE(gen, target),
-    target = the frozen encoder's pooled embedding (mean over patch tokens), so gen_dim must equal its width.
+    target = tokenizer.generation_target: by default the frozen stage-1 encoder's pooled embedding through its
+    CLIP projection (L2-normalised, times sqrt(G)); with gen_target "pooled" the raw pooled embedding.
     """
 
     def __init__(self, init_from: str = "results/seed/seed_stage1.safetensors", lr: float = 1e-3,
@@ -208,7 +232,7 @@ class SEEDStage2Module(L.LightningModule):
         tok = registry.load(init_from)
         if not isinstance(tok, SEEDTokenizer):
             raise ValueError(f"{init_from}: not a SEED tokenizer file")
-        if tok.config.gen_dim != tok.encoder_dim:
+        if tok.config.gen_target == "pooled" and tok.config.gen_dim != tok.encoder_dim:
             raise ValueError(f"gen_dim {tok.config.gen_dim} must equal the encoder width {tok.encoder_dim}: the "
                              "generation target is the encoder's pooled embedding")
         self.tokenizer = tok
@@ -219,7 +243,7 @@ class SEEDStage2Module(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in (self.tokenizer.encoder, self.tokenizer.qformer):
+        for m in (self.tokenizer.encoder, self.tokenizer.qformer, self.tokenizer.encoder_proj):
             m.eval()  # frozen stage-1 parts
         return self
 
@@ -227,7 +251,7 @@ class SEEDStage2Module(L.LightningModule):
         tok = self.tokenizer
         with torch.no_grad():
             feats = tok.image_features(x)  # [B, prefix + P, E]
-            target = feats[:, tok.encoder.num_prefix_tokens:].mean(1)  # [B, E] pooled embedding
+            target = tok.generation_target(feats)  # [B, G]
             causal = tok.qformer.forward_queries(feats)  # [B, N, D]
         q = tok.quantize(causal)
         recon, gen = tok.heads(q.z_q)
@@ -286,7 +310,8 @@ class SEEDDetokenizerModule(L.LightningModule):
         seed.detokenizer, seed.config = None, dataclasses.replace(seed.config, detokenizer=None)  # train a fresh one
         self.seed = seed
         sc = seed.config
-        cfg = dataclasses.replace(detokenizer, in_channels=sc.in_channels, image_size=sc.image_size, embed_dim=sc.gen_dim)
+        cfg = dataclasses.replace(detokenizer, in_channels=sc.in_channels, image_size=sc.image_size,
+                                  embed_dim=sc.gen_dim)
         self.detok = DiffusionDetokenizer(cfg)
         self.ema = copy.deepcopy(self.detok).requires_grad_(False) if ema_decay > 0 else None
         self.ema_decay = ema_decay

@@ -35,7 +35,7 @@ class DetokenizerConfig:
     norm_num_groups: int = 8
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "sample"
+    prediction_type: str = "sample"  # "sample" (x0) | "epsilon" | "v_prediction"; x0 draws clean strokes soonest
     sampler: str = "ddim"  # "ddim" | "dpm" (DPMSolverMultistep)
     sample_steps: int = 20
     guidance: float = 2.0  # classifier-free guidance scale at sampling (1 = off)

@@ -67,7 +67,11 @@ class SEEDConfig:
     recon_layers: int = 4
     gen_layers: int = 4
     reverse_qformer_layers: int = 4
-    gen_dim: int = 96  # generation-embedding size G (1024 = CLIP-H for unCLIP at full scale)
+    gen_dim: int = 256  # generation-embedding size G (1024 = CLIP-H for unCLIP at full scale)
+    # what the generation head learns to predict (stage 2): "clip" = the frozen encoder's CLIP image embedding
+    # (pooled patch tokens -> encoder_proj -> L2-normalised, times sqrt(G); needs gen_dim == contrastive_dim);
+    # "pooled" = the raw mean of the encoder's patch tokens (needs gen_dim == encoder width)
+    gen_target: str = "clip"
     detokenizer: DetokenizerConfig | None = None  # set when a diffusion detokenizer is attached
 
     def __post_init__(self) -> None:
@@ -83,13 +87,18 @@ class SEEDConfig:
             raise ValueError("give both pixel_mean and pixel_std, or neither")
         if self.qformer_dim % self.qformer_heads or self.qformer_dim % self.head_heads:
             raise ValueError(f"qformer_dim {self.qformer_dim} must be divisible by qformer_heads and head_heads")
+        if self.gen_target not in ("clip", "pooled"):
+            raise ValueError(f"gen_target must be 'clip' or 'pooled', got {self.gen_target!r}")
+        if self.gen_target == "clip" and self.gen_dim != self.contrastive_dim:
+            raise ValueError(f"gen_target 'clip' needs gen_dim ({self.gen_dim}) == "
+                             f"contrastive_dim ({self.contrastive_dim})")
         if self.num_queries < 1 or self.cross_attention_freq < 1:
             raise ValueError("num_queries and cross_attention_freq must be >= 1")
         if self.detokenizer is not None:
             d = self.detokenizer
             if (d.embed_dim, d.in_channels, d.image_size) != (self.gen_dim, self.in_channels, self.image_size):
-                raise ValueError(f"detokenizer (embed_dim {d.embed_dim}, {d.in_channels}x{d.image_size}px) does not fit "
-                                 f"this tokenizer (gen_dim {self.gen_dim}, {self.in_channels}x{self.image_size}px)")
+                raise ValueError(f"detokenizer (embed_dim {d.embed_dim}, {d.in_channels}x{d.image_size}px) does not "
+                                 f"fit this tokenizer (gen_dim {self.gen_dim}, {self.in_channels}x{self.image_size}px)")
 
 
 def real_size_config() -> SEEDConfig:
@@ -102,7 +111,7 @@ def real_size_config() -> SEEDConfig:
         pixel_std=(0.26862954, 0.26130258, 0.27577711), num_queries=32, qformer_dim=768, qformer_layers=12,
         qformer_heads=12, cross_attention_freq=2, text_vocab_size=30522, max_text_len=32, contrastive_dim=256,
         codebook_size=8192, code_dim=32, head_heads=12, recon_layers=4, gen_layers=4, reverse_qformer_layers=4,
-        gen_dim=1024,
+        gen_dim=1024, gen_target="pooled",  # the paper regresses CLIP-H's 1024-d embedding (supplied from outside)
     )
 
 
@@ -135,7 +144,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x [B, T, D], context [B, S, Dk] (None = x), mask bool broadcastable to [B, H, T, S] (True = may attend)."""
         ctx = x if context is None else context
-        q, k, v = (rearrange(p(t), "b t (h d) -> b h t d", h=self.heads) for p, t in ((self.q, x), (self.k, ctx), (self.v, ctx)))
+        q, k, v = (rearrange(proj(t), "b t (h d) -> b h t d", h=self.heads)
+                   for proj, t in ((self.q, x), (self.k, ctx), (self.v, ctx)))  # [B, H, T or S, D / H]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(o, "b h t d -> b t (h d)"))
 
@@ -278,9 +288,11 @@ class SEEDTokenizer(nn.Module):
         self.encoder = build_encoder(cfg, load_encoder_weights)
         e, d = self.encoder.embed_dim, cfg.qformer_dim
         self.qformer = CausalQFormer(cfg, e)
-        # stage 1: contrastive projections and learnable temperature
+        # stage 1: contrastive projections and learnable temperature; encoder_proj makes the encoder's
+        # pooled embedding a CLIP-style image embedding (at toy scale stage 1 stands in for CLIP pretraining)
         self.vision_proj = nn.Linear(d, cfg.contrastive_dim)
         self.text_proj = nn.Linear(d, cfg.contrastive_dim)
+        self.encoder_proj = nn.Linear(e, cfg.contrastive_dim)
         self.temp = nn.Parameter(torch.tensor(0.07))
         # stage 2: VQ bottleneck and heads
         self.quant_in = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, cfg.code_dim))
@@ -314,9 +326,23 @@ class SEEDTokenizer(nn.Module):
             images = ((images + 1) / 2 - self.pixel_mean) / self.pixel_std
         return self.encoder.forward_features(images)
 
+    def pool(self, feats: Tensor) -> Tensor:
+        """Encoder tokens [B, prefix + P, E] -> mean of the patch tokens [B, E]."""
+        return feats[:, self.encoder.num_prefix_tokens:].mean(1)
+
     def pooled_embedding(self, images: Tensor) -> Tensor:
-        """Mean of the encoder's patch tokens [B, E]: the toy-scale generation target (stage 2)."""
-        return self.image_features(images)[:, self.encoder.num_prefix_tokens:].mean(1)
+        """Mean of the encoder's patch tokens [B, E]."""
+        return self.pool(self.image_features(images))
+
+    def clip_embedding(self, feats: Tensor) -> Tensor:
+        """Encoder tokens -> L2-normalised CLIP-style image embedding [B, contrastive_dim]."""
+        return F.normalize(self.encoder_proj(self.pool(feats)), dim=-1)
+
+    def generation_target(self, feats: Tensor) -> Tensor:
+        """What the generation head regresses (config.gen_target), from encoder tokens -> [B, G]."""
+        if self.config.gen_target == "clip":
+            return self.clip_embedding(feats) * self.config.gen_dim ** 0.5  # entries of unit scale
+        return self.pool(feats)
 
     def causal_embeddings(self, images: Tensor) -> Tensor:
         """images -> Causal Q-Former outputs [B, N, D]."""
@@ -417,3 +443,12 @@ def real_size_summary(lm_preset: str = "vicuna-7b", verbose: bool = True) -> dic
         for k, v in counts.items():
             print(f"{k:<22} {v:>15,}")
     return counts
+
+
+if __name__ == "__main__":  # `python -m vision_tokenizers.seed [--lm-preset NAME]`: the real-size parameter counts
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build the paper-sized SEED tokenizer and SEED-LLaMA LM on the meta "
+                                             "device and print their parameter counts.")
+    ap.add_argument("--lm-preset", default="vicuna-7b", help="an LMConfig preset (models/config.py)")
+    real_size_summary(ap.parse_args().lm_preset)
