@@ -120,7 +120,8 @@ def train_stage(config: str, out: Path, name: str, steps: int, extra: list[str])
 
 def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
     """Identical LM settings for both paths: no sample logging, one validation at the end, no checkpoints,
-    the same learning rate, no augmented copies (the demo's augment_copies would multiply the code cache of 68,500 Fashion-MNIST images)."""
+    the same learning rate, no augmented copies (the demo's augment_copies would multiply the code cache of
+    58,500 Fashion-MNIST training images)."""
     return ["--data.init_args.vision_tokenizer", vision, "--data.init_args.cache_dir", str(out / f"cache_{tag}"),
             "--data.init_args.augment_copies", "0", "--model.init_args.lr", "0.001",
             "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
