@@ -44,10 +44,9 @@ class MMARCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
     torch.set_float32_matmul_precision("high")
-    if args is None:
-        return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, run=run,
-                       save_config_kwargs={"overwrite": True})
-    argv, sys.argv = sys.argv, sys.argv[:1]  # called from Python (demo, benchmarks): only `args` count
+    argv = sys.argv
+    if args is not None:  # called from Python (demo, benchmarks): only `args` count, not this process's argv
+        sys.argv = sys.argv[:1]
     try:
         return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
                        save_config_kwargs={"overwrite": True})
