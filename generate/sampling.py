@@ -1,5 +1,6 @@
 """Token sampling: temperature, top-k, top-p, allowed-id masks, classifier-free guidance, and the
-KV-cached decoding loop shared by every generation script."""
+KV-cached token loop (models.objectives.ntp uses it; generation scripts reach it through the objective).
+No Lightning and no training code here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -82,6 +83,24 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, valid
 
 
+Step = Callable[..., torch.Tensor]
+
+
+def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Step:
+    """The model call of the decode loop: (ids [B, T], cache, valid [B, T] | None) -> last logits [B, V].
+
+    The same function serves the prompt and every later token, with or without padding, block ids or
+    guidance: the KV cache keeps track of positions, validity and blocks. `compile=True` runs the
+    backbone through `torch.compile` (dynamic shapes, so a growing cache does not recompile per token);
+    `compile_kwargs` go to torch.compile."""
+    forward = torch.compile(model, dynamic=True, **compile_kwargs) if compile else model
+
+    def step(ids: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return model.head(forward(ids, valid=valid, cache=cache)[:, -1])
+
+    return step
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -96,33 +115,26 @@ def generate(
     cfg_scale: Schedule | None = None,
     stop_id: int | None = None,
     generator: torch.Generator | None = None,
-    step_fn: Callable | None = None,
+    step_fn: Step | None = None,
 ) -> torch.Tensor:
     """KV-cached sampling; returns the new ids [B, N] (N <= max_new_tokens when stop_id ends all rows).
 
-    With `cfg_scale` the batch holds conditional then unconditional prompts; both halves receive
-    the same sampled token and the guided logits are used. `step_fn(ids [rows, 1], cache) -> logits
-    [rows, V]` may replace the per-token model call when there is no padding (e.g. `make_step_fn(model,
-    compile=True)`); it must advance the cache by one position.
+    With `cfg_scale` the batch holds conditional then unconditional prompts; both halves receive the
+    same sampled token and the guided logits are used. `step_fn` (make_step_fn) replaces the eager
+    model call, e.g. with a compiled one.
     """
     rows, t = prompt.shape
+    if cfg_scale is not None and rows % 2:
+        raise ValueError(f"classifier-free guidance needs conditional and unconditional rows in equal number, "
+                         f"got {rows} rows")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b = rows // 2 if cfg_scale is not None else rows
-    device = prompt.device
-    cache = model.new_cache(rows, t + max_new_tokens, device=device)
-    if valid is not None and bool(valid.all()):
-        valid = None
-    if valid is not None:
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [rows, T]
-        logits = model(prompt, position_ids=pos, valid=valid, cache=cache)[:, -1]
-        next_pos = pos[:, -1:] + 1  # [rows, 1]
-    else:
-        logits = model(prompt, cache=cache)[:, -1]
-        next_pos = None
-    step_valid = torch.ones(rows, 1, dtype=torch.bool, device=device) if valid is not None else None
-    if next_pos is None and step_fn is None:
-        step_fn = _eager_step(model)
-    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device) if stop_id is not None else None
+    step_fn = step_fn or make_step_fn(model)
+    cache = model.new_cache(rows, t + max_new_tokens, device=prompt.device)
+    logits = step_fn(prompt, cache, valid)  # [rows, V]
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=prompt.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device) if stop_id is not None else None
     n = 0
     for step in range(max_new_tokens):
         lg = cfg_combine(logits, _at(cfg_scale, step)) if cfg_scale is not None else logits
@@ -136,119 +148,5 @@ def generate(
         if n == max_new_tokens or (done is not None and bool(done.all())):
             break
         inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
-        if next_pos is not None:
-            logits = model(inp, position_ids=next_pos, valid=step_valid, cache=cache)[:, -1]
-            next_pos = next_pos + 1
-        else:
-            logits = step_fn(inp, cache)
+        logits = step_fn(inp, cache)
     return out[:, :n]
-
-
-def _eager_step(model) -> Callable:
-    def step(ids: torch.Tensor, cache) -> torch.Tensor:
-        return model(ids, cache=cache)[:, -1]
-
-    return step
-
-
-def make_step_fn(model, compile: bool = False, transposed_weights: bool = False, **compile_kwargs) -> Callable:
-    """A one-token decode step for `generate(step_fn=...)`: (ids [B, 1], cache) -> logits [B, V].
-
-    Without `compile` this is the eager `model(ids, cache=cache)[:, -1]`. With `compile=True` the
-    step of our models.transformer.Transformer runs through `torch.compile` (Inductor fuses each
-    layer's norms, RoPE, attention and SwiGLU into a few C++ loops around the matmuls). The graph
-    reads the filled part of the KV cache as inputs (the length is a dynamic dimension, so it
-    compiles once or twice, not per position) and returns this position's keys/values, which are
-    written into the cache outside it: writing them inside made Inductor copy the whole cache every
-    step. Plain causal decoding only (no padding or block ids), which is when generate() calls it.
-
-    `transposed_weights=True` (with compile) multiplies by [in, out] copies of the projection and
-    head weights, which MKL's small-batch GEMM reads faster than nn.Linear's [out, in] layout: it
-    costs one extra copy of those weights while the step function lives (refreshed whenever a weight
-    changes). `compile_kwargs` go to torch.compile (e.g. mode=...).
-    """
-    if not compile:
-        if transposed_weights:
-            raise ValueError("transposed_weights needs compile=True")
-        return _eager_step(model)
-    graph = torch.compile(_decode_graph, fullgraph=True, **compile_kwargs)
-    rope = model.rope
-    weights = _TransposedWeights(model) if transposed_weights else None
-
-    def step(ids: torch.Tensor, cache) -> torch.Tensor:
-        pos = cache.pos
-        if cache.has_padding or cache.uses_blocks:
-            raise ValueError("the compiled decode step supports plain causal caches only")
-        if pos + 1 > cache.max_len:
-            raise ValueError(f"sequence of {pos + 1} positions exceeds the KV cache length {cache.max_len}")
-        cos, sin = rope.table(pos, pos + 1, cache.k.dtype)  # [1, 1, E]
-        ks, vs = list(cache.k[:, :, :, :pos].unbind(0)), list(cache.v[:, :, :, :pos].unbind(0))
-        if pos > 1:  # one graph for every cache length (0 and 1 are always specialised)
-            for t in ks + vs:
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-        logits, k, v = graph(model, ids, cos, sin, ks, vs, weights() if weights else None)
-        cache.k[:, :, :, pos:pos + 1] = k
-        cache.v[:, :, :, pos:pos + 1] = v
-        cache.pos = pos + 1
-        return logits
-
-    return step
-
-
-class _TransposedWeights:
-    """Contiguous [in, out] copies of every projection and head weight, in _decode_graph's order,
-    rebuilt when a weight is replaced or modified in place (tracked by data pointer and version)."""
-
-    def __init__(self, model):
-        self.linears = [m for blk in model.blocks for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.gate_up, blk.mlp.down)]
-        self.linears.append(model.head)
-        self.key, self.copies = None, None
-
-    def __call__(self) -> list[torch.Tensor]:
-        key = [(m.weight.data_ptr(), m.weight._version) for m in self.linears]
-        if key != self.key:
-            with torch.no_grad():
-                self.copies = [m.weight.t().contiguous() for m in self.linears]
-            self.key = key
-        return self.copies
-
-
-def _decode_graph(model, ids, cos, sin, ks, vs, weights_t=None):
-    """One position through the Transformer: ids [B, 1], cos/sin [1, 1, E] (half-negated sin), per
-    layer cached keys/values [B, K, S, E], optionally [in, out] weight copies (_TransposedWeights).
-    Returns logits [B, V] and keys/values [L, B, K, 1, E]."""
-    wt = iter(weights_t or ())
-
-    def linear(mod, x):
-        if weights_t is None:
-            return mod(x)
-        y = x @ next(wt)
-        return y if mod.bias is None else y + mod.bias
-
-    b = ids.shape[0]
-    x = model.tok_emb(ids)  # [B, 1, D]
-    new_k, new_v = [], []
-    for blk, k_old, v_old in zip(model.blocks, ks, vs):
-        attn = blk.attn
-        h, kv, e = attn.n_heads, attn.n_kv, attn.head_dim
-        qkv = linear(attn.qkv, blk.attn_norm(x)).view(b, 1, h + 2 * kv, e)
-        qk, v = qkv.split((h + kv, kv), dim=2)
-        # RoPE as models.transformer.rotate, the half swap written as a flip of a [2, E/2] view:
-        # Inductor inlines q's rotation into the per-key score loop, where a roll is a gather and
-        # the flip loads whole vectors.
-        swapped = qk.unflatten(-1, (2, e // 2)).flip(-2).flatten(-2)
-        q, k = torch.addcmul(qk * cos, swapped, sin).split((h, kv), dim=2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, 1, E]
-        new_k.append(k)
-        new_v.append(v)
-        # Single-query attention as products and sums, which Inductor fuses (query groups for GQA).
-        qg = q.reshape(b, kv, h // kv, 1, e) * (e ** -0.5)  # [B, K, G, 1, E]
-        s_old = (qg * k_old.unsqueeze(2)).sum(-1)  # [B, K, G, S]
-        s_new = (qg * k.unsqueeze(2)).sum(-1)  # [B, K, G, 1]
-        p = torch.cat([s_old, s_new], dim=-1).softmax(dim=-1)
-        n_old = s_old.shape[-1]
-        y = (p[..., :n_old].unsqueeze(-1) * v_old.unsqueeze(2)).sum(-2) + p[..., n_old:] * v.unsqueeze(2).squeeze(-2)
-        x = x + linear(attn.proj, y.reshape(b, 1, h * e))
-        gate, up = linear(blk.mlp.gate_up, blk.mlp_norm(x)).chunk(2, dim=-1)  # SwiGLU, as models.transformer
-        x = x + linear(blk.mlp.down, torch.nn.functional.silu(gate) * up)
-    return linear(model.head, model.norm(x))[:, -1], torch.stack(new_k), torch.stack(new_v)

@@ -1,9 +1,11 @@
-"""A trained multimodal model as one object: LM + text tokenizer + vocabulary layout + vision tokenizer.
+"""A trained multimodal model as one object: LM + objective + text tokenizer + vocabulary layout + vision
+tokenizer, and the sequence format they were trained with.
 
 Two on-disk forms, both loaded without executing pickled code:
-- an inference folder: config.json, model.safetensors, vision_tokenizer.safetensors, tokenizer.json
+- an inference folder: config.json, model.safetensors (LM weights, plus "objective.*" if the objective
+  has any), vision_tokenizer.safetensors, tokenizer.json
 - a Lightning .ckpt whose "mmar" entry holds the same config and whose state_dict has
-  "lm.*" and "vision.*" weights (loaded with torch.load(weights_only=True)).
+  "lm.*", "objective.*" and "vision.*" weights (loaded with torch.load(weights_only=True)).
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from models import objectives
 from models.config import LMConfig
+from models.objectives import Objective
+from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
 from models.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
 from vision_tokenizers import registry
 
-FORMAT = "mmar-bundle/1"
+FORMAT = "mmar-bundle/2"
 
 
 @dataclass
@@ -31,6 +36,12 @@ class Bundle:
     layout: VocabLayout
     vision: torch.nn.Module
     max_len: int
+    objective: Objective
+
+    @property
+    def format(self) -> SequenceFormat:
+        """The sequence format the model was trained with (prompts for every task)."""
+        return SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len=self.max_len))
 
     @property
     def image_channels(self) -> int:
@@ -48,33 +59,42 @@ class Bundle:
             "layout": self.layout.to_dict(),
             "vision": registry.describe(self.vision),
             "sequence": {"max_len": self.max_len},
+            "objective": objectives.describe(self.objective),
         }
 
     def save(self, folder: str | Path) -> None:
         """Write the inference folder atomically (it appears whole or not at all)."""
         with atomic_dir(folder) as tmp:
             (tmp / "config.json").write_text(json.dumps(self.meta(), indent=2))
-            atomic_save_file(plain_state(self.lm), tmp / "model.safetensors")
+            atomic_save_file({**plain_state(self.lm), **plain_state(self.objective, "objective.")},
+                             tmp / "model.safetensors")
             registry.save(self.vision, tmp / "vision_tokenizer.safetensors")
             self.tokenizer.save(tmp / "tokenizer.json")
 
     def to(self, device) -> "Bundle":
         self.lm.to(device)
+        self.objective.to(device)
         self.vision.to(device)
         return self
 
 
-def _from_meta(meta: dict, tokenizer: TextTokenizer, source: str) -> tuple[Transformer, VocabLayout, torch.nn.Module, int]:
+def _from_meta(meta: dict, tokenizer: TextTokenizer, source: str):
+    """(lm, objective, layout, vision, max_len) built from config.json / the .ckpt's "mmar" entry."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"{source}: not an mmar model (format {meta.get('format')!r}, expected {FORMAT!r})")
     layout = VocabLayout.from_dict(meta["layout"])
-    cfg = LMConfig.from_dict(meta["lm"])
+    cfg = LMConfig.from_dict(meta["lm"], source)
     if cfg.vocab_size < layout.size:
         raise ValueError(f"{source}: LM vocabulary {cfg.vocab_size} is smaller than the layout's {layout.size}")
     if tokenizer.vocab_size != layout.text_size:
         raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} ids, layout expects {layout.text_size}")
     vision = registry.build(meta["vision"]["kind"], meta["vision"]["config"])
-    return Transformer(cfg), layout, vision, meta["sequence"]["max_len"]
+    objective = objectives.build(meta.get("objective", {}), source)
+    return Transformer(cfg), objective, layout, vision, meta["sequence"]["max_len"]
+
+
+def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -91,8 +111,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
         tok = TextTokenizer.from_file(path / "tokenizer.json")
-        lm, layout, _, max_len = _from_meta(meta, tok, str(path / "config.json"))
-        load_state_strict(lm, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+        lm, objective, layout, _, max_len = _from_meta(meta, tok, str(path / "config.json"))
+        weights, source = load_file(str(path / "model.safetensors")), str(path / "model.safetensors")
+        load_state_strict(objective, _split(weights, "objective."), source)
+        load_state_strict(lm, {k: v for k, v in weights.items() if not k.startswith("objective.")}, source)
         vision = registry.load(path / "vision_tokenizer.safetensors")
     else:
         try:
@@ -103,10 +125,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         if meta is None or "tokenizer_json" not in meta:
             raise ValueError(f"{path}: not an mmar language-model checkpoint (no 'mmar' entry)")
         tok = TextTokenizer.from_json(meta["tokenizer_json"])
-        lm, layout, vision, max_len = _from_meta(meta, tok, str(path))
+        lm, objective, layout, vision, max_len = _from_meta(meta, tok, str(path))
         state = ckpt["state_dict"]
-        load_state_strict(lm, {k[3:]: v for k, v in state.items() if k.startswith("lm.")}, str(path))
-        load_state_strict(vision, {k[7:]: v for k, v in state.items() if k.startswith("vision.")}, str(path))
-    lm.eval().requires_grad_(False)
-    vision.eval().requires_grad_(False)
-    return Bundle(lm, tok, layout, vision, max_len).to(device)
+        for module, prefix in ((lm, "lm."), (objective, "objective."), (vision, "vision.")):
+            load_state_strict(module, _split(state, prefix), str(path))
+    for m in (lm, objective, vision):
+        m.eval().requires_grad_(False)
+    return Bundle(lm, tok, layout, vision, max_len, objective).to(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from models.io import dataclass_from_dict
+
 
 @dataclass
 class LMConfig:
@@ -39,12 +41,8 @@ class LMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown LMConfig keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str | None = None) -> "LMConfig":
+        return dataclass_from_dict(cls, d, source)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LMConfig":

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<bov>", "<eov>")
+# <t2i> / <i2t> open a sample and name its task (models/sequence.py), so a caption-dropped
+# text->image sample never looks like the start of an image->text one.
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>", "<t2i>", "<i2t>")
 
 
 class TextTokenizer:
@@ -22,7 +24,8 @@ class TextTokenizer:
         self.tok = tokenizer
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         self.bos_id, self.eos_id, self.pad_id = ids["<bos>"], ids["<eos>"], ids["<pad>"]
-        self.boi_id, self.eoi_id, self.bov_id, self.eov_id = ids["<boi>"], ids["<eoi>"], ids["<bov>"], ids["<eov>"]
+        self.boi_id, self.eoi_id = ids["<boi>"], ids["<eoi>"]
+        self.t2i_id, self.i2t_id = ids["<t2i>"], ids["<i2t>"]
         self.special_ids = sorted(ids.values())
 
     @property

@@ -1,4 +1,4 @@
-"""Weight files: strict loading with one-line errors, and atomic writes (temp file/folder + rename)."""
+"""Weight files: strict loading with one-line errors, atomic safetensors files and folders."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from models.io import atomic_write
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -45,16 +47,9 @@ def plain_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Ten
 
 
 def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """safetensors `save_file`, atomically (models.io.atomic_write)."""
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

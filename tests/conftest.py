@@ -7,10 +7,10 @@ import torch
 
 from models.bundle import Bundle
 from models.config import LMConfig
+from models.objectives import NextTokenPrediction
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from train.cli import AtomicCheckpointIO
 from train.datamodules import ImageTextDataModule
 from train.lm_module import MultimodalLMModule
 from train.sources import DIGIT_WORDS, digit_captions
@@ -44,7 +44,7 @@ def tiny_bundle(tiny_vq_path, caption_tokenizer):
     torch.manual_seed(0)
     layout = VocabLayout(caption_tokenizer.vocab_size, TINY_VQ.codebook_size)
     lm = Transformer(LMConfig.from_preset("tiny", vocab_size=layout.size, max_len=48)).eval()
-    return Bundle(lm, caption_tokenizer, layout, registry.load(tiny_vq_path), max_len=48)
+    return Bundle(lm, caption_tokenizer, layout, registry.load(tiny_vq_path), 48, NextTokenPrediction())
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +65,7 @@ class LossRecorder(L.Callback):
 def make_trainer(tmp_path, steps, callbacks=(), **kw):
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=1, default_root_dir=tmp_path, callbacks=list(callbacks),
-                     plugins=[AtomicCheckpointIO()], **kw)
-
+                     limit_val_batches=1, default_root_dir=tmp_path, callbacks=list(callbacks), **kw)
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +74,9 @@ def fitted_lm(tiny_vq_path, tmp_path_factory):
     torch.manual_seed(0)
     dm = ImageTextDataModule(str(tiny_vq_path), source="digits", holdout=200, bpe_vocab_size=200,
                              batch_size=32, max_len=48, cache_dir=str(tmp / "cache"))
-    module = MultimodalLMModule("tiny", lr=3e-3, warmup_steps=5)
+    module = MultimodalLMModule(dm.spec, preset="tiny", lr=3e-3, warmup_steps=5)
     rec = LossRecorder()
-    trainer = make_trainer(tmp, 80, [rec])
+    trainer = make_trainer(tmp, 200, [rec])
     trainer.fit(module, dm)
     ckpt = tmp / "lm.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from models.sequence import IMAGE, SequenceConfig, SequenceFormat
 from models.vocab import VocabLayout
-from train.sequences import IMAGE, SequenceBuilder, SequenceConfig
 from train.sources import load_source, read_idx, split_indices
 
 
@@ -100,48 +100,73 @@ def _jsonl(tmp_path, image):
 
 
 @pytest.fixture()
-def builder(caption_tokenizer):
+def fmt(caption_tokenizer):
     layout = VocabLayout(caption_tokenizer.vocab_size, 32)
-    return SequenceBuilder(caption_tokenizer, layout, SequenceConfig(max_len=60))
+    return SequenceFormat(caption_tokenizer, layout, SequenceConfig(max_len=60))
 
 
-def test_sequence_builder_orders_ranges_and_padding(builder):
-    tok, layout = builder.tok, builder.layout
+def test_sequence_format_tasks_ranges_and_padding(fmt):
+    tok, layout = fmt.tok, fmt.layout
     rng = random.Random(0)
     codes = torch.randint(0, 32, (4, 4))
-    samples = [builder.build(codes, "a handwritten 3", rng) for _ in range(400)]
-    firsts = [s.ids[1].item() == tok.boi_id for s in samples]  # image->caption starts <bos> <boi>
-    assert 0.4 < np.mean(firsts) < 0.6  # both orders, about 50/50
+    samples = [fmt.build(codes, "a handwritten 3", rng) for _ in range(400)]
+    i2t = [s.ids[1].item() == tok.i2t_id for s in samples]
+    assert 0.4 < np.mean(i2t) < 0.6  # both tasks, about 50/50
     for s in samples[:50]:
+        assert s.ids[1].item() in (tok.t2i_id, tok.i2t_id) and s.task == ("i2t" if s.ids[1] == tok.i2t_id else "t2i")
         img = s.ids[s.modality == IMAGE]
         assert img[0] == tok.boi_id and img[-1] == tok.eoi_id
         assert ((img[1:-1] >= layout.image_offset) & (img[1:-1] < layout.size)).all()
         assert torch.equal(img[1:-1] - layout.image_offset, codes.flatten())
-        assert s.ids[0] == tok.bos_id and s.ids[-1] == tok.eos_id and not s.loss[0] and s.loss[1:].all()
-    batch = builder.collate(samples[:8] + [builder.build(codes, "a picture of the number 3", rng)])
+        assert s.ids[0] == tok.bos_id and s.ids[-1] == tok.eos_id and not s.loss[:2].any() and s.loss[2:].all()
+    batch = fmt.collate(samples[:8] + [fmt.build(codes, "a picture of the number 3", rng)])
     pad = ~batch["valid"]
     assert pad.any()
     assert (batch["ids"][pad] == tok.pad_id).all() and not batch["loss"][pad].any()
     assert (batch["valid"].long().diff(dim=1) <= 0).all()  # right padding only
+    assert torch.equal(batch["position_ids"][0], torch.arange(batch["ids"].shape[1]))
 
 
-def test_guidance_drop_rate(builder):
+def _is_prefix(prompt, sample):
+    return sample.ids[: len(prompt)].tolist() == list(prompt)
+
+
+def test_every_inference_prompt_is_a_prefix_of_a_training_sample_of_its_task(fmt):
+    codes = torch.randint(0, 32, (4, 4))
+    cap = "the digit seven"
+    rng = random.Random(3)
+    samples = [fmt.build(codes, cap, rng) for _ in range(300)]
+    by_task = {t: [s for s in samples if s.task == t] for t in ("t2i", "i2t")}
+    cond = [s for s in by_task["t2i"] if s.conditional]
+    uncond = [s for s in by_task["t2i"] if not s.conditional]
+    assert cond and uncond and by_task["i2t"]
+    assert all(_is_prefix(fmt.t2i_prompt(cap), s) for s in cond)
+    assert all(_is_prefix(fmt.t2i_prompt(None), s) for s in uncond)
+    assert all(_is_prefix(fmt.caption_prompt(codes), s) for s in by_task["i2t"])
+    # and no prompt of one task starts a sample of the other
+    assert not any(_is_prefix(fmt.t2i_prompt(None), s) for s in by_task["i2t"])
+    assert not any(_is_prefix(fmt.caption_prompt(codes)[:3], s) for s in by_task["t2i"])
+
+
+def test_guidance_drop_rate_over_10000_samples(fmt):
     rng = random.Random(1)
-    cfg = builder.cfg
     codes = torch.zeros(16, dtype=torch.long)
-    n_caption_first = n_dropped = 0
-    for _ in range(4000):
-        s = builder.build(codes, "the digit seven", rng)
-        if s.ids[1].item() != builder.tok.boi_id or len(s.ids) == 16 + 4:
-            if len(s.ids) == 16 + 4:
-                n_dropped += 1  # <bos> <boi> codes <eoi> <eos>: caption dropped
-            n_caption_first += 1
-    rate = n_dropped / n_caption_first
-    assert abs(rate - cfg.p_drop_caption) < 0.03, rate
+    samples = [fmt.build(codes, "the digit seven", rng) for _ in range(10_000)]
+    t2i = [s for s in samples if s.task == "t2i"]
+    dropped = [s for s in t2i if s.ids.tolist()[:3] == [fmt.tok.bos_id, fmt.tok.t2i_id, fmt.tok.boi_id]]
+    assert all(not s.conditional for s in dropped) and sum(not s.conditional for s in t2i) == len(dropped)
+    rate = len(dropped) / len(t2i)
+    sd = (fmt.cfg.p_drop_caption * (1 - fmt.cfg.p_drop_caption) / len(t2i)) ** 0.5
+    assert abs(rate - fmt.cfg.p_drop_caption) < 4 * sd, rate
+    # the unconditional share of image spans that follow a text->image prompt is the drop rate, and
+    # no image->text sample looks unconditional
+    assert all(s.ids[1] == fmt.tok.i2t_id for s in samples if s.task == "i2t")
 
 
-def test_builder_rejects_empty_caption_and_overlong(builder):
+def test_format_rejects_empty_caption_and_overlong(fmt):
     with pytest.raises(ValueError, match="empty caption"):
-        builder.build(torch.zeros(16, dtype=torch.long), "  ", random.Random(0))
+        fmt.build(torch.zeros(16, dtype=torch.long), "  ", random.Random(0))
     with pytest.raises(ValueError, match="sample 7.*exceeds max_len 60"):
-        builder.build(torch.zeros(80, dtype=torch.long), "a", random.Random(0), where="sample 7")
+        fmt.build(torch.zeros(80, dtype=torch.long), "a", random.Random(0), where="sample 7")
+    with pytest.raises(ValueError, match="p_drop_caption"):
+        SequenceConfig(p_drop_caption=1.5)

@@ -62,7 +62,7 @@ def test_hf_to_ours_and_back(tmp_path, kind, tied, extra):
     ids = _ids()
     want = _hf_logits(hf, ids)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), want, **TOL)
+        torch.testing.assert_close(ours.head(ours(ids)), want, **TOL)
 
     save_hf(ours, tmp_path / "ours", arch=kind)
     files = load_file(tmp_path / "ours" / "model.safetensors")
@@ -81,7 +81,7 @@ def test_sharded_both_ways(tmp_path):
     ids = _ids()
     want = _hf_logits(hf, ids)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), want, **TOL)
+        torch.testing.assert_close(ours.head(ours(ids)), want, **TOL)
 
     save_hf(ours, tmp_path / "ours", max_shard_bytes=20_000)
     assert not (tmp_path / "ours" / "model.safetensors").exists()
@@ -91,7 +91,7 @@ def test_sharded_both_ways(tmp_path):
     torch.testing.assert_close(_hf_logits(back, ids), want, **TOL)
     again, _ = load_hf(tmp_path / "ours")
     with torch.no_grad():
-        torch.testing.assert_close(again(ids), want, **TOL)
+        torch.testing.assert_close(again.head(again(ids)), want, **TOL)
 
 
 def test_our_model_exports_as_each_arch(tmp_path):
@@ -105,7 +105,7 @@ def test_our_model_exports_as_each_arch(tmp_path):
             p.normal_(0.5 if p.dim() == 1 else 0, 0.15)
     ids = _ids()
     with torch.no_grad():
-        want = ours(ids)
+        want = ours.head(ours(ids))
     for arch in ("qwen2", "llama"):
         save_hf(ours, tmp_path / arch, arch=arch, eos_token_id=3)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / arch, attn_implementation="eager")
@@ -140,7 +140,7 @@ def test_extend_vocab_keeps_old_rows(tmp_path):
         emb, head = model.tok_emb.weight.detach().clone(), model.head.weight.detach().clone()
         ids = _ids()
         with torch.no_grad():
-            before = model(ids)
+            before = model.head(model(ids))
         extend_vocab(model, V + 10)
         assert model.cfg.vocab_size == V + 10 and model.tok_emb.weight.shape == (V + 10, 64)
         assert model.head.weight.shape == (V + 10, 64) and model.head.out_features == V + 10
@@ -148,7 +148,7 @@ def test_extend_vocab_keeps_old_rows(tmp_path):
         assert torch.equal(model.tok_emb.weight[:V], emb) and torch.equal(model.head.weight[:V], head)
         torch.testing.assert_close(model.tok_emb.weight[V:], emb.mean(0).expand(10, -1))
         with torch.no_grad():
-            after = model(ids)
+            after = model.head(model(ids))
         torch.testing.assert_close(after[..., :V], before, atol=0, rtol=0)
         save_hf(model, tmp_path / str(tied))
         again, cfg = load_hf(tmp_path / str(tied))
@@ -170,7 +170,7 @@ def test_llama_attention_bias_needs_zero_o_proj_bias(tmp_path):
     assert cfg.qkv_bias
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), _hf_logits(hf, ids), **TOL)
+        torch.testing.assert_close(ours.head(ours(ids)), _hf_logits(hf, ids), **TOL)
 
 
 @pytest.fixture
@@ -237,3 +237,37 @@ def test_save_is_atomic_and_copies_tokenizer(tmp_path):
     model.blocks[0].attn.qkv.weight = model.blocks[1].attn.qkv.weight
     save_hf(model, out, overwrite=True)
     assert not (out / "tokenizer.json").exists()
+
+
+def test_lm_recipe_starts_from_a_hf_folder(tmp_path, tiny_vq_path):
+    """`hf_init` in the LM recipe: a tiny random Llama (with its tokenizer.json) becomes the backbone; its
+    vocabulary grows by our special and image tokens, its old rows kept exactly; a short fit trains it."""
+    from models.text_tokenizer import TextTokenizer
+    from train.datamodules import ImageTextDataModule
+    from train.lm_module import MultimodalLMModule
+    from train.sources import DIGIT_WORDS, digit_captions
+
+    from conftest import LossRecorder, make_trainer
+
+    base = TextTokenizer.train_bpe([c for d in range(10) for c in digit_captions(d)] + DIGIT_WORDS, 100).tok
+    n_text = base.get_vocab_size()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**SIZES, "vocab_size": n_text})
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    base.save(str(tmp_path / "hf" / "tokenizer.json"))
+
+    dm = ImageTextDataModule(str(tiny_vq_path), source="digits", holdout=200, batch_size=16, max_len=48,
+                             text_tokenizer=str(tmp_path / "hf" / "tokenizer.json"), cache_dir=str(tmp_path / "c"))
+    assert dm.tokenizer.encode("a handwritten 3") == base.encode("a handwritten 3", add_special_tokens=False).ids
+    module = MultimodalLMModule(dm.spec, hf_init=str(tmp_path / "hf"), lr=3e-3, warmup_steps=2)
+    module.configure_model()
+    lm = module.lm
+    assert lm.cfg.vocab_size == dm.layout.size > n_text and lm.cfg.dim == SIZES["hidden_size"]
+    torch.testing.assert_close(lm.tok_emb.weight[:n_text], hf.model.embed_tokens.weight)
+    ids = torch.randint(0, n_text, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.head(lm(ids))[..., :n_text], _hf_logits(hf, ids), **TOL)
+    rec = LossRecorder()
+    make_trainer(tmp_path, 30, [rec]).fit(module, dm)
+    assert sum(rec.losses[-5:]) / 5 < sum(rec.losses[:3]) / 3

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 
 from generate.pipeline import caption, text_to_image
+from models.io import write_text_atomic
 from vision_tokenizers.image_io import grid, save_png
 
 
@@ -33,6 +34,8 @@ class SampleLogger(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        # log_dir is a collective under DDP: every rank asks for it before rank 0 alone goes on.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.sanity_checking or not trainer.is_global_zero or pl_module.lm is None:
             return
         dm = trainer.datamodule
@@ -48,11 +51,11 @@ class SampleLogger(L.Callback):
         real = torch.stack([val.image(i, c, s) for i in range(n)]).to(pl_module.device)
         caps = caption(bundle, real, generator=g)
         pl_module.train(was_training)
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out = Path(log_dir) / "samples"
         img = grid(images.cpu(), nrow=self.per_prompt * 5)
         save_png(img, out / f"step{trainer.global_step}.png")
         lines = [f"prompts: {prompts}"] + [f"{val.captions[i][0]!r} -> {caps[i]!r}" for i in range(n)]
-        (out / f"step{trainer.global_step}.txt").write_text("\n".join(lines) + "\n")
+        write_text_atomic(out / f"step{trainer.global_step}.txt", "\n".join(lines) + "\n")
         exp = getattr(trainer.logger, "experiment", None)
         if hasattr(exp, "add_image"):
             exp.add_image("samples", (img + 1) / 2, trainer.global_step)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
-from train.sequences import SequenceBuilder, SequenceConfig
 from train.sources import ImageTextSet, load_source, split_indices
 from vision_tokenizers import registry
 
@@ -109,13 +110,24 @@ def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, 
     return codes
 
 
+@dataclass
+class DataSpec:
+    """What a model trained on a data module must know about it (linked into the LM module by the CLI)."""
+
+    tokenizer: TextTokenizer
+    layout: VocabLayout
+    vision: torch.nn.Module  # the frozen vision tokenizer
+    max_len: int
+    class_names: list[str] = field(default_factory=list)
+
+
 class CodeCaptionDataset(Dataset):
     """One LM sequence per code row (row r holds a copy of image r % len(data)). Training draws template,
     order and guidance drop anew at each visit (from torch's RNG, so `seed_everything` makes runs
     repeatable); validation (`fixed`) draws once per index."""
 
-    def __init__(self, codes: torch.Tensor, data: ImageTextSet, builder: SequenceBuilder, fixed_seed: int | None = None):
-        self.codes, self.data, self.builder, self.fixed_seed = codes, data, builder, fixed_seed
+    def __init__(self, codes: torch.Tensor, data: ImageTextSet, fmt: SequenceFormat, fixed_seed: int | None = None):
+        self.codes, self.data, self.format, self.fixed_seed = codes, data, fmt, fixed_seed
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -127,7 +139,7 @@ class CodeCaptionDataset(Dataset):
             rng = random.Random(self.fixed_seed * 1_000_003 + i)
         j = i % len(self.data)
         cap = rng.choice(self.data.captions[j])
-        return self.builder.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
+        return self.format.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -158,13 +170,9 @@ class ImageTextDataModule(L.LightningDataModule):
             self.tokenizer = TextTokenizer.train_bpe(corpus, bpe_vocab_size)
         self.vision = registry.load(vision_tokenizer)
         self.layout = VocabLayout(self.tokenizer.vocab_size, self.vision.config.codebook_size)
-        self.builder = SequenceBuilder(self.tokenizer, self.layout, self.seq_cfg)
-
-    def vocab_info(self) -> dict:
-        """What the LM module needs to build itself (see MultimodalLMModule.configure_model)."""
-        return {"tokenizer": self.tokenizer, "layout": self.layout, "vision": self.vision,
-                "vision_path": self.vision_path, "max_len": self.seq_cfg.max_len,
-                "class_names": self.train_data.class_names}
+        self.format = SequenceFormat(self.tokenizer, self.layout, self.seq_cfg)
+        self.spec = DataSpec(self.tokenizer, self.layout, self.vision, self.seq_cfg.max_len,
+                             self.train_data.class_names)
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
@@ -174,13 +182,13 @@ class ImageTextDataModule(L.LightningDataModule):
         train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
                                    self.augment_copies, self.seed)
         val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir)
-        self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.builder)
-        self.val_set = CodeCaptionDataset(val_codes, val, self.builder, fixed_seed=self.seed)
+        self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.format)
+        self.val_set = CodeCaptionDataset(val_codes, val, self.format, fixed_seed=self.seed)
         self.val_images = val
 
     def train_dataloader(self):
         return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self.builder.collate, num_workers=self.num_workers)
+                          collate_fn=self.format.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.builder.collate, num_workers=self.num_workers)
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers)

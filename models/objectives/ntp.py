@@ -1,0 +1,50 @@
+"""Next-token prediction: every flagged token is predicted from the ones before it (cross-entropy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from generate.sampling import generate
+from models.objectives.base import Objective
+from models.sequence import IMAGE, TEXT
+
+
+class NextTokenPrediction(Objective):
+    """Cross-entropy on the next token, on positions whose loss flag is set.
+
+    `text_weight` scales text tokens against image tokens in the loss (1 = every token counts the
+    same): a caption has ~6 tokens against an image's 49, so captioning otherwise gets a small share
+    of the gradient. The reported `nll` is always the plain per-token mean, so runs compare.
+    """
+
+    @dataclass
+    class Config:
+        text_weight: float = 1.0
+
+    def __init__(self, text_weight: float = 1.0):
+        super().__init__()
+        if not text_weight > 0:
+            raise ValueError(f"text_weight must be > 0, got {text_weight}")
+        self.config = self.Config(text_weight)
+
+    def loss(self, lm, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, flag, modality = batch["ids"], batch["loss"], batch["modality"]
+        # Right padding under a causal mask: real tokens never see the padding, so no mask is needed.
+        pos = batch.get("position_ids")
+        h = lm(ids[:, :-1], position_ids=None if pos is None else pos[:, :-1])  # [B, T-1, D]
+        logits = lm.head(h)  # [B, T-1, V]
+        target, flag, mod = ids[:, 1:], flag[:, 1:], modality[:, 1:]
+        tok_loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        weight = flag * torch.where(mod == TEXT, self.config.text_weight, 1.0)  # [B, T-1]
+        out = {"loss": (tok_loss * weight).sum() / weight.sum().clamp(min=1e-6),
+               "nll": (tok_loss * flag).sum().detach() / flag.sum().clamp(min=1)}
+        for name, m in (("text", TEXT), ("image", IMAGE)):
+            sel = flag & (mod == m)
+            out[f"nll_{name}"] = (tok_loss * sel).sum().detach() / sel.sum().clamp(min=1)
+        return out
+
+    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Token by token through the KV cache (generate.sampling.generate takes the sampling options)."""
+        return generate(lm, prompt, max_new_tokens, **sampling)

@@ -1,0 +1,126 @@
+"""The sequence format: the one place that says how samples and prompts are laid out as token ids.
+
+Training (train/) builds samples with it and generation (generate/) builds prompts with it, and every
+inference prompt is literally the first part of a training sample of the same task:
+
+    text->image:  <bos> <t2i> caption <boi> v_1 .. v_N <eoi> <eos>     prompt: <bos> <t2i> caption <boi>
+    unconditional <bos> <t2i> <boi> v_1 .. v_N <eoi> <eos>             prompt: <bos> <t2i> <boi>
+    image->text:  <bos> <i2t> <boi> v_1 .. v_N <eoi> caption <eos>     prompt: <bos> <i2t> <boi> v.. <eoi>
+
+The task token after <bos> tells the tasks apart: without it a caption-dropped text->image sample
+starts exactly like an image->text one, so the model learns that an image may end the text
+(empty captions) and the unconditional share of image spans is far above the configured drop rate.
+The caption of a text->image sample is dropped (the unconditional form, used for classifier-free
+guidance) with probability `p_drop_caption`; the two tasks are drawn with `p_caption_first`.
+
+Every position carries: token id, modality id, loss flag, position id, block id (causal: the
+position) and whether it is real or padding. No Lightning here: generation imports this module.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from models.text_tokenizer import TextTokenizer
+from models.vocab import VocabLayout
+
+TEXT, IMAGE = 0, 1  # modality ids
+
+
+@dataclass
+class SequenceConfig:
+    max_len: int = 128  # longest sample in tokens (checked when a sample is built)
+    p_caption_first: float = 0.5  # share of text->image samples (the rest are image->text)
+    p_drop_caption: float = 0.1  # text->image samples whose caption is dropped (guidance)
+
+    def __post_init__(self) -> None:
+        for name in ("p_caption_first", "p_drop_caption"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.max_len < 4:
+            raise ValueError(f"max_len must be >= 4, got {self.max_len}")
+
+
+@dataclass
+class Sample:
+    ids: torch.Tensor  # [T] long
+    loss: torch.Tensor  # [T] bool: this token is a prediction target
+    modality: torch.Tensor  # [T] long (TEXT / IMAGE)
+    task: str  # "t2i" | "i2t"
+    conditional: bool  # False for a caption-dropped text->image sample
+
+
+class SequenceFormat:
+    """Builds training samples, inference prompts and padded batches for one tokenizer + vocabulary."""
+
+    def __init__(self, tokenizer: TextTokenizer, layout: VocabLayout, cfg: SequenceConfig | None = None):
+        self.tok, self.layout, self.cfg = tokenizer, layout, cfg or SequenceConfig()
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def caption_ids(self, caption: str, where: str = "caption") -> list[int]:
+        if not caption.strip():
+            raise ValueError(f"{where}: empty caption")
+        return self.tok.encode(caption)
+
+    def image_ids(self, codes: torch.Tensor) -> list[int]:
+        """`v_1 .. v_N` for codes of any shape (flattened row-major)."""
+        return self.layout.image_to_ids(codes.flatten().long()).tolist()
+
+    # ---- inference prompts -------------------------------------------------------------------------
+    def t2i_prompt(self, caption: str | None) -> list[int]:
+        """`<bos> <t2i> caption <boi>`; caption None gives the unconditional prompt `<bos> <t2i> <boi>`."""
+        text = [] if caption is None else self.caption_ids(caption, "prompt")
+        return [self.tok.bos_id, self.tok.t2i_id, *text, self.tok.boi_id]
+
+    def caption_prompt(self, codes: torch.Tensor) -> list[int]:
+        """`<bos> <i2t> <boi> codes <eoi>`."""
+        return [self.tok.bos_id, self.tok.i2t_id, self.tok.boi_id, *self.image_ids(codes), self.tok.eoi_id]
+
+    # ---- training samples ------------------------------------------------------------------------
+    def t2i_sample(self, codes: torch.Tensor, caption: str | None, where: str = "sample") -> Sample:
+        prompt = self.t2i_prompt(caption)
+        rest = [*self.image_ids(codes), self.tok.eoi_id, self.tok.eos_id]
+        modality = [TEXT] * (len(prompt) - 1) + [IMAGE] * len(rest) + [TEXT]  # <boi> .. <eoi> are IMAGE
+        return self._sample(prompt + rest, modality, "t2i", caption is not None, where)
+
+    def i2t_sample(self, codes: torch.Tensor, caption: str, where: str = "sample") -> Sample:
+        prompt = self.caption_prompt(codes)
+        rest = [*self.caption_ids(caption, where), self.tok.eos_id]
+        modality = [TEXT, TEXT] + [IMAGE] * (len(prompt) - 2) + [TEXT] * len(rest)
+        return self._sample(prompt + rest, modality, "i2t", True, where)
+
+    def build(self, codes: torch.Tensor, caption: str, rng: random.Random, where: str = "sample") -> Sample:
+        """One training sample from image codes and a caption: task and guidance drop drawn from `rng`."""
+        if rng.random() < self.cfg.p_caption_first:
+            dropped = rng.random() < self.cfg.p_drop_caption
+            if not dropped:
+                self.caption_ids(caption, where)  # an empty caption is an error even when it would be dropped
+            return self.t2i_sample(codes, None if dropped else caption, where)
+        return self.i2t_sample(codes, caption, where)
+
+    def _sample(self, ids: list[int], modality: list[int], task: str, conditional: bool, where: str) -> Sample:
+        if len(ids) > self.cfg.max_len:
+            raise ValueError(f"{where}: sequence of {len(ids)} tokens exceeds max_len {self.cfg.max_len}")
+        loss = torch.ones(len(ids), dtype=torch.bool)
+        loss[:2] = False  # <bos> and the task token are given, never predicted
+        return Sample(torch.tensor(ids), loss, torch.tensor(modality), task, conditional)
+
+    # ---- batches ---------------------------------------------------------------------------------
+    def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest sample: ids, loss, modality, valid, position_ids, block_ids [B, T].
+        Padding has the pad id, no loss and valid=False; block ids are causal (one block per position)."""
+        t = max(len(s.ids) for s in samples)
+        b = len(samples)
+        ids = torch.full((b, t), self.tok.pad_id, dtype=torch.long)
+        loss = torch.zeros((b, t), dtype=torch.bool)
+        modality = torch.zeros((b, t), dtype=torch.long)
+        valid = torch.zeros((b, t), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            n = len(s.ids)
+            ids[i, :n], loss[i, :n], modality[i, :n], valid[i, :n] = s.ids, s.loss, s.modality, True
+        positions = torch.arange(t).expand(b, t)
+        return {"ids": ids, "loss": loss, "modality": modality, "valid": valid,
+                "position_ids": positions, "block_ids": positions}
