@@ -1,7 +1,7 @@
 """Speed of our decoder against Hugging Face's LlamaForCausalLM holding the same weights (CPU, fp32).
 
-    .venv/bin/python -m benchmarks.lm_speed            # ~2-3 min, writes benchmarks/results/lm_speed.json
-    .venv/bin/python -m benchmarks.lm_speed --compile  # also our torch.compile'd decode steps (+~1 min)
+    .venv/bin/python -m benchmarks.lm_speed            # ~3 min, writes benchmarks/results/lm_speed.json
+    .venv/bin/python -m benchmarks.lm_speed --compile  # also our torch.compile'd training and decoding
 
 Shape: hidden 256, 4 layers, 8 heads, SwiGLU 688, vocabulary 2048, fp32, torch.set_num_threads(2).
 Both models are checked to compute the same logits (full sequence and KV-cached) and the same
@@ -12,7 +12,11 @@ the per-repeat ratios ours/theirs:
 2. KV-cached sampling tokens/s: batch 8, 16-token prompt, 256 new tokens, top-k 100, temperature 1;
    ours is generate.sampling.generate, theirs is model.generate with whichever of its dynamic and
    static caches is faster here (both are timed first);
-3. an fp32 matmul peak (2048^3 torch.mm) and both models' training GFLOP/s as a share of it.
+3. the product path: what generate.text_to_image runs, a guided batch with left padding (4 conditional
+   prompts of 6-16 tokens + 4 unconditional ones of 3, cfg 3, only "image" ids allowed), 256 new tokens;
+   theirs decodes the same 8 left-padded rows with its attention mask (no guidance: the same forward
+   work per token, the guidance mix itself is one [4, V] operation);
+4. an fp32 matmul peak (2048^3 torch.mm) and both models' training GFLOP/s as a share of it.
 The load average is recorded: other processes on the machine slow both sides, not always equally.
 """
 from __future__ import annotations
@@ -30,8 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from generate.sampling import generate, make_step_fn
+from generate.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.config import LMConfig
+from models.io import write_text_atomic
 from models.transformer import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_speed.json"
@@ -90,10 +95,11 @@ def check_same_function(ours, theirs) -> dict:
     ids = torch.randint(0, VOCAB, (2, 65), generator=g)
     tol = dict(atol=2e-4, rtol=1e-4)
     with torch.no_grad():
-        lo, lt = ours(ids), theirs(ids).logits
+        lo, lt = ours.head(ours(ids)), theirs(ids).logits
         torch.testing.assert_close(lo, lt, **tol)
         cache = ours.new_cache(2, 65)
-        stepped = [ours(ids[:, :48], cache=cache)] + [ours(ids[:, i:i + 1], cache=cache) for i in range(48, 65)]
+        stepped = [ours.head(ours(ids[:, :48], cache=cache))] + [ours.head(ours(ids[:, i:i + 1], cache=cache))
+                                                                 for i in range(48, 65)]
         torch.testing.assert_close(torch.cat(stepped, 1), lt, **tol)
     prompt = ids[:, :DEC_PROMPT]
     greedy_ours = generate(ours, prompt, 16, temperature=0)
@@ -103,7 +109,7 @@ def check_same_function(ours, theirs) -> dict:
 
     def grads(model, hf):
         model.zero_grad(set_to_none=True)
-        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])
+        logits = model(ids[:, :-1]).logits if hf else model.head(model(ids[:, :-1]))
         F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
 
     grads(ours, False), grads(theirs, True)
@@ -194,11 +200,13 @@ def ratio(times: dict, ours: str, theirs: str = "theirs") -> float:
 # 1. Training
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(model, hf: bool):
+def make_train_step(model, hf: bool, forward=None):
+    """One AdamW step; `forward` (e.g. torch.compile(model)) replaces the model call of ours."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # same (default) settings for both
+    forward = forward or model
 
     def step(ids: torch.Tensor) -> None:
-        logits = model(ids[:, :-1]).logits if hf else model(ids[:, :-1])  # [B, T, V]
+        logits = model(ids[:, :-1]).logits if hf else model.head(forward(ids[:, :-1]))  # [B, T, V]
         F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -206,11 +214,13 @@ def make_train_step(model, hf: bool):
     return step
 
 
-def bench_train(ours, theirs, repeats: int, steps: int, warmup: int, deadline: float) -> dict:
+def bench_train(ours, theirs, repeats: int, steps: int, warmup: int, deadline: float, compiled=None) -> dict:
     ours.train(), theirs.train()
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, VOCAB, (TRAIN_BATCH, TRAIN_LEN + 1), generator=g) for _ in range(steps)]
     steppers = {"ours": make_train_step(ours, hf=False), "theirs": make_train_step(theirs, hf=True)}
+    if compiled is not None:
+        steppers["ours_compiled"] = make_train_step(ours, hf=False, forward=compiled)
     for fn in steppers.values():
         for i in range(warmup):
             fn(batches[i % steps])
@@ -272,6 +282,38 @@ def bench_decode(ours, theirs, repeats: int, new_tokens: int, deadline: float, c
     return {"times": times, "hf_cache": best, "hf_cache_times": hf}
 
 
+def product_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What text_to_image decodes: 4 conditional prompts of 6-16 tokens then 4 unconditional ones of
+    3 tokens, left-padded (ids, valid [8, 16]), and the allowed "image" id range (the top half)."""
+    g = torch.Generator().manual_seed(5)
+    cond = [torch.randint(3, VOCAB // 2, (n,), generator=g).tolist() for n in (6, 9, 12, 16)]
+    uncond = [[1, 4, 5]] * 4
+    ids, valid = left_pad(cond + uncond, pad_id=0)
+    return ids, valid, id_range_mask(VOCAB, VOCAB // 2, VOCAB)
+
+
+def bench_product(ours, theirs, repeats: int, new_tokens: int, deadline: float, compiled=None) -> dict:
+    """Guided, left-padded decoding as text_to_image runs it, against HF on the same padded rows."""
+    ids, valid, allowed = product_batch()
+    seed = iter(range(10 ** 6))
+
+    def ours_run(step_fn=None):
+        return lambda: generate(ours, ids, new_tokens, valid=valid, top_k=DEC_TOP_K, allowed=allowed, cfg_scale=3.0,
+                                generator=torch.Generator().manual_seed(next(seed)), step_fn=step_fn)
+
+    def theirs_run():
+        torch.manual_seed(next(seed))
+        return theirs.generate(ids, attention_mask=valid.long(), do_sample=True, temperature=1.0, top_k=DEC_TOP_K,
+                               top_p=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    fns = {"ours": ours_run(), "theirs": theirs_run}
+    if compiled is not None:
+        fns["ours_compiled"] = ours_run(compiled)
+    for fn in fns.values():  # warmup
+        fn()
+    return alternate({k: timed(fn) for k, fn in fns.items()}, repeats, deadline, min_repeats=2)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -280,10 +322,11 @@ def main() -> None:
     ap.add_argument("--train-repeats", type=int, default=8, help="alternating training repeats (at least 3 run)")
     ap.add_argument("--train-steps", type=int, default=2, help="timed training steps per repeat and model")
     ap.add_argument("--new-tokens", type=int, default=DEC_NEW)
-    ap.add_argument("--compile", action="store_true", help="also time our decode step under torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time our backbone under torch.compile")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--budget-s", type=float, default=240.0,
-                    help="wall-time budget: training stops repeating (after 3) at 45%% of it, decoding (after 2) at 100%%")
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="wall-time budget: training stops repeating (after 3) at 45%% of it, plain decoding "
+                         "(after 2) at 80%%, the product path (after 2) at 100%%")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -305,7 +348,9 @@ def main() -> None:
     res: dict = {}
     rows = []
     # Budget split: training ~45%, decoding the rest (compile time comes out of decoding's share).
-    tr = bench_train(ours, theirs, args.train_repeats, args.train_steps, 1, t_start + 0.45 * args.budget_s)
+    compiled_train = torch.compile(ours) if args.compile else None
+    tr = bench_train(ours, theirs, args.train_repeats, args.train_steps, 1, t_start + 0.45 * args.budget_s,
+                     compiled_train)
     tokens = args.train_steps * TRAIN_BATCH * TRAIN_LEN
     flops = train_flops_per_token(n_params, TRAIN_LEN)
     o, t = tokens / statistics.median(tr["ours"]), tokens / statistics.median(tr["theirs"])
@@ -318,19 +363,23 @@ def main() -> None:
     )
     rows += [("train tokens/s (16x256, fwd+CE+bwd+AdamW)", o, t, res["train_tokens_per_s_ratio"]),
              ("train GFLOP/s", res["train_gflops_ours"], res["train_gflops_theirs"], None)]
+    if compiled_train is not None:
+        oc = tokens / statistics.median(tr["ours_compiled"])
+        res.update(train_compiled_tokens_per_s_ratio=ratio(tr, "ours_compiled"), train_compiled_tokens_per_s_ours=oc)
+        rows.append(("  ... our backbone through torch.compile", oc, t, res["train_compiled_tokens_per_s_ratio"]))
     print(f"training done ({time.perf_counter() - t_start:.0f} s)")
 
     compiled, compile_s = None, {}
     if args.compile:
-        compiled = {}
-        for name, kw in (("ours_compiled", {}), ("ours_compiled_wt", {"transposed_weights": True})):
-            t0 = time.perf_counter()
-            compiled[name] = make_step_fn(ours, compile=True, **kw)
-            generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), 4, top_k=DEC_TOP_K,
-                     step_fn=compiled[name])
-            compile_s[name] = time.perf_counter() - t0
-        print("compiled our decode step: " + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()))
-    de = bench_decode(ours, theirs, args.repeats, args.new_tokens, t_start + args.budget_s, compiled)
+        t0 = time.perf_counter()
+        compiled = {"ours_compiled": make_step_fn(ours, compile=True)}
+        generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), 4, top_k=DEC_TOP_K,
+                 step_fn=compiled["ours_compiled"])
+        ids, valid, allowed = product_batch()
+        generate(ours, ids, 4, valid=valid, cfg_scale=3.0, step_fn=compiled["ours_compiled"])
+        compile_s["ours_compiled"] = time.perf_counter() - t0
+        print(f"compiled our decode step: {compile_s['ours_compiled']:.0f} s")
+    de = bench_decode(ours, theirs, args.repeats, args.new_tokens, t_start + 0.8 * args.budget_s, compiled)
     tokens = DEC_BATCH * args.new_tokens
     dt = de["times"]
     o, t = tokens / statistics.median(dt["ours"]), tokens / statistics.median(dt["theirs"])
@@ -343,21 +392,29 @@ def main() -> None:
     )
     rows.append((f"decode tokens/s (8 x {args.new_tokens}, top-k {DEC_TOP_K}; HF {de['hf_cache']} cache)",
                  o, t, res["decode_tokens_per_s_ratio"]))
-    labels = {"ours_compiled": "decode tokens/s, our step torch.compile'd",
-              "ours_compiled_wt": "  ... and with transposed_weights=True"}
-    for name in compiled or {}:
-        key = name.removeprefix("ours_")
-        oc = tokens / statistics.median(dt[name])
-        res[f"decode_{key}_tokens_per_s_ratio"] = ratio(dt, name)
-        res[f"decode_{key}_tokens_per_s_ours"] = oc
-        res[f"decode_{key}_compile_s"] = compile_s[name]
-        rows.append((labels[name], oc, t, res[f"decode_{key}_tokens_per_s_ratio"]))
+    if compiled:
+        oc = tokens / statistics.median(dt["ours_compiled"])
+        res.update(decode_compiled_tokens_per_s_ratio=ratio(dt, "ours_compiled"),
+                   decode_compiled_tokens_per_s_ours=oc, decode_compiled_compile_s=compile_s["ours_compiled"])
+        rows.append(("  ... our decoding through torch.compile", oc, t, res["decode_compiled_tokens_per_s_ratio"]))
+
+    pr = bench_product(ours, theirs, args.repeats, args.new_tokens, t_start + args.budget_s,
+                       compiled["ours_compiled"] if compiled else None)
+    tokens = DEC_BATCH * args.new_tokens  # rows decoded per step, as in HF's count
+    o, t = tokens / statistics.median(pr["ours"]), tokens / statistics.median(pr["theirs"])
+    res.update(product_tokens_per_s_ratio=ratio(pr, "ours"), product_tokens_per_s_ours=o,
+               product_tokens_per_s_theirs=t, product_repeats=len(pr["ours"]))
+    rows.append(("product path: guided + left-padded 8 x 256 (text_to_image)", o, t, res["product_tokens_per_s_ratio"]))
+    if compiled:
+        oc = tokens / statistics.median(pr["ours_compiled"])
+        res.update(product_compiled_tokens_per_s_ratio=ratio(pr, "ours_compiled"), product_compiled_tokens_per_s_ours=oc)
+        rows.append(("  ... through torch.compile", oc, t, res["product_compiled_tokens_per_s_ratio"]))
 
     peak_end = matmul_peak_gflops()
     peak = max(peak, peak_end)  # the better of the two measurements (start and end) is the peak
     res.update(train_peak_share_ours=res["train_gflops_ours"] / peak,
                train_peak_share_theirs=res["train_gflops_theirs"] / peak)
-    rows.insert(2, ("train share of the matmul peak", res["train_peak_share_ours"], res["train_peak_share_theirs"], None))
+    rows.insert(2 + (compiled_train is not None), ("train share of the matmul peak", res["train_peak_share_ours"], res["train_peak_share_theirs"], None))
     wall = time.perf_counter() - t_start
     res.update(
         matmul_peak_gflops=peak, matmul_peak_gflops_start=res_peak_start, matmul_peak_gflops_end=peak_end,
@@ -379,8 +436,7 @@ def main() -> None:
           f"decoding repeats); load average {load_before[0]:.1f} -> {res['loadavg_1min_after']:.1f}; "
           f"wall time {wall:.0f} s")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

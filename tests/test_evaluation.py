@@ -57,3 +57,12 @@ def test_psnr_falls_with_noise():
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     small, large = psnr(x + 0.01 * torch.randn_like(x), x), psnr(x + 0.2 * torch.randn_like(x), x)
     assert small > large > 0
+
+
+def test_wilson_interval_known_values():
+    from train.evaluation import wilson_interval
+
+    lo, hi = wilson_interval(95, 100)  # textbook value: 0.8882 - 0.9785
+    assert abs(lo - 0.8882) < 1e-3 and abs(hi - 0.9785) < 1e-3
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-3

@@ -2,12 +2,17 @@
 
 1. trains the VQ tokenizer (configs/mnist_vq.yaml) on the 3,500 training digits;
 2. trains the multimodal LM (configs/mnist_lm.yaml) on codes + template captions, both orders;
-3. draws 10 images per digit from "a handwritten <d>" and reads them with an independent classifier
-   (an SVM on deskewed pixels, trained on 1,000 real held-out digits the generator never saw, plus their
+3. draws 20 images per digit from "a handwritten <d>" and reads them with an independent classifier
+   (an SVM on deskewed pixels, trained on 750 real held-out digits the generator never saw, plus their
    one-pixel shifts; see train/evaluation.py);
-4. captions 500 other held-out digits and checks that each caption names the right digit;
-5. prints the report and writes results/demo.json (t2i_accuracy, caption_accuracy, tokenizer_psnr, seconds).
+4. captions the 500 final-test digits and checks that each caption names the right digit;
+5. prints the report and writes results/demo.json (figures with 95% Wilson intervals, seconds).
 Everything it makes stays under results/demo/.
+
+The 1,500 held-out digits (fixed by the seed) are split three ways, disjoint:
+  validation  held[:250]     the data module's val/loss and the training-time samples
+  tuning      held[250:1000] recipe and sampling choices were made on these; the classifier trains on them
+  test        held[1000:]    the reported caption figure and nothing else
 """
 from __future__ import annotations
 
@@ -22,18 +27,24 @@ import torch
 
 from generate.pipeline import caption, text_to_image
 from models.bundle import load_bundle
+from models.io import write_text_atomic
 from train.cli import main as cli_main
-from train.evaluation import HeldOutClassifier, caption_correct, psnr
+from train.evaluation import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from train.sources import load_mnist_set, split_indices
 from vision_tokenizers import registry
 from vision_tokenizers.image_io import grid, save_png
 
 HOLDOUT, SEED = 1500, 0
-N_CAPTION_TEST = 500
+VAL, TUNE = 250, 1000  # held[:VAL] validation, held[VAL:TUNE] tuning, held[TUNE:] final test
+
+
+def heldout_splits(held) -> dict:
+    """The three disjoint parts of the held-out indices (see the module docstring)."""
+    return {"validation": held[:VAL], "tuning": held[VAL:TUNE], "test": held[TUNE:]}
 
 
 def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: float,
-        temperature: float) -> dict:
+        temperature: float, split: str) -> dict:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     trainer_flags = ["--trainer.enable_model_summary", "false"]
@@ -42,7 +53,7 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
                "--model.init_args.export_path", vq_file, *vq_args]
     lm_args = ["--trainer.default_root_dir", str(out / "lm_run"), "--trainer.logger.init_args.save_dir",
                str(out / "lm_run"), "--data.init_args.vision_tokenizer", vq_file,
-               "--data.init_args.cache_dir", str(out / "cache"), *lm_args]
+               "--data.init_args.cache_dir", str(out / "cache"), "--data.init_args.val_size", str(VAL), *lm_args]
 
     print("== 1/4 VQ tokenizer ==", flush=True)
     cli_main(["fit", "--config", "configs/mnist_vq.yaml", *trainer_flags, *vq_args])
@@ -60,7 +71,8 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
     print("== 3/4 evaluation ==", flush=True)
     data = load_mnist_set()
     _, held = split_indices(len(data), HOLDOUT, SEED)
-    cap_idx, clf_idx = held[:N_CAPTION_TEST], held[N_CAPTION_TEST:]
+    parts = heldout_splits(held)
+    cap_idx, clf_idx = parts[split], parts["tuning"]
     real = lambda idx: torch.stack([data.image(int(i), 1, 28) for i in idx])  # noqa: E731
     cap_images, clf_images = real(cap_idx), real(clf_idx)
 
@@ -76,6 +88,7 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
     gen = text_to_image(bundle, prompts, per_digit, cfg=cfg, temperature=temperature, generator=g)
     want = np.repeat(np.arange(10), per_digit)
     t2i_acc = clf.accuracy(gen, want)
+    t2i_ok = round(t2i_acc * len(want))
     save_png(grid(gen, nrow=per_digit), out / "t2i_grid.png")
 
     caps = []
@@ -83,11 +96,15 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
         caps += caption(bundle, cap_images[i:i + 100], max_new_tokens=32, generator=g)
     correct = [caption_correct(c, int(y)) for c, y in zip(caps, data.labels[cap_idx])]
     cap_acc = float(np.mean(correct))
-    (out / "captions.tsv").write_text("".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))
+    write_text_atomic(out / "captions.tsv", "".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))
 
     report = {
         "t2i_accuracy": t2i_acc,
+        "t2i_accuracy_ci95": wilson_interval(t2i_ok, len(want)),
+        "t2i_images": len(want),
         "caption_accuracy": cap_acc,
+        "caption_accuracy_ci95": wilson_interval(sum(correct), len(correct)),
+        "caption_split": split,
         "tokenizer_psnr": tok_psnr,
         "seconds": time.time() - t0,
         "train_seconds": train_seconds,
@@ -105,22 +122,24 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--per-digit", type=int, default=10)
+    p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for text-to-image")
+    p.add_argument("--split", choices=("test", "tuning"), default="test",
+                   help="held-out part the captions are scored on: tune recipes on 'tuning', report 'test'")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for text-to-image")
     p.add_argument("--temperature", type=float, default=0.8, help="text-to-image sampling temperature")
     p.add_argument("--vq-arg", action="append", default=[], help="extra LightningCLI flag for the tokenizer stage")
     p.add_argument("--lm-arg", action="append", default=[], help="extra LightningCLI flag for the LM stage")
     args = p.parse_args(argv)
     torch.manual_seed(SEED)
-    report = run(Path(args.out), args.vq_arg, args.lm_arg, args.per_digit, args.cfg, args.temperature)
+    report = run(Path(args.out), args.vq_arg, args.lm_arg, args.per_digit, args.cfg, args.temperature, args.split)
     print("== 4/4 report ==")
     width = max(map(len, report))
     for k, v in report.items():
+        if isinstance(v, tuple):
+            v = f"[{v[0]:.4f}, {v[1]:.4f}]"
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     path = Path(args.out).parent / "demo.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -112,3 +112,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     return float(peak_signal_noise_ratio((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2, data_range=1.0))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sensible at rates near 0 or 1, unlike mean +- 2 se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    return max(0.0, centre - half), min(1.0, centre + half)
