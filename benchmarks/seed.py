@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.io import write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results" / "seed.json"
 HOLDOUT, SEED = 1500, 0
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -134,7 +136,7 @@ def run_dataset(source: str, out: Path, a) -> dict:
     from generate.pipeline import caption, text_to_image
     from models.text_tokenizer import TextTokenizer
     from train.evaluation import HeldOutClassifier, caption_correct
-    from train.seed_module import tokenizer_json_path
+    from train.seed import tokenizer_json_path
     from train.sources import load_source, split_indices
     from vision_tokenizers import registry
     from vision_tokenizers.image_io import grid, save_png
@@ -286,10 +288,7 @@ def main(argv=None) -> None:
         loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), wall_s=time.time() - t0,
     )
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.results.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(a.results)
+    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
     print()
     for ds in a.datasets:
         keys = [k[len(ds) + 1:] for k in res if k.startswith(ds + "_")]

@@ -170,3 +170,142 @@ def test_build_quantizer():
         build_quantizer("fsq", K, C)
     with pytest.raises(ValueError):
         VectorQuantizer(K, C)(torch.randn(C))
+
+
+def test_ibq_loss_hand_computed():
+    """K = 2 codes e0 = (1, 0), e1 = (0, 1); z1 = (2, 1) -> logits (2, 1) -> code 0; z2 = (1, 3) -> logits (1, 3)
+    -> code 1. Errors: z1 - e0 = (1, 1), z2 - e1 = (1, 2): MSE = (1 + 1 + 1 + 4) / 4 = 1.75, so the
+    codebook + beta * commitment loss is (1 + 0.25) * 1.75 = 2.1875. Entropy penalty at temperature 1:
+    p1 = softmax(2, 1), p2 = softmax(1, 3); mean(H(p1), H(p2)) - H((p1 + p2) / 2)."""
+    import math
+
+    q = IndexPropagationQuantizer(2, 2, beta=0.25, entropy_weight=0.5, entropy_temperature=1.0)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    out = q(torch.tensor([[[2.0, 1.0], [1.0, 3.0]]]))  # [B=1, N=2, C=2]
+    assert out.codes.tolist() == [[0, 1]]
+
+    def softmax(a, b):
+        return [math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b))]
+
+    def entropy(p):
+        return -sum(x * math.log(x) for x in p)
+
+    p1, p2 = softmax(2, 1), softmax(1, 3)
+    penalty = (entropy(p1) + entropy(p2)) / 2 - entropy([(a + b) / 2 for a, b in zip(p1, p2)])
+    # by hand: H(p1) = 0.58220, H(p2) = 0.36533, mean 0.47377; H((0.42513, 0.57487)) = 0.68189
+    assert penalty == pytest.approx(0.47377 - 0.68189, abs=2e-5)
+    assert out.loss.item() == pytest.approx(1.25 * 1.75 + 0.5 * penalty, rel=1e-6)
+
+
+def test_codebook_initialised_from_data_uses_most_codes():
+    torch.manual_seed(0)
+    z = torch.randn(4, 128, C) * 3 + 5  # 512 encoder outputs far from the origin, where +-1/K codes sit
+    plain = VectorQuantizer(64, C).train()
+    out = plain(z)  # uniform +-1/K init: the code with the largest projection on the data's mean wins nearly all
+    assert out.usage.item() <= 0.2 and out.perplexity.item() < 2
+    q = VectorQuantizer(64, C, data_init=True).train()
+    assert not q.initialized
+    q.eval()(z)
+    assert not q.initialized, "eval never initialises"
+    out = q.train()(z)  # the first training batch runs k-means on itself, then looks up
+    assert q.initialized and out.usage.item() >= 0.9
+    init = q.embedding.weight.detach().clone()
+    q(torch.randn(4, 128, C))
+    assert torch.equal(q.embedding.weight, init), "initialised once"
+    assert "initialized" in q.state_dict()  # saved, so a loaded tokenizer is not re-initialised
+    few = VectorQuantizer(64, C, data_init=True).train()  # fewer inputs (20) than codes (64)
+    few(z[:1, :20])
+    w = few.embedding.weight.detach()
+    assert len(torch.unique(w, dim=0)) == 64  # distinct codes
+    assert all((z[0, :20] == row).all(1).any() for row in w[:20])  # every input is a code
+
+
+def test_dead_code_restart_draws_distinct_vectors():
+    torch.manual_seed(0)
+    q = VectorQuantizer(K, C, restart_dead_codes=True, dead_code_patience=1).train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.randn(K, C))
+        q.embedding.weight[:12] = 100.0 + torch.arange(12.0)[:, None]  # far from the inputs: 12 dead codes
+    z = torch.randn(1, 12, C)  # 12 inputs for 12 dead codes: every input used exactly once
+    q(z)
+    rows = q.pop_restarted()
+    assert rows.tolist() == list(range(12))
+    new = q.embedding.weight.detach()[rows]
+    assert len(torch.unique(new, dim=0)) == 12  # drawn without replacement
+    assert torch.equal(torch.sort(new, dim=0).values, torch.sort(z[0], dim=0).values)  # a permutation of the batch
+    assert len(q.pop_restarted()) == 0  # popping clears the record
+    # more dead codes than inputs: only as many as there are inputs restart now, the rest on later steps
+    with torch.no_grad():
+        q.embedding.weight[:12] = 100.0
+    q.steps_unused.zero_()
+    q(z[:, :5])
+    rows = q.pop_restarted()
+    assert len(rows) == 5 and len(torch.unique(q.embedding.weight.detach()[rows], dim=0)) == 5
+
+
+def _adam_with_state(q, z, steps=3):
+    """Adam over q's codebook after a few steps whose loss touches every row (so every row has state)."""
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (q(z).loss + 1e-3 * q.embedding.weight.pow(2).sum()).backward()
+        opt.step()
+    return opt
+
+
+def test_restarted_rows_get_fresh_optimizer_state():
+    from train.tokenizer_module import reset_restarted_codes
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(K, C, restart_dead_codes=True, dead_code_patience=1000).train()
+    z = torch.randn(2, 10, C)
+    opt = _adam_with_state(q, z)
+    assert len(q.pop_restarted()) == 0
+    state = opt.state[q.embedding.weight]
+    assert (state["exp_avg"].abs().sum(1) > 0).all() and (state["exp_avg_sq"].abs().sum(1) > 0).all()
+    q.dead_code_patience = 1
+    with torch.no_grad():
+        q.embedding.weight[:3] = 100.0  # three codes no input picks
+    opt.zero_grad()
+    q(z).loss.backward()  # the forward restarts the unused codes
+    restarted = q.restarted.clone()  # the record reset_restarted_codes consumes
+    assert restarted[:3].all() and not restarted.all()
+    assert reset_restarted_codes(q, opt) == int(restarted.sum())
+    assert (state["exp_avg"][restarted] == 0).all() and (state["exp_avg_sq"][restarted] == 0).all()
+    assert (state["exp_avg_sq"][~restarted].abs().sum(1) > 0).all()  # the other rows keep their state
+    assert reset_restarted_codes(q, opt) == 0  # consumed
+    opt.step()
+    assert torch.isfinite(q.embedding.weight).all()
+
+
+def test_lightning_module_resets_optimizer_state_of_restarted_codes(tmp_path):
+    """The base tokenizer module zeroes those rows between backward and the optimiser step."""
+    import lightning as L
+
+    from train.tokenizer_module import TokenizerTrainingModule
+
+    seen = []
+
+    class Tiny(TokenizerTrainingModule):
+        def __init__(self):
+            super().__init__(lr=1e-2, weight_decay=0.0, warmup_steps=1, export_path=None)
+            self.tokenizer = VectorQuantizer(K, C, restart_dead_codes=True, dead_code_patience=2)
+
+        def training_step(self, batch, batch_idx):
+            return self.tokenizer(batch).loss + 1e-3 * self.tokenizer.embedding.weight.pow(2).sum()
+
+        def on_before_optimizer_step(self, optimizer):
+            rows = self.tokenizer.restarted.nonzero().flatten()
+            super().on_before_optimizer_step(optimizer)
+            state = optimizer.state.get(self.tokenizer.embedding.weight, {})
+            if len(rows) and state:
+                seen.append(float(state["exp_avg"][rows].abs().sum() + state["exp_avg_sq"][rows].abs().sum()))
+
+        def train_dataloader(self):
+            torch.manual_seed(0)
+            return torch.utils.data.DataLoader(torch.randn(8, 3, C), batch_size=2)  # 6 inputs for 16 codes
+
+    L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path).fit(Tiny())
+    assert seen and all(v == 0 for v in seen)

@@ -14,8 +14,8 @@ from models.bundle import load_bundle
 from train.cli import main as cli_main
 from train.datamodules import ImageDataModule, ImageTextDataModule
 from train.lm_module import MultimodalLMModule
-from train.seed_module import (ImageCaptionDataModule, SEEDDetokenizerModule, SEEDStage1Module, SEEDStage2Module,
-                               contrastive_loss, tokenizer_json_path)
+from train.seed import (ImageCaptionDataModule, SEEDDetokenizerModule, SEEDStage1Module, SEEDStage2Module,
+                        contrastive_loss, tokenizer_json_path)
 from vision_tokenizers import registry
 from vision_tokenizers.diffusion_detok import DetokenizerConfig, DiffusionDetokenizer, unclip_images
 from vision_tokenizers.seed import SEEDConfig, SEEDTokenizer, real_size_summary
@@ -67,6 +67,42 @@ def test_queries_are_causal_and_text_is_bidirectional():
     torch.testing.assert_close(qf.forward_text(ids2, valid)[:, 0], qf.forward_text(ids, valid)[:, 0])
 
 
+def test_qformer_output_depends_on_the_image():
+    torch.manual_seed(0)
+    tok = SEEDTokenizer(TINY).eval()
+    x = _digits(6)
+    with torch.no_grad():
+        c = tok.causal_embeddings(x)  # [6, N, D]
+        swapped = tok.causal_embeddings(x.flip(0))
+    torch.testing.assert_close(swapped, c.flip(0))  # each image's own embeddings, whatever the batch
+    rel = (c[:, None] - c[None]).norm(dim=-1) / c.norm(dim=-1)[:, None]  # [6, 6, N]
+    other = ~torch.eye(6, dtype=torch.bool)
+    assert (rel[other] > 1e-3).all()  # every query moves when the image changes (measured: >= 0.009 here)
+    x.requires_grad_(True)
+    (tok.causal_embeddings(x) * torch.randn(6, 8, 32)).sum().backward()
+    assert x.grad.abs().sum(dim=(1, 2, 3)).min() > 0  # and the pixels of every image reach it
+
+
+def test_queries_and_text_have_separate_feed_forwards():
+    feats = torch.randn(2, 17, 32)  # [B, P, E]
+    ids, valid = torch.randint(0, 400, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    for changed, same in (("text_ffn", "forward_queries"), ("query_ffn", "forward_text")):
+        torch.manual_seed(0)
+        qf = SEEDTokenizer(TINY).eval().qformer
+        assert all(layer.query_ffn.mlp[0].weight is not layer.text_ffn.mlp[0].weight for layer in qf.layers)
+        run = {"forward_queries": lambda: qf.forward_queries(feats), "forward_text": lambda: qf.forward_text(ids, valid)}
+        before = {k: f() for k, f in run.items()}
+        with torch.no_grad():
+            for layer in qf.layers:
+                w = getattr(layer, changed).mlp[0].weight
+                w.add_(torch.randn_like(w))
+        other = "forward_text" if same == "forward_queries" else "forward_queries"
+        assert torch.equal(run[same](), before[same])  # the other stream never uses this feed-forward
+        assert (run[other]() - before[other]).abs().max() > 1e-2  # its own stream does
+    # the reverse Q-Former is query-only: no text feed-forward
+    assert all(layer.text_ffn is None for layer in SEEDTokenizer(TINY).gen_head.reverse.layers)
+
+
 def test_codes_shape_range_and_missing_detokenizer():
     assert SEEDConfig().num_queries == 32 and (SEEDConfig().codebook_size, SEEDConfig().code_dim) == (8192, 32)
     torch.manual_seed(0)
@@ -93,7 +129,16 @@ def test_real_size_shapes_on_meta_device(capsys):
     printed = capsys.readouterr().out
     assert "seed.total" in printed and "lm.total" in printed
     assert 1.0e9 < counts["seed.encoder"] < 1.05e9  # EVA ViT-g/14
-    assert 1.1e9 < counts["seed.total"] < 1.4e9
+    # BERT-base blocks by hand: width 768, FFN 3072, EVA-g features 1408 wide, post-LN LayerNorms (2 x 768 each)
+    d, h, e = 768, 3072, 1408
+    attn, ln, ffn = 4 * (d * d + d), 2 * d, d * h + h + h * d + d
+    cross = 2 * (d * d + d) + 2 * (e * d + d)  # q, out from the queries; k, v from the image features
+    # Causal Q-Former: word + position embeddings, embedding LayerNorm, 32 queries; 12 layers with a query and a
+    # text feed-forward each; cross-attention in layers 0, 2, ..., 10
+    assert counts["seed.qformer"] == (30522 + 32) * d + ln + 32 * d + 12 * (attn + ln + 2 * (ffn + ln)) + 6 * (cross + ln)
+    # reverse Q-Former: 1 query + its LayerNorm; 12 layers with the query feed-forward only; 6 cross-attentions
+    assert counts["seed.gen_head.reverse"] == d + ln + 12 * (attn + ln + ffn + ln) + 6 * (attn + ln)
+    assert 1.3e9 < counts["seed.total"] < 1.4e9
     assert counts["lm.vocab_size"] == 32000 + 7 + 8192
     assert 6.7e9 < counts["lm.total"] < 6.9e9  # Vicuna-7B + 8,199 new embedding/output rows
 
@@ -128,7 +173,7 @@ def stages(tmp_path_factory):
 
     dm = ImageTextDataModule(str(tmp / "seed.safetensors"), **DIGITS, bpe_vocab_size=200, batch_size=32, max_len=48,
                              cache_dir=str(tmp / "cache"))
-    lm = MultimodalLMModule("tiny", lr=3e-3, warmup_steps=5)
+    lm = MultimodalLMModule(dm.spec, preset="tiny", lr=3e-3, warmup_steps=5)
     rec = LossRecorder()
     trainer = make_trainer(tmp, 40, [rec])
     trainer.fit(lm, dm)
@@ -146,6 +191,28 @@ def test_stage1_contrastive_loss_decreases_and_exports(stages):
     tmp = stages["dir"]
     assert isinstance(registry.load(tmp / "stage1.safetensors"), SEEDTokenizer)
     assert tokenizer_json_path(tmp / "stage1.safetensors").is_file()
+
+
+def test_contrastive_loss_in_a_world_of_one_is_the_single_process_loss(tmp_path):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    temp, eps, b = 0.07, 0.1, 5
+    # by hand: cross-entropy with label smoothing eps over both directions, averaged
+    by_hand = 0.0
+    for logits in (img @ txt.t() / temp, txt @ img.t() / temp):
+        logp = logits.log_softmax(-1)
+        by_hand += float(-((1 - eps) * logp.diagonal() + eps / b * logp.sum(-1)).mean()) / 2
+    single, logits = contrastive_loss(img, txt, torch.tensor(temp), eps)
+    assert single.item() == pytest.approx(by_hand, rel=1e-5) and logits.shape == (5, 5)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        in_world, _ = contrastive_loss(img, txt, torch.tensor(temp), eps)
+    finally:
+        dist.destroy_process_group()
+    assert in_world.item() == single.item()
 
 
 def test_contrastive_loss_is_symmetric_with_label_smoothing():
@@ -214,7 +281,7 @@ def test_lm_on_seed_codes(stages):
     assert lm.vision.code_shape == (8,)
     batch = next(iter(stages["lm"][0].trainer.datamodule.train_dataloader()))
     ids = batch["ids"][0][batch["valid"][0]]
-    tok, layout = lm.tokenizer, lm.layout
+    tok, layout = lm.data.tokenizer, lm.data.layout
     i = ids.tolist().index(tok.boi_id)
     assert ids[i + 9] == tok.eoi_id  # <boi> 8 codes <eoi>
     assert ((ids[i + 1:i + 9] >= layout.image_offset) & (ids[i + 1:i + 9] < layout.size)).all()

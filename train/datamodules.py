@@ -31,6 +31,13 @@ def split_source(source: str, path: str | None, holdout: int, seed: int) -> tupl
     return data.subset(train_idx), data.subset(held_idx)
 
 
+def caption_tokenizer(train: ImageTextSet, text_tokenizer: str | None, bpe_vocab_size: int) -> TextTokenizer:
+    """The given tokenizer.json, or a byte-level BPE trained on the training captions (deterministic)."""
+    if text_tokenizer:
+        return TextTokenizer.from_file(text_tokenizer)
+    return TextTokenizer.train_bpe([c for caps in train.captions for c in caps], bpe_vocab_size)
+
+
 class ImageDataset(Dataset):
     def __init__(self, data: ImageTextSet, channels: int, size: int):
         self.data, self.channels, self.size = data, channels, size
@@ -163,11 +170,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.cache_dir, self.num_workers = cache_dir, num_workers
         self.seq_cfg = SequenceConfig(max_len, p_caption_first, p_drop_caption)
         self.train_data, self.held_data = split_source(source, path, holdout, seed)
-        if text_tokenizer:
-            self.tokenizer = TextTokenizer.from_file(text_tokenizer)
-        else:
-            corpus = [c for caps in self.train_data.captions for c in caps]
-            self.tokenizer = TextTokenizer.train_bpe(corpus, bpe_vocab_size)
+        self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
         self.vision = registry.load(vision_tokenizer)
         self.layout = VocabLayout(self.tokenizer.vocab_size, self.vision.config.codebook_size)
         self.format = SequenceFormat(self.tokenizer, self.layout, self.seq_cfg)

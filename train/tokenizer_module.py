@@ -1,16 +1,123 @@
-"""Lightning wiring for the VQ image tokenizer: reconstruction + VQ losses, optional PatchGAN and
-perceptual losses, PSNR / SSIM / codebook-usage logging, and export to a safetensors file."""
+"""Lightning wiring for vision tokenizers: one base module for "train a tokenizer and export it", and the VQ
+tokenizer's module (reconstruction + VQ losses, optional PatchGAN and perceptual losses, PSNR / SSIM /
+codebook-usage logging).
+
+`TokenizerTrainingModule` holds what every tokenizer stage shares (the VQ tokenizer here, the SEED stages and
+the SEED detokenizer in train/seed/): AdamW with warmup + cosine over the trained parameters, frozen parts kept
+in eval mode, the optimiser state of restarted codebook rows reset, the tokenizer's kind + config in every
+checkpoint, and the export to a safetensors file (registry.save) when training ends.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from train.schedule import adamw_cosine
 from vision_tokenizers import registry
 from vision_tokenizers.losses import NLayerDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+from vision_tokenizers.quantizers import VectorQuantizer
 from vision_tokenizers.vq import VQConfig, VQTokenizer
+
+
+def reset_restarted_codes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Zero the optimiser state rows (Adam's exp_avg / exp_avg_sq, ...) of the codebook rows that a
+    VectorQuantizer in `module` restarted since the last call; returns how many rows were reset.
+
+    A restarted code is a new vector: without this, Adam's moments of the dead code it replaces keep pushing
+    it (m / sqrt(v) does not shrink while a row gets no gradient). Only quantizers whose codebook this
+    optimiser trains are consumed, so a second optimiser (a discriminator) leaves the record alone.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    n = 0
+    for q in module.modules():
+        if not isinstance(q, VectorQuantizer) or id(q.embedding.weight) not in owned:
+            continue
+        rows = q.pop_restarted()
+        state = optimizer.state.get(q.embedding.weight, {})
+        if len(rows) == 0 or not state:
+            continue
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == q.embedding.weight.shape:
+                v[rows] = 0
+        n += len(rows)
+    return n
+
+
+class TokenizerTrainingModule(L.LightningModule):
+    """Base for modules that train (part of) a vision tokenizer and export it.
+
+    Subclasses set `self.tokenizer` (or override `exported_tokenizer`) and may override `trained_module`
+    (whose trainable parameters the optimiser gets), `frozen_modules` (kept in eval mode while training) and
+    `export_extras` (more files written beside the export).
+    """
+
+    betas: tuple[float, float] = (0.9, 0.99)  # this project's choice for the tokenizers (stage 1 overrides)
+
+    def __init__(self, lr: float, weight_decay: float, warmup_steps: int, export_path: str | None):
+        super().__init__()
+        self.lr, self.weight_decay, self.warmup_steps, self.export_path = lr, weight_decay, warmup_steps, export_path
+
+    # ---- what subclasses choose --------------------------------------------------------------
+    def trained_module(self) -> nn.Module:
+        return self.tokenizer
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
+    def exported_tokenizer(self) -> nn.Module:
+        return self.tokenizer
+
+    def export_description(self) -> dict:
+        """What a checkpoint records about the tokenizer (kind + config)."""
+        return registry.describe(self.exported_tokenizer())
+
+    def export_extras(self, path: Path) -> None:
+        """Write files that go with the exported tokenizer at `path` (nothing by default)."""
+
+    # ---- shared behaviour --------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Lightning keeps each module's mode at fit start, and registry.load returns tokenizers in eval mode:
+        # without this a stage that starts from a file would train in eval mode (no codebook init or restarts)
+        self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()  # frozen parts: no dropout, no codebook restarts
+        return self
+
+    def log_metrics(self, prefix: str, out: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log out["loss"] as <prefix>/loss on the progress bar and the rest as <prefix>/<name>."""
+        self.log(f"{prefix}/loss", out["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"{prefix}/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=batch_size,
+                      prog_bar=prefix == "val")
+
+    def make_optimizer(self, module: nn.Module, weight_decay: float | None = None,
+                       betas: tuple[float, float] | None = None):
+        """(AdamW, step-wise warmup + cosine scheduler config) over `module`'s trainable parameters."""
+        return adamw_cosine(module, self.lr, self.weight_decay if weight_decay is None else weight_decay,
+                            betas or self.betas, self.warmup_steps, self.trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self):
+        opt, sched = self.make_optimizer(self.trained_module())
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        reset_restarted_codes(self, optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mmar"] = {"vision": self.export_description()}
+
+    def on_train_end(self) -> None:
+        if self.export_path and self.trainer.is_global_zero:
+            registry.save(self.exported_tokenizer(), self.export_path)
+            self.export_extras(Path(self.export_path))
 
 
 def timm_feature_net(name: str, weights: str | None) -> torch.nn.Module:
@@ -23,23 +130,25 @@ def timm_feature_net(name: str, weights: str | None) -> torch.nn.Module:
     return timm.create_model(name, features_only=True, **kwargs)
 
 
-class VQTokenizerModule(L.LightningModule):
+class VQTokenizerModule(TokenizerTrainingModule):
     def __init__(self, tokenizer: VQConfig = VQConfig(), lr: float = 2e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 50, recon_loss: str = "l2", vq_weight: float = 1.0,
-                 gan_weight: float = 0.0, gan_start_step: int = 0, perceptual_weight: float = 0.0,
+                 warmup_steps: int = 50, recon_loss: str = "l2",
+                 vq_weight: float = 1.0,  # VQ-VAE's sum of reconstruction and VQ losses
+                 gan_weight: float = 0.0,  # off by default (this project's); ETT's tokenizer uses 0.1 (DESIGN §5)
+                 gan_start_step: int = 0,
+                 perceptual_weight: float = 0.0,  # off by default: needs a local feature-net weights file
                  perceptual_net: str | None = None, perceptual_weights: str | None = None,
                  grad_clip: float = 1.0, export_path: str | None = None):
-        super().__init__()
+        super().__init__(lr, weight_decay, warmup_steps, export_path)
         if recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
         if perceptual_weight > 0 and not perceptual_net:
             raise ValueError("perceptual_weight > 0 needs perceptual_net (a timm model name) and its weights file")
         self.automatic_optimization = False  # generator and (optional) discriminator steps
         self.tokenizer = VQTokenizer(tokenizer)
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.recon_loss, self.vq_weight = recon_loss, vq_weight
         self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
-        self.perceptual_weight, self.grad_clip, self.export_path = perceptual_weight, grad_clip, export_path
+        self.perceptual_weight, self.grad_clip = perceptual_weight, grad_clip
         self.disc = NLayerDiscriminator(tokenizer.in_channels) if gan_weight > 0 else None
         net = timm_feature_net(perceptual_net, perceptual_weights) if perceptual_weight > 0 else None
         self.perceptual = PerceptualLoss(net, (lambda x: x.expand(-1, 3, -1, -1)) if tokenizer.in_channels == 1 else None)
@@ -89,17 +198,8 @@ class VQTokenizerModule(L.LightningModule):
         self.ssim.reset()
 
     def configure_optimizers(self):
-        opt, sched = adamw_cosine(self.tokenizer, self.lr, self.weight_decay, (0.9, 0.99), self.warmup_steps,
-                                  self.trainer.estimated_stepping_batches)
         if self.disc is None:
-            return {"optimizer": opt, "lr_scheduler": sched}
-        opt_d, sched_d = adamw_cosine(self.disc, self.lr, 0.0, (0.5, 0.9), self.warmup_steps,
-                                      self.trainer.estimated_stepping_batches)
+            return super().configure_optimizers()
+        opt, sched = self.make_optimizer(self.tokenizer)
+        opt_d, sched_d = self.make_optimizer(self.disc, weight_decay=0.0, betas=(0.5, 0.9))  # VQGAN's disc. betas
         return [opt, opt_d], [sched, sched_d]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mmar"] = {"vision": registry.describe(self.tokenizer)}
-
-    def on_train_end(self) -> None:
-        if self.export_path and self.trainer.is_global_zero:
-            registry.save(self.tokenizer, self.export_path)

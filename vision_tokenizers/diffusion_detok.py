@@ -11,12 +11,13 @@ with DDIM or DPM-Solver++. A learned null embedding replaces the condition for c
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.io import dataclass_from_dict
 
 SAMPLERS = ("ddim", "dpm")
 
@@ -199,8 +200,4 @@ def config_from_dict(d: dict | DetokenizerConfig | None) -> DetokenizerConfig | 
     """Accept a config, its dict form (as stored in a tokenizer file) or None."""
     if d is None or isinstance(d, DetokenizerConfig):
         return d
-    known = {f.name for f in dataclasses.fields(DetokenizerConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown detokenizer config keys {sorted(unknown)}")
-    return DetokenizerConfig(**d)
+    return dataclass_from_dict(DetokenizerConfig, d, "detokenizer config")

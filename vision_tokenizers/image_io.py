@@ -1,13 +1,13 @@
 """Image files <-> tensors in [-1, 1], with one-line errors naming the file, and atomic PNG writes."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from models.io import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -50,17 +50,9 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def save_png(x: torch.Tensor | Image.Image, path: str | Path) -> None:
     """Write a PNG atomically (temp file + rename): a crash never leaves a truncated image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = x if isinstance(x, Image.Image) else tensor_to_pil(x)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:

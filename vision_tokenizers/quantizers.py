@@ -3,7 +3,8 @@
 Two flavours share one output structure and one code-lookup API:
 
 * `VectorQuantizer`: the classic VQ-VAE quantizer (nearest code in squared L2, straight-through
-  gradient, codebook + commitment loss), with optional l2-normalised lookup and dead-code restarts.
+  gradient, codebook + commitment loss), with optional l2-normalised lookup, a codebook initialised from
+  the data (k-means on the first training batch) and dead-code restarts.
 * `IndexPropagationQuantizer` (IBQ): picks the code with the largest logit z.e, but builds z_q as a
   straight-through one-hot times the whole codebook, so every code row receives gradient each step
   (this is what keeps large codebooks alive without restarts).
@@ -52,6 +53,13 @@ def _unflatten(v: Tensor, grid: tuple[int, ...]) -> Tensor:
     return v.reshape(*grid, c)
 
 
+def _nearest(z_flat: Tensor, codebook: Tensor) -> Tensor:
+    """Index [M] of the nearest row of codebook [K, C] to each row of z_flat [M, C], in squared L2 (fp32)."""
+    z32, e32 = z_flat.float(), codebook.float()
+    dist2 = z32.pow(2).sum(1, keepdim=True) - 2.0 * z32 @ e32.t() + e32.pow(2).sum(1)[None]  # [M, K]
+    return dist2.argmin(dim=1)
+
+
 def _code_stats(codes: Tensor, codebook_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Histogram [K] (float), perplexity and usage of a flat code tensor."""
     counts = torch.bincount(codes.reshape(-1), minlength=codebook_size).float()  # [K]
@@ -71,7 +79,8 @@ class _CodebookQuantizer(nn.Module):
         self.beta = beta
         self.l2_norm = l2_norm
         self.embedding = nn.Embedding(codebook_size, dim)
-        # Small uniform init (as in VQ-VAE / taming); restarts or IBQ's dense gradient spread it out.
+        # Small uniform init (as in VQ-VAE / taming); VQ's data_init replaces it at the first training batch,
+        # IBQ's dense gradient spreads it out.
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
     def codebook(self) -> Tensor:
@@ -104,9 +113,16 @@ class _CodebookQuantizer(nn.Module):
 class VectorQuantizer(_CodebookQuantizer):
     """Nearest-neighbour VQ with straight-through gradients.
 
-    loss = MSE(q, sg[z]) + beta * MSE(z, sg[q]). With `restart_dead_codes`, codes that no batch
-    has used for `dead_code_patience` consecutive training steps are re-initialised to random
-    encoder outputs of the current batch (a cheap fix for codebook collapse).
+    loss = MSE(q, sg[z]) + beta * MSE(z, sg[q]).
+
+    `data_init`: the codebook starts from the data instead of the uniform +-1/K init: at the first training
+    forward it is set by k-means on that batch's inputs (`kmeans_init`). A +-1/K codebook sits at the origin,
+    far from the encoder's outputs, so only the few codes nearest the origin ever win and the rest never move.
+
+    `restart_dead_codes`: codes that no batch has used for `dead_code_patience` consecutive training steps are
+    re-initialised to distinct random inputs of the current batch (a cheap fix for codebook collapse). The rows
+    restarted since the last `pop_restarted()` are returned by it, so a trainer can reset their optimiser state
+    (a restarted row must not keep the Adam moments of the dead code it replaced).
     """
 
     def __init__(
@@ -117,24 +133,29 @@ class VectorQuantizer(_CodebookQuantizer):
         l2_norm: bool = False,
         restart_dead_codes: bool = False,
         dead_code_patience: int = 25,
+        data_init: bool = False,
     ):
         super().__init__(codebook_size, dim, beta, l2_norm)
         self.restart_dead_codes = restart_dead_codes
         self.dead_code_patience = dead_code_patience
+        self.data_init = data_init
         # Consecutive training steps each code went unused; persistent so resumed runs keep it.
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
+        if data_init:  # persistent: a loaded or resumed codebook is not re-initialised
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # rows restarted since the last pop_restarted() (not saved: a trainer consumes it every step)
+        self.register_buffer("restarted", torch.zeros(codebook_size, dtype=torch.bool), persistent=False)
 
     @torch.no_grad()
     def _lookup(self, z_flat: Tensor) -> Tensor:
         """Index of the nearest code in squared L2: ||z||^2 - 2 z.e + ||e||^2 (one matmul, no cdist)."""
-        z32 = z_flat.float()  # [M, C]
-        e32 = self.codebook().float()  # [K, C]
-        dist2 = z32.pow(2).sum(1, keepdim=True) - 2.0 * z32 @ e32.t() + e32.pow(2).sum(1)[None]  # [M, K]
-        return dist2.argmin(dim=1)  # [M]
+        return _nearest(z_flat, self.codebook())
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         z_flat, grid = _flatten(z)  # [M, C]
         z_flat = self._prep(z_flat)
+        if self.training and self.data_init and not bool(self.initialized):
+            self.kmeans_init(z_flat.detach())
         codes = self._lookup(z_flat)  # [M]
         q = F.embedding(codes, self.codebook())  # [M, C]
         loss = F.mse_loss(q, z_flat.detach()) + self.beta * F.mse_loss(z_flat, q.detach())
@@ -145,32 +166,65 @@ class VectorQuantizer(_CodebookQuantizer):
         return QuantizerOutput(_unflatten(z_q, grid), codes.reshape(grid), loss, perplexity, usage)
 
     @torch.no_grad()
-    def _restart(self, counts: Tensor, z_flat: Tensor) -> None:
-        """Reset codes unused for `dead_code_patience` steps to random rows of z_flat [M, C].
+    def kmeans_init(self, z_flat: Tensor, iters: int = 10) -> None:
+        """Set the codebook from inputs z_flat [M, C]: k-means (`iters` Lloyd steps) from K distinct inputs.
 
-        Runs after this batch's lookup, so it only affects later steps. Under DDP the usage counts
-        are summed over ranks and the new rows broadcast from rank 0, keeping codebooks identical.
+        With fewer inputs than codes (M < K) every input becomes a code and the remaining codes are inputs plus
+        small noise (1% of the inputs' spread), so no two codes coincide. Under DDP rank 0's codebook is broadcast.
+        """
+        k, m = self.codebook_size, z_flat.shape[0]
+        z32 = z_flat.float()
+        perm = torch.randperm(m, device=z32.device)
+        if m >= k:
+            centres = z32[perm[:k]].clone()  # [K, C]
+            for _ in range(iters):
+                assign = _nearest(z32, centres)  # [M]
+                sums = torch.zeros_like(centres).index_add_(0, assign, z32)
+                counts = torch.bincount(assign, minlength=k)
+                filled = counts > 0
+                centres[filled] = sums[filled] / counts[filled, None]  # an empty cluster keeps its centre
+        else:
+            extra = z32[torch.randint(0, m, (k - m,), device=z32.device)]
+            extra = extra + 0.01 * z32.std(0) * torch.randn_like(extra)
+            centres = torch.cat([z32[perm], extra])
+        weight = self.embedding.weight
+        weight.copy_(centres.to(weight.dtype))
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(weight.data, src=0)
+        self.initialized.fill_(True)
+
+    def pop_restarted(self) -> Tensor:
+        """Indices [R] (long, sorted) of the codebook rows restarted since the last call; clears the record."""
+        rows = self.restarted.nonzero().flatten()
+        self.restarted.zero_()
+        return rows
+
+    @torch.no_grad()
+    def _restart(self, counts: Tensor, z_flat: Tensor) -> None:
+        """Reset codes unused for `dead_code_patience` steps to distinct random rows of z_flat [M, C].
+
+        Inputs are drawn without replacement, so no two restarted codes coincide; when more codes are dead than
+        the batch has inputs, the first M dead codes are restarted now and the rest on later steps. Runs after
+        this batch's lookup, so it only affects later steps. Under DDP the usage counts are summed over ranks,
+        the restarted rows are the same on every rank and their new values are broadcast from rank 0.
         """
         distributed = dist.is_available() and dist.is_initialized()
+        m = torch.tensor(z_flat.shape[0], device=z_flat.device)
         if distributed:
             dist.all_reduce(counts)
+            dist.all_reduce(m, op=dist.ReduceOp.MIN)
         used = counts > 0
         self.steps_unused.add_(1).masked_fill_(used, 0)
-        dead = self.steps_unused >= self.dead_code_patience  # [K]
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        rows = (self.steps_unused >= self.dead_code_patience).nonzero().flatten()[: int(m)]  # [R]
+        if len(rows) == 0:
             return
-        pick = torch.randint(0, z_flat.shape[0], (n_dead,), device=z_flat.device)
-        new = z_flat[pick].to(self.embedding.weight.dtype)  # [n_dead, C]
+        pick = torch.randperm(z_flat.shape[0], device=z_flat.device)[: len(rows)]  # without replacement
         weight = self.embedding.weight.data
+        weight[rows] = z_flat[pick].to(weight.dtype)
         if distributed:
-            buf = weight.clone()
-            buf[dead] = new
-            dist.broadcast(buf, src=0)
-            weight.copy_(buf)
-        else:
-            weight[dead] = new
-        self.steps_unused[dead] = 0
+            dist.broadcast(weight, src=0)
+        self.steps_unused[rows] = 0
+        self.restarted[rows] = True
 
 
 class IndexPropagationQuantizer(_CodebookQuantizer):
@@ -234,10 +288,11 @@ def build_quantizer(
     l2_norm: bool = False,
     restart_dead_codes: bool = False,
     entropy_weight: float = 0.0,
+    data_init: bool = False,
 ) -> _CodebookQuantizer:
-    """'vq' -> VectorQuantizer, 'ibq' -> IndexPropagationQuantizer."""
+    """'vq' -> VectorQuantizer, 'ibq' -> IndexPropagationQuantizer (restart_dead_codes and data_init: VQ only)."""
     if kind == "vq":
-        return VectorQuantizer(codebook_size, dim, beta, l2_norm, restart_dead_codes)
+        return VectorQuantizer(codebook_size, dim, beta, l2_norm, restart_dead_codes, data_init=data_init)
     if kind == "ibq":
         return IndexPropagationQuantizer(codebook_size, dim, beta, l2_norm, entropy_weight)
     raise ValueError(f"unknown quantizer {kind!r}; choose 'vq' or 'ibq'")

@@ -12,36 +12,37 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
-from models.weights import atomic_save_file, load_state_strict, plain_state
+from models.io import atomic_write, dataclass_from_dict
+from models.weights import load_state_strict, plain_state
 
-# kind -> (module, config class, model class)
+# kind -> (module, config class, model class); the module exports both classes
 KINDS = {
     "vq": ("vision_tokenizers.vq", "VQConfig", "VQTokenizer"),
     "seed": ("vision_tokenizers.seed", "SEEDConfig", "SEEDTokenizer"),
 }
 
 
+def _classes(kind: str) -> tuple[type, type]:
+    """(config class, model class) of a kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown vision tokenizer kind {kind!r}; known: {sorted(KINDS)}")
+    mod, cfg_cls, model_cls = KINDS[kind]
+    m = importlib.import_module(mod)
+    return getattr(m, cfg_cls), getattr(m, model_cls)
+
+
 def kind_of(model: torch.nn.Module) -> str:
-    for kind, (mod, _, cls) in KINDS.items():
-        if type(model).__name__ == cls and type(model).__module__ == mod:
+    for kind in KINDS:
+        if type(model) is _classes(kind)[1]:
             return kind
     raise ValueError(f"unknown vision tokenizer class {type(model).__name__}")
 
 
 def build(kind: str, config: dict) -> torch.nn.Module:
-    if kind not in KINDS:
-        raise ValueError(f"unknown vision tokenizer kind {kind!r}; known: {sorted(KINDS)}")
-    mod, cfg_cls, model_cls = KINDS[kind]
-    m = importlib.import_module(mod)
-    cfg_type = getattr(m, cfg_cls)
-    fields = {f.name for f in dataclasses.fields(cfg_type)}
-    unknown = set(config) - fields
-    if unknown:
-        raise ValueError(f"{kind} tokenizer config has unknown keys {sorted(unknown)}")
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return getattr(m, model_cls)(cfg_type(**config))
+    cfg_type, model_type = _classes(kind)
+    return model_type(dataclass_from_dict(cfg_type, config, f"{kind} tokenizer config"))
 
 
 def describe(model: torch.nn.Module) -> dict:
@@ -49,7 +50,9 @@ def describe(model: torch.nn.Module) -> dict:
 
 
 def save(model: torch.nn.Module, path: str | Path) -> None:
-    atomic_save_file(plain_state(model), path, {"mmar": json.dumps(describe(model))})
+    """Weights + {"kind", "config"} metadata in one safetensors file, written atomically."""
+    with atomic_write(path) as tmp:
+        save_file(plain_state(model), str(tmp), {"mmar": json.dumps(describe(model))})
 
 
 def load(path: str | Path) -> torch.nn.Module:

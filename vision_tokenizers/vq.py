@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from torch import Tensor, nn
 
+from models.io import dataclass_from_dict
+
 from .quantizers import QuantizerOutput, build_quantizer
 
 
@@ -34,10 +36,11 @@ class VQConfig:
     latent_dim: int = 32
     codebook_size: int = 256
     quantizer: str = "vq"  # "vq" | "ibq"
-    beta: float = 0.25
+    beta: float = 0.25  # commitment weight: VQ-VAE's (van den Oord et al.) 0.25
     l2_norm: bool = False
     restart_dead_codes: bool = True  # only used by "vq"
-    entropy_weight: float = 0.0  # only used by "ibq"
+    data_init: bool = False  # only used by "vq": k-means codebook init on the first training batch
+    entropy_weight: float = 0.0  # only used by "ibq"; off by default (ETT's tokenizer uses 0.05, DESIGN §5)
     norm_num_groups: int = 8
     mid_attention: bool = True  # diffusers' mid-block self-attention at the latent resolution
 
@@ -61,12 +64,8 @@ class VQConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VQConfig keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str | None = None) -> "VQConfig":
+        return dataclass_from_dict(cls, d, source)
 
 
 class VQTokenizer(nn.Module):
@@ -107,6 +106,7 @@ class VQTokenizer(nn.Module):
             l2_norm=cfg.l2_norm,
             restart_dead_codes=cfg.restart_dead_codes,
             entropy_weight=cfg.entropy_weight,
+            data_init=cfg.data_init,
         )
 
     # ---- geometry -------------------------------------------------------------------------
