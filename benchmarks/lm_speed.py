@@ -203,7 +203,7 @@ def ratio(times: dict, ours: str, theirs: str = "theirs") -> float:
 def make_train_step(model, hf: bool, forward=None):
     """One AdamW step; `forward` (e.g. torch.compile(model)) replaces the model call of ours."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # same (default) settings for both
-    forward = forward or model
+    forward = forward if forward is not None else model
 
     def step(ids: torch.Tensor) -> None:
         logits = model(ids[:, :-1]).logits if hf else model.head(forward(ids[:, :-1]))  # [B, T, V]
