@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from models.io import dataclass_from_dict
 from models.objectives.base import Objective
+from models.objectives.nbp import NextBlockPrediction
 from models.objectives.ntp import NextTokenPrediction
 
 OBJECTIVES: dict[str, type[Objective]] = {"ntp": NextTokenPrediction}
+OBJECTIVES["nbp"] = NextBlockPrediction
 
 
 def describe(objective: Objective) -> dict:
@@ -29,4 +31,4 @@ def build(desc: dict, source: str = "checkpoint") -> Objective:
     return cls(**dataclass_from_dict(cls.Config, desc.get("config", {}), source).__dict__)
 
 
-__all__ = ["OBJECTIVES", "NextTokenPrediction", "Objective", "build", "describe"]
+__all__ = ["OBJECTIVES", "NextBlockPrediction", "NextTokenPrediction", "Objective", "build", "describe"]
