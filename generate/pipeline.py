@@ -69,3 +69,22 @@ def caption(
     out = b.objective.generate(b.lm, ids, max_new_tokens, temperature=temperature, top_p=top_p, allowed=allowed,
                                stop_id=tok.eos_id, generator=generator)
     return [tok.decode(t for t in row.tolist() if t != tok.eos_id) for row in out]
+
+
+@torch.inference_mode()
+def text_to_video(
+    b: Bundle,
+    prompts: list[str],
+    n: int = 1,
+    cfg: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Videos [len(prompts) * n, C, T, H, W] in [-1, 1], prompt-major order. The same prompt and decoding as
+    text_to_image (the video codes are the visual span); the model's objective decides token- or block-wise."""
+    if len(getattr(b.vision, "code_shape", ())) != 3:
+        raise ValueError("this model's vision tokenizer is not a video tokenizer; use generate.text_to_image")
+    return text_to_image(b, prompts, n, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator)

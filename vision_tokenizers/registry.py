@@ -21,6 +21,7 @@ from models.weights import load_state_strict, plain_state
 KINDS = {
     "vq": ("vision_tokenizers.vq", "VQConfig", "VQTokenizer"),
     "seed": ("vision_tokenizers.seed", "SEEDConfig", "SEEDTokenizer"),
+    "video": ("vision_tokenizers.video", "VideoTokenizerConfig", "VideoTokenizer"),
 }
 
 

@@ -1,0 +1,72 @@
+"""Draw videos from text: `python -m generate.text_to_video --ckpt results/video/lm --prompt "a 3 moving up"`.
+
+Writes, per video, <out>/<prompt index>_<sample>.mp4 (PyAV), .gif (animated) and _strip.png (the frames side
+by side), plus <out>/prompts.txt. Whether decoding goes token by token or block by block is what the
+checkpoint's objective says (next-token or next-block prediction).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from generate.common import add_common, check_args, load, run_main
+from generate.pipeline import text_to_video
+from models.io import atomic_write, write_text_atomic
+from vision_tokenizers.image_io import save_png
+from vision_tokenizers.video_io import frame_strip, write_gif, write_mp4
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p)
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="videos per prompt")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--out", default="results/t2v")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.fps < 1:
+        p.error(f"--fps must be >= 1, got {args.fps}")
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            p.error(f"--prompts-file {f}: file not found")
+        args.prompt += [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    if not args.prompt:
+        p.error("give at least one --prompt or a --prompts-file")
+    for i, text in enumerate(args.prompt):
+        if not text.strip():
+            p.error(f"prompt {i + 1} is empty")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    bundle, gen = load(args)
+    videos = text_to_video(bundle, args.prompt, args.n, cfg=args.cfg, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, generator=gen).cpu()  # [N, C, T, H, W]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Everything is generated before the first write, and each file is written atomically.
+    for i in range(len(args.prompt)):
+        for j in range(args.n):
+            v, stem = videos[i * args.n + j], out / f"{i:03d}_{j:02d}"
+            with atomic_write(stem.with_suffix(".mp4")) as tmp:
+                write_mp4(v, tmp, args.fps)
+            with atomic_write(stem.with_suffix(".gif")) as tmp:
+                write_gif(v, tmp, args.fps)
+            save_png(frame_strip(v), out / f"{stem.name}_strip.png")
+    write_text_atomic(out / "prompts.txt", "\n".join(args.prompt) + "\n")
+    print(f"wrote {len(videos)} videos (.mp4, .gif, _strip.png) to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

