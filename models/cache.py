@@ -84,3 +84,13 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.pos += t
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to forget every slot appended after this call (their keys/values are
+        simply overwritten later): lets a sampler run trial forwards (e.g. flow-matching steps) on top
+        of a fixed cached context."""
+        return self.pos, self.has_padding, self.custom_blocks, self.next_position.clone()
+
+    def restore(self, state: tuple) -> None:
+        self.pos, self.has_padding, self.custom_blocks, nxt = state
+        self.next_position = nxt.clone()

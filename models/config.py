@@ -22,6 +22,7 @@ class LMConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     max_len: int = 2048
+    adaln: bool = False  # per-position adaLN condition in every block (xAR's time conditioning)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -66,4 +67,16 @@ PRESETS: dict[str, LMConfig] = {
     # An NBP-700M-sized decoder (24 layers, width 1536, 16 heads) over a 64k FSQ vocabulary + text.
     "nbp-700m": LMConfig(vocab_size=64000 + 1024, dim=1536, n_layers=24, n_heads=16, mlp_dim=4096,
                          max_len=8192),
+    # xAR (DESIGN §5): the toy backbone of configs/mnist_xar.yaml (the demo's size, with adaLN time conditioning).
+    "xar-demo": LMConfig(vocab_size=1024, dim=256, n_layers=4, n_heads=8, mlp_dim=688, max_len=256, adaln=True),
+    # xAR-B / L / H: the official widths and depths (encoder + decoder blocks counted together), SwiGLU at
+    # 8/3 x width, qkv bias, a 6 x width adaLN per block; with the objective's input/velocity layers and a small
+    # text vocabulary they come to the paper's 172M / 608M / 1.1B (tests/test_xar.py checks on the meta device;
+    # H's SwiGLU width is narrowed to 2880 to land within 2% of the paper's rounded 1.1B).
+    "xar-b": LMConfig(vocab_size=1024, dim=768, n_layers=16, n_heads=12, mlp_dim=2048, qkv_bias=True,
+                      max_len=1024, adaln=True),
+    "xar-l": LMConfig(vocab_size=1024, dim=1024, n_layers=32, n_heads=16, mlp_dim=2730, qkv_bias=True,
+                      max_len=1024, adaln=True),
+    "xar-h": LMConfig(vocab_size=1024, dim=1280, n_layers=40, n_heads=16, mlp_dim=2880, qkv_bias=True,
+                      max_len=1024, adaln=True),
 }

@@ -102,10 +102,18 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
+        # adaLN (cfg.adaln): a per-position condition vector (e.g. a flow-matching time embedding) gives
+        # scale/shift of both norms and the gates of both branches; zero-initialised, so a zero condition
+        # (text positions) leaves the block a plain Llama block.
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.adaln else None
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer, cond=None):
+        if self.ada is None or cond is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
+            return x + self.mlp(self.mlp_norm(x))
+        g1, g2, s1, s2, b1, b2 = self.ada(F.silu(cond)).chunk(6, dim=-1)  # [B, T, D] each
+        x = x + (1 + g1) * self.attn(self.attn_norm(x) * (1 + s1) + b1, cos, sin, mask, is_causal, cache, layer)
+        return x + (1 + g2) * self.mlp(self.mlp_norm(x) * (1 + s2) + b2)
 
 
 class Transformer(nn.Module):
@@ -123,6 +131,10 @@ class Transformer(nn.Module):
             self.head.weight = self.tok_emb.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.apply(self._init)
+        for blk in self.blocks:
+            if blk.ada is not None:
+                nn.init.zeros_(blk.ada.weight)
+                nn.init.zeros_(blk.ada.bias)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -163,6 +175,8 @@ class Transformer(nn.Module):
         block_ids: torch.Tensor | None = None,  # [B, T] mask structure (None = causal), see models/masks.py
         valid: torch.Tensor | None = None,  # [B, T] False on padding (never attended to)
         cache: KVCache | None = None,
+        cond: torch.Tensor | None = None,  # [B, T, D] adaLN condition (needs cfg.adaln; zeros = none)
+        attn_mask: torch.Tensor | None = None,  # [B, 1, T, T] bool, replaces the block-id mask (no cache)
     ) -> torch.Tensor:
         x = self.embed(ids, embeds, embed_mask)  # [B, T, D]
         b, t, _ = x.shape
@@ -173,7 +187,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {t} positions exceeds max_len {self.cfg.max_len}")
             if position_ids is None:
                 position_ids = torch.arange(t, device=x.device).expand(b, t)
-            if block_ids is None and valid is None:
+            if attn_mask is not None:
+                mask, is_causal = attn_mask, False
+            elif block_ids is None and valid is None:
                 mask, is_causal = None, True
             else:
                 q_block = block_ids if block_ids is not None else torch.arange(t, device=x.device).expand(b, t)
@@ -181,7 +197,7 @@ class Transformer(nn.Module):
         limit = max(self.cfg.max_len, cache.max_len if cache is not None else t)
         cos, sin = self.rope(position_ids, x.dtype, limit)  # [B, 1, T, E]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask, is_causal, cache, i)
+            x = blk(x, cos, sin, mask, is_causal, cache, i, cond)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

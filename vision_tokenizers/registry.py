@@ -22,6 +22,7 @@ KINDS = {
     "vq": ("vision_tokenizers.vq", "VQConfig", "VQTokenizer"),
     "seed": ("vision_tokenizers.seed", "SEEDConfig", "SEEDTokenizer"),
     "video": ("vision_tokenizers.video", "VideoTokenizerConfig", "VideoTokenizer"),
+    "kl": ("vision_tokenizers.kl", "KLConfig", "KLTokenizer"),
 }
 
 

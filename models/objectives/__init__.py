@@ -10,8 +10,9 @@ from models.io import dataclass_from_dict
 from models.objectives.base import Objective
 from models.objectives.nbp import NextBlockPrediction
 from models.objectives.ntp import NextTokenPrediction
+from models.objectives.xar import XARFlowMatching
 
-OBJECTIVES: dict[str, type[Objective]] = {"ntp": NextTokenPrediction}
+OBJECTIVES: dict[str, type[Objective]] = {"ntp": NextTokenPrediction, "xar": XARFlowMatching}
 OBJECTIVES["nbp"] = NextBlockPrediction
 
 
