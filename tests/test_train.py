@@ -66,7 +66,7 @@ def test_augmented_copies_are_cached_after_the_originals(fitted_lm, tmp_path):
             return codes, caption, where
 
     aug.train_set.format = Recorder()
-    got_codes, cap, where = aug.train_set[2 * n + 5]  # a warped copy carries the captions of its image
+    got_codes, cap, where = aug.train_set[(2 * n + 5, 123)]  # a warped copy carries the captions of its image
     assert torch.equal(got_codes, codes[2 * n + 5].long()) and cap in aug.train_data.captions[5]
     assert where.endswith("[5]")
     with pytest.raises(ValueError, match="augment_copies"):

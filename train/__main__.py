@@ -1,4 +1,4 @@
-from train.cli import main
+from train.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -1,7 +1,9 @@
-"""Validation-time samples: a grid of generated images and a few captions, saved and logged."""
+"""Training callbacks: validation-time samples (a grid of generated images and a few captions, saved and
+logged) and the numerical guard (a non-finite loss or gradient stops the run, or skips the step)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -60,3 +62,33 @@ class SampleLogger(L.Callback):
         if hasattr(exp, "add_image"):
             exp.add_image("samples", (img + 1) / 2, trainer.global_step)
             exp.add_text("captions", "  \n".join(lines), trainer.global_step)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped the run (NumericalGuard with action="stop")."""
+
+
+class NumericalGuard(L.Callback):
+    """Checks the gradients before every optimiser step. A non-finite one (a NaN/inf loss gives those too)
+    either stops the run with a message naming the step (`action="stop"`, the default: nothing is saved
+    after the bad step, so the last checkpoint is the last good one) or drops the step (`"skip"`: the
+    gradients are cleared, the optimiser leaves the weights and its moments as they were; counted in
+    `train/skipped_steps`). Under DDP the gradients are already reduced, so every rank decides the same."""
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop"):
+        if action not in ("stop", "skip"):
+            raise ValueError(f"NumericalGuard action must be 'stop' or 'skip', got {action!r}")
+        self.action, self.skipped = action, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params or torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
+            return
+        if self.action == "stop":
+            cb = trainer.checkpoint_callback
+            kept = f"; last good checkpoint: {cb.last_model_path}" if cb is not None and cb.last_model_path else ""
+            raise NonFiniteError(f"step {trainer.global_step}: non-finite loss or gradient, run stopped{kept}")
+        for p in params:
+            p.grad = None
+        self.skipped += 1
+        pl_module.log("train/skipped_steps", float(self.skipped))

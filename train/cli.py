@@ -3,20 +3,55 @@
 The configs name their classes (class_path), so one entry point trains tokenizers and LMs. A model
 that needs facts about its data (vocabulary, tokenizer, vision tokenizer) declares a `data` argument,
 and the CLI links it from the data module's `spec` once the data module exists.
+
+Every run also gets, unless its config already has them: `LastCheckpoint` (`last.ckpt` written when
+training ends, and on SIGTERM / SIGINT before stopping cleanly) and `NumericalGuard` (a non-finite gradient stops the run). A
+ModelCheckpoint without `dirpath` keeps its files in `<default_root_dir>/checkpoints/`, the same folder
+on every run, so `--ckpt_path last` finds the previous run's `last.ckpt`.
 Lightning writes checkpoints atomically itself (torch.save into a buffer, then an fsspec transaction:
-a temp file moved onto the target), so no checkpoint plugin of ours is needed.
+a temp file moved onto the target), and loads them with `torch.load(weights_only=True)` (torch's
+default), so a checkpoint carrying pickled code is refused, not run.
 """
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+from train.callbacks import NonFiniteError, NumericalGuard
+from train.resume import LastCheckpoint
 
 
 class MMARCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.data", compute_fn=_spec_of, apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        prepare_trainer(self.trainer)
+        # Building the data module (tokenizers, vision tokenizer) draws random numbers after `seed_everything`;
+        # DDP re-seeds each process before the model is built (reset_seed). Re-seed here as well, so the
+        # weights start the same on one process and on many.
+        reset_seed()
+
+
+# Lightning warns at every step checkpoint of a manual-optimisation module (our tokenizers) that the weights
+# are the ones after the optimiser step; that is the state a resume needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def prepare_trainer(trainer) -> None:
+    """Stable checkpoint folder, signal checkpointing and the numerical guard for every run (see module doc)."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+    for cls in (LastCheckpoint, NumericalGuard):
+        if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+            trainer.callbacks.append(cls())
 
 
 def _spec_of(datamodule):
@@ -33,3 +68,12 @@ def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
                        save_config_kwargs={"overwrite": True})
     finally:
         sys.argv = argv
+
+
+def console_main() -> None:
+    """`python -m train ...`: a run stopped by the numerical guard ends with one line and exit code 1."""
+    try:
+        main()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -19,6 +19,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
+from train.resume import EpochSampler, ResumableLoader, trainer_progress
 from train.sources import ImageTextSet, load_source, split_indices
 from vision_tokenizers import registry
 
@@ -38,6 +39,12 @@ def caption_tokenizer(train: ImageTextSet, text_tokenizer: str | None, bpe_vocab
     return TextTokenizer.train_bpe([c for caps in train.captions for c in caps], bpe_vocab_size)
 
 
+def visit(item: int | tuple[int, int]) -> tuple[int, int | None]:
+    """(index, draw seed) of a dataset item: training samplers (train.resume.EpochSampler) pass both,
+    evaluation loaders pass a bare index."""
+    return (item, None) if isinstance(item, int) else (int(item[0]), int(item[1]))
+
+
 class ImageDataset(Dataset):
     def __init__(self, data: ImageTextSet, channels: int, size: int):
         self.data, self.channels, self.size = data, channels, size
@@ -45,8 +52,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data.image(i, self.channels, self.size)  # [C, S, S]
+    def __getitem__(self, item) -> torch.Tensor:
+        return self.data.image(visit(item)[0], self.channels, self.size)  # [C, S, S]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -66,10 +73,11 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = ImageDataset(held.subset(range(min(self.val_size, len(held)))), self.channels, self.image_size)
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
+                               trainer_progress(self), num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
 
 
 def augmenter(degrees: float = 10.0, translate: float = 0.05, scale: tuple[float, float] = (0.9, 1.1)):
@@ -130,8 +138,9 @@ class DataSpec:
 
 class CodeCaptionDataset(Dataset):
     """One LM sequence per code row (row r holds a copy of image r % len(data)). Training draws template,
-    order and guidance drop anew at each visit (from torch's RNG, so `seed_everything` makes runs
-    repeatable); validation (`fixed`) draws once per index."""
+    order and guidance drop anew at each visit, from the draw seed its sampler hands over with the index
+    (train.resume.EpochSampler: a function of seed, epoch and index, so a resumed run repeats them);
+    validation (`fixed_seed`) draws once per index."""
 
     def __init__(self, codes: torch.Tensor, data: ImageTextSet, fmt: SequenceFormat, fixed_seed: int | None = None):
         self.codes, self.data, self.format, self.fixed_seed = codes, data, fmt, fixed_seed
@@ -139,11 +148,14 @@ class CodeCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.codes)
 
-    def __getitem__(self, i: int):
-        if self.fixed_seed is None:
-            rng = random.Random(int(torch.randint(0, 2**62, ()).item()))
-        else:
-            rng = random.Random(self.fixed_seed * 1_000_003 + i)
+    def __getitem__(self, item):
+        i, seed = visit(item)
+        if seed is None:
+            if self.fixed_seed is None:
+                raise ValueError("CodeCaptionDataset without fixed_seed needs (index, draw seed) items "
+                                 "(train.resume.EpochSampler)")
+            seed = self.fixed_seed * 1_000_003 + i
+        rng = random.Random(seed)
         j = i % len(self.data)
         cap = rng.choice(self.data.captions[j])
         return self.format.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
@@ -177,21 +189,33 @@ class ImageTextDataModule(L.LightningDataModule):
         self.spec = DataSpec(self.tokenizer, self.layout, self.vision, self.seq_cfg.max_len,
                              self.train_data.class_names)
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor, ImageTextSet]:
+        """(training codes, validation codes, validation images), from the cache when it has them."""
         key = f"{self.source}|{self.path}|{self.holdout}|{self.seed}"
         val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
         train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
                                    self.augment_copies, self.seed)
         val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir)
+        return train_codes, val_codes, val
+
+    def prepare_data(self) -> None:
+        """Fill the code cache once: Lightning calls this on one process per node before any `setup`, so
+        under DDP the ranks read one cache instead of each encoding the dataset."""
+        if self.cache_dir is not None:
+            self._codes()
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        train_codes, val_codes, val = self._codes()
         self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.format)
         self.val_set = CodeCaptionDataset(val_codes, val, self.format, fixed_seed=self.seed)
         self.val_images = val
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self.format.collate, num_workers=self.num_workers)
+        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
+                               trainer_progress(self), collate_fn=self.format.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers)
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers,
+                          generator=torch.Generator())  # private RNG: validation never moves the global one

@@ -15,10 +15,11 @@ from models.config import LMConfig
 from models.objectives import NextTokenPrediction, Objective
 from models.transformer import Transformer
 from train.datamodules import DataSpec
+from train.resume import ResumableModule
 from train.schedule import adamw_cosine
 
 
-class MultimodalLMModule(L.LightningModule):
+class MultimodalLMModule(ResumableModule):
     """`preset` picks an LMConfig preset (models/config.py); dim/n_layers/... override it. The vocabulary
     size and maximum length come from `data`. With `hf_init` (a Hugging Face Llama/Qwen2/Mistral folder)
     the backbone starts from those weights instead, its vocabulary extended by our special and image
@@ -92,5 +93,6 @@ class MultimodalLMModule(L.LightningModule):
     # ---- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Make the .ckpt self-describing: generate/ scripts rebuild everything from it."""
+        super().on_save_checkpoint(checkpoint)  # RNG states (exact resume)
         checkpoint["mmar"] = {**self.bundle().meta(), "tokenizer_json": self.data.tokenizer.to_json()}
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from train.resume import ResumableModule
 from train.schedule import adamw_cosine
 from vision_tokenizers import registry
 from vision_tokenizers.losses import NLayerDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
@@ -49,7 +50,7 @@ def reset_restarted_codes(module: nn.Module, optimizer: torch.optim.Optimizer) -
     return n
 
 
-class TokenizerTrainingModule(L.LightningModule):
+class TokenizerTrainingModule(ResumableModule):
     """Base for modules that train (part of) a vision tokenizer and export it.
 
     Subclasses set `self.tokenizer` (or override `exported_tokenizer`) and may override `trained_module`
@@ -112,6 +113,7 @@ class TokenizerTrainingModule(L.LightningModule):
         reset_restarted_codes(self, optimizer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # RNG states (exact resume)
         checkpoint["mmar"] = {"vision": self.export_description()}
 
     def on_train_end(self) -> None:

@@ -5,7 +5,23 @@ import abc
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+
+def token_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`total / weight` where `weight` is this process's share of a token count, made right under DDP.
+
+    DDP averages gradients over ranks; dividing each rank's sum by its own count would weight a token
+    by 1 / (its rank's count), so ranks with fewer tokens would count more. Dividing by the mean count
+    over ranks makes the averaged gradient that of one process on the whole global batch.
+    """
+    weight = weight.detach().clamp(min=1e-6)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and total.requires_grad:
+        weight = weight.clone()
+        dist.all_reduce(weight)
+        weight = weight / dist.get_world_size()
+    return total / weight
 
 
 class Objective(nn.Module, abc.ABC):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from generate.sampling import generate
-from models.objectives.base import Objective
+from models.objectives.base import Objective, token_mean
 from models.sequence import IMAGE, TEXT
 
 
@@ -38,7 +38,7 @@ class NextTokenPrediction(Objective):
         target, flag, mod = ids[:, 1:], flag[:, 1:], modality[:, 1:]
         tok_loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         weight = flag * torch.where(mod == TEXT, self.config.text_weight, 1.0)  # [B, T-1]
-        out = {"loss": (tok_loss * weight).sum() / weight.sum().clamp(min=1e-6),
+        out = {"loss": token_mean((tok_loss * weight).sum(), weight.sum()),
                "nll": (tok_loss * flag).sum().detach() / flag.sum().clamp(min=1)}
         for name, m in (("text", TEXT), ("image", IMAGE)):
             sel = flag & (mod == m)

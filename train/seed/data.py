@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from models.text_tokenizer import TextTokenizer
-from train.datamodules import caption_tokenizer, split_source
+from train.datamodules import caption_tokenizer, split_source, visit
+from train.resume import EpochSampler, ResumableLoader, trainer_progress
 from train.sources import ImageTextSet
 
 
@@ -19,8 +20,8 @@ def tokenizer_json_path(export_path: str | Path) -> Path:
 
 
 class ImageCaptionDataset(Dataset):
-    """(image [C, S, S], caption ids [T] with [CLS] first). Training draws a caption template per visit
-    (torch's RNG, so seed_everything makes it repeatable); `fixed_seed` draws once per index."""
+    """(image [C, S, S], caption ids [T] with [CLS] first). Training draws a caption template per visit from
+    the draw seed its sampler hands over (train.resume.EpochSampler); `fixed_seed` draws once per index."""
 
     def __init__(self, data: ImageTextSet, tok: TextTokenizer, channels: int, size: int, max_len: int,
                  fixed_seed: int | None = None):
@@ -30,8 +31,10 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
-        seed = int(torch.randint(0, 2**62, ()).item()) if self.fixed_seed is None else self.fixed_seed * 1_000_003 + i
+    def __getitem__(self, item):
+        i, seed = visit(item)
+        if seed is None:
+            seed = (self.fixed_seed or 0) * 1_000_003 + i
         cap = random.Random(seed).choice(self.data.captions[i])
         ids = [self.tok.bos_id, *self.tok.encode(cap)][: self.max_len]  # <bos> serves as [CLS]
         return self.data.image(i, self.channels, self.size), torch.tensor(ids), int(self.data.labels[i])
@@ -69,11 +72,12 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return {"images": images, "text": text, "text_valid": valid, "labels": labels}
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
+                               trainer_progress(self), collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,
+                          generator=torch.Generator())  # private RNG: validation never moves the global one
 
 
 def batch_images(batch) -> torch.Tensor:
