@@ -37,7 +37,13 @@ def main(argv=None) -> None:
     args = parse(argv)
     paths: list[Path] = []
     for item in map(Path, args.images):
-        paths.extend(list_images(item) if item.is_dir() else [item])
+        if item.is_dir():
+            found = list_images(item)
+            if not found:
+                raise ValueError(f"{item}: no images in this folder")
+            paths.extend(found)
+        else:
+            paths.append(item)
     bundle, gen = load(args)
     c, s = bundle.image_channels, bundle.image_size
     images = [load_image(p, c, s) for p in paths]  # every file is checked before any output

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,10 +20,29 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def read_prompts_file(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file; a parser error naming the file otherwise."""
+    f = Path(path)
+    if f.is_dir():
+        p.error(f"--prompts-file {f}: is a folder, expected a text file")
+    if not f.is_file():
+        p.error(f"--prompts-file {f}: file not found")
+    try:
+        text = f.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        p.error(f"--prompts-file {f}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})")
+    except OSError as e:
+        p.error(f"--prompts-file {f}: cannot read ({e.strerror})")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        p.error(f"--prompts-file {f}: no prompts in the file")
+    return prompts
 
 
 def load(args) -> tuple[Bundle, torch.Generator]:
@@ -35,6 +56,6 @@ def run_main(fn, argv=None) -> int:
     try:
         fn(argv)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -110,9 +110,13 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             meta = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
-        tok = TextTokenizer.from_file(path / "tokenizer.json")
+        tok = TextTokenizer.from_file(path / "tokenizer.json")  # names the file when it is not a tokenizer
         lm, objective, layout, _, max_len = _from_meta(meta, tok, str(path / "config.json"))
-        weights, source = load_file(str(path / "model.safetensors")), str(path / "model.safetensors")
+        source = str(path / "model.safetensors")
+        try:
+            weights = load_file(source)
+        except Exception as e:  # safetensors' own error type for truncated or foreign files
+            raise ValueError(f"{source}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
         load_state_strict(objective, _split(weights, "objective."), source)
         load_state_strict(lm, {k: v for k, v in weights.items() if not k.startswith("objective.")}, source)
         vision = registry.load(path / "vision_tokenizer.safetensors")
