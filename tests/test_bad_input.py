@@ -211,5 +211,5 @@ def test_training_cli_bad_values_are_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "train", "fit", "--config", "configs/mnist_vq.yaml", *extra,
                             "--trainer.default_root_dir", str(tmp_path / "run")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode != 0 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()

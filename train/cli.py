@@ -71,9 +71,13 @@ def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
 
 
 def console_main() -> None:
-    """`python -m train ...`: a run stopped by the numerical guard ends with one line and exit code 1."""
+    """`python -m train ...`: a run stopped by the numerical guard (exit code 1) or by bad input such as a
+    missing data file or a corrupt sample (exit code 2) ends with one line naming the problem, not a
+    traceback; set MMAR_DEBUG=1 to get the traceback."""
     try:
         main()
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (NonFiniteError, ValueError, OSError) as e:
+        if os.environ.get("MMAR_DEBUG"):
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
