@@ -25,13 +25,19 @@ def text_to_image(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
 ) -> torch.Tensor:
     """Images [len(prompts) * n, C, H, W] in [-1, 1], prompt-major order.
 
     Only image codes are sampled inside the image span; with cfg != 1 the batch is doubled with the
-    unconditional prompt (the caption-dropped form the model was trained on).
+    unconditional prompt (the caption-dropped form the model was trained on). A continuous-latent
+    objective (xAR) draws latents instead, with `steps` / `sampler` (default: the checkpoint's);
+    temperature, top-k and top-p then do not apply.
     """
     fmt = b.format
+    if getattr(b.objective, "continuous", False):
+        return _latent_text_to_image(b, prompts, n, cfg, steps, sampler, generator)
     rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
     guided = cfg != 1.0
     if guided:
@@ -49,6 +55,22 @@ def text_to_image(
     return b.vision.decode(codes.view(len(codes), *b.vision.code_shape))
 
 
+def _latent_text_to_image(b: Bundle, prompts, n, cfg, steps, sampler, generator) -> torch.Tensor:
+    """The xAR path: the same prompts (and guidance rows), latents from the objective, the KL decoder."""
+    fmt = b.format
+    rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
+    guided = cfg != 1.0
+    if guided:
+        rows = rows + [fmt.t2i_prompt(None)] * len(rows)
+    ids, valid = left_pad(rows, b.tokenizer.pad_id)
+    if ids.shape[1] + b.vision.num_tokens > b.max_len:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens + {b.vision.num_tokens} latents exceeds max_len {b.max_len}")
+    dev = _device(b)
+    latents = b.objective.generate(b.lm, ids.to(dev), valid=valid.to(dev), cfg_scale=cfg if guided else None,
+                                   steps=steps, sampler=sampler, generator=generator)  # [B, c, h, w]
+    return b.vision.decode(latents)
+
+
 @torch.inference_mode()
 def caption(
     b: Bundle,
@@ -59,6 +81,8 @@ def caption(
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Captions for a batch of images: the captioning prompt, then text until <eos>."""
+    if getattr(b.objective, "continuous", False):
+        raise ValueError("this checkpoint draws continuous latents (xAR); it does not caption images")
     tok, fmt, dev = b.tokenizer, b.format, _device(b)
     codes = b.vision.encode(images.to(dev))  # [B, h, w]
     ids = torch.tensor([fmt.caption_prompt(c) for c in codes], device=dev)  # [B, T] (all the same length)

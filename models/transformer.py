@@ -103,8 +103,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
         # adaLN (cfg.adaln): a per-position condition vector (e.g. a flow-matching time embedding) gives
-        # scale/shift of both norms and the gates of both branches; zero-initialised, so a zero condition
-        # (text positions) leaves the block a plain Llama block.
+        # scale/shift of both norms and the gates of both branches; zero-initialised, so at initialisation the
+        # block is a plain Llama block (text positions get a zero condition: only the learned bias modulates them).
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.adaln else None
 
     def forward(self, x, cos, sin, mask, is_causal, cache, layer, cond=None):
