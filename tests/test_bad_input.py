@@ -213,3 +213,33 @@ def test_training_cli_bad_values_are_one_line(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_samples_stop_or_skip(tiny_vq_path, tmp_path):
+    """A JSONL with a corrupt image, an empty caption and an over-long caption among good rows: the default
+    stops with the file and line; "skip" drops exactly those, counts them and logs file:line: problem."""
+    from train.datamodules import ImageTextDataModule
+
+    for i in range(12):
+        _digit().save(tmp_path / f"d{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    rows = [f'{{"image": "d{i}.png", "caption": "digit {i % 10}"}}' for i in range(12)]
+    rows[3] = '{"image": "broken.png", "caption": "a digit"}'
+    rows[5] = '{"image": "d5.png", "caption": ""}'
+    rows[7] = '{"image": "d7.png", "caption": "' + "very long " * 40 + '"}'
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    kw = dict(vision_tokenizer=str(tiny_vq_path), source="jsonl", path=str(tmp_path / "data.jsonl"), holdout=0,
+              bpe_vocab_size=200, batch_size=2, max_len=48, val_size=0)
+    with pytest.raises(ValueError, match=r"data.jsonl:6: empty caption"):
+        ImageTextDataModule(**kw, cache_dir=str(tmp_path / "c1"))
+    log = tmp_path / "bad.log"
+    dm = ImageTextDataModule(**kw, cache_dir=str(tmp_path / "c2"), on_bad_sample="skip", bad_samples_log=str(log))
+    dm.setup()
+    assert len(dm.train_set) == 9
+    lines = log.read_text().splitlines()
+    assert [ln.split(": ")[0].rsplit("/", 1)[-1] for ln in lines] == ["data.jsonl:6", "data.jsonl:4", "data.jsonl:8"]
+    assert "empty caption" in lines[0] and "could not be read" in lines[1] and "max_len" in lines[2]
+    rows[5] = '{"image": "d5.png", "caption": "digit 5"}'
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:4: .*broken.png: cannot read image"):
+        ImageTextDataModule(**kw, cache_dir=str(tmp_path / "c3")).setup()

@@ -55,7 +55,7 @@ def test_jsonl_source_and_errors(tmp_path):
         load_source("jsonl", str(empty))
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"image": "nope.png", "caption": "x"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"missing.jsonl:1: image file .*nope.png not found"):
+    with pytest.raises(ValueError, match=r"missing.jsonl:1: image file .*nope.png not found"):
         load_source("jsonl", str(missing))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")

@@ -20,12 +20,13 @@ from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
 from train.resume import EpochSampler, ResumableLoader, trainer_progress
-from train.sources import ImageTextSet, load_source, split_indices
+from train.sources import STOP, BadSamples, ImageTextSet, load_source, split_indices
 from vision_tokenizers import registry
 
 
-def split_source(source: str, path: str | None, holdout: int, seed: int) -> tuple[ImageTextSet, ImageTextSet]:
-    data = load_source(source, path)
+def split_source(source: str, path: str | None, holdout: int, seed: int,
+                 bad: BadSamples = STOP) -> tuple[ImageTextSet, ImageTextSet]:
+    data = load_source(source, path, bad)
     if not 0 <= holdout < len(data):
         raise ValueError(f"holdout {holdout} must be in [0, {len(data)}) for source {source!r}")
     train_idx, held_idx = split_indices(len(data), holdout, seed)
@@ -89,40 +90,57 @@ def augmenter(degrees: float = 10.0, translate: float = 0.05, scale: tuple[float
 
 @torch.inference_mode()
 def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256, augment_copies: int = 0,
-                  seed: int = 0) -> torch.Tensor:
-    """All images of `data` -> codes [(1 + augment_copies) * N, h, w] (int32).
+                  seed: int = 0, bad: BadSamples = STOP) -> tuple[torch.Tensor, list[int]]:
+    """All images of `data` -> (codes [(1 + augment_copies) * N, h, w] (int32), indices that failed to load).
 
     Copy k of image i sits at row k * N + i; copy 0 is the image itself, copies 1.. are random affine
-    warps of it (drawn from `seed`, so the cache is reproducible). Each image is warped independently."""
+    warps of it (drawn from `seed`, so the cache is reproducible). Each image is warped independently.
+    An image that cannot be read stops the encoding with its error under the "stop" policy; under "skip"
+    it is listed (its rows are blank codes, dropped by the caller)."""
     c, s = vision.config.in_channels, vision.config.image_size
     warp = augmenter() if augment_copies else None
+    failed: list[int] = []
     out = []
+
+    def read(j: int) -> torch.Tensor:
+        try:
+            return data.image(j, c, s)  # [C, S, S]
+        except (ValueError, FileNotFoundError):
+            if bad.policy == "stop":
+                raise
+            failed.append(j)
+            return torch.full((c, s, s), -1.0)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for k in range(1 + augment_copies):
             for i in range(0, len(data), batch):
-                x = [data.image(j, c, s) for j in range(i, min(i + batch, len(data)))]  # [C, S, S] each
+                x = [read(j) if k == 0 else data.image(j, c, s) if j not in failed else torch.full((c, s, s), -1.0)
+                     for j in range(i, min(i + batch, len(data)))]
                 if k:
                     x = [warp(im) for im in x]
                 out.append(vision.encode(torch.stack(x)).to(torch.int32))
-    return torch.cat(out)
+    if not out:  # an empty split: no rows, the code grid's shape
+        return vision.encode(torch.zeros(1, c, s, s))[:0].to(torch.int32), []
+    return torch.cat(out), sorted(set(failed))
 
 
 def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None,
-                 augment_copies: int = 0, seed: int = 0) -> torch.Tensor:
-    """Encode once per (tokenizer checkpoint hash, dataset key, augmentation); later epochs and runs read the cache."""
+                 augment_copies: int = 0, seed: int = 0, bad: BadSamples = STOP) -> tuple[torch.Tensor, list[int]]:
+    """Encode once per (tokenizer checkpoint hash, dataset key, augmentation); later epochs and runs read the
+    cache. Returns (codes, indices of images that could not be read; see encode_images)."""
     rows = (1 + augment_copies) * len(data)
     if cache_dir is None:
-        return encode_images(vision, data, augment_copies=augment_copies, seed=seed)
+        return encode_images(vision, data, augment_copies=augment_copies, seed=seed, bad=bad)
     tag = f"{registry.file_hash(vision_path)}|{key}|{len(data)}|aug{augment_copies}|{seed}"
     path = Path(cache_dir) / f"codes-{hashlib.sha256(tag.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file():
-        codes = load_file(str(path))["codes"]
-        if len(codes) == rows:
-            return codes
-    codes = encode_images(vision, data, augment_copies=augment_copies, seed=seed)
-    atomic_save_file({"codes": codes}, path)
-    return codes
+        cached = load_file(str(path))
+        if len(cached["codes"]) == rows and "failed" in cached:
+            return cached["codes"], cached["failed"].tolist()
+    codes, failed = encode_images(vision, data, augment_copies=augment_copies, seed=seed, bad=bad)
+    atomic_save_file({"codes": codes, "failed": torch.tensor(failed, dtype=torch.int64)}, path)
+    return codes, failed
 
 
 @dataclass
@@ -172,16 +190,20 @@ class ImageTextDataModule(L.LightningDataModule):
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int = 1500,
                  seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 128,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
-                 cache_dir: str | None = "results/cache", num_workers: int = 0, augment_copies: int = 0):
+                 cache_dir: str | None = "results/cache", num_workers: int = 0, augment_copies: int = 0,
+                 on_bad_sample: str = "stop", bad_samples_log: str | None = None):
         super().__init__()
         if augment_copies < 0:
             raise ValueError(f"augment_copies must be >= 0, got {augment_copies}")
+        # a bad sample (missing/corrupt image, empty caption, bad record, over-long sequence) stops the run
+        # with one line naming it, or ("skip") is dropped, counted and logged to bad_samples_log
+        self.bad = BadSamples(on_bad_sample, bad_samples_log)
         self.augment_copies = augment_copies
         self.vision_path, self.source, self.path = vision_tokenizer, source, path
         self.holdout, self.seed, self.batch_size, self.val_size = holdout, seed, batch_size, val_size
         self.cache_dir, self.num_workers = cache_dir, num_workers
         self.seq_cfg = SequenceConfig(max_len, p_caption_first, p_drop_caption)
-        self.train_data, self.held_data = split_source(source, path, holdout, seed)
+        self.train_data, self.held_data = split_source(source, path, holdout, seed, self.bad)
         self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
         self.vision = registry.load(vision_tokenizer)
         self.layout = VocabLayout(self.tokenizer.vocab_size, self.vision.config.codebook_size)
@@ -189,14 +211,39 @@ class ImageTextDataModule(L.LightningDataModule):
         self.spec = DataSpec(self.tokenizer, self.layout, self.vision, self.seq_cfg.max_len,
                              self.train_data.class_names)
 
-    def _codes(self) -> tuple[torch.Tensor, torch.Tensor, ImageTextSet]:
-        """(training codes, validation codes, validation images), from the cache when it has them."""
+    def _codes(self):
+        """((training codes, failed), (validation codes, failed), validation images), cached on disk."""
         key = f"{self.source}|{self.path}|{self.holdout}|{self.seed}"
         val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
-        train_codes = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
-                                   self.augment_copies, self.seed)
-        val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir)
-        return train_codes, val_codes, val
+        train = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
+                             self.augment_copies, self.seed, self.bad)
+        val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir, bad=self.bad)
+        return train, val_codes, val
+
+    def _keep_good(self, codes: torch.Tensor, failed: list[int], data: ImageTextSet, copies: int):
+        """Drop samples whose image failed to load or whose sequence exceeds max_len (each reported to the
+        bad-sample policy once); returns (codes of the kept samples, for every copy; kept samples)."""
+        n, drop = len(data), set(failed)
+        for j in failed:
+            self.bad(data.where(j), "image could not be read")
+        rng = random.Random(0)
+        for j in range(n):
+            if j in drop:
+                continue
+            for cap in data.captions[j]:  # both task orders have the same length
+                try:
+                    self.format.build(codes[j].long(), cap, rng, where=data.where(j))
+                except ValueError as e:
+                    self.bad(data.where(j), str(e).removeprefix(f"{data.where(j)}: "))
+                    drop.add(j)
+                    break
+        if not drop:
+            return codes, data
+        keep = [j for j in range(n) if j not in drop]
+        rows = torch.tensor([k * n + j for k in range(1 + copies) for j in keep])
+        if not keep:
+            raise ValueError(f"{data.name}: every sample was bad ({len(drop)} skipped)")
+        return codes[rows], data.subset(keep)
 
     def prepare_data(self) -> None:
         """Fill the code cache once: Lightning calls this on one process per node before any `setup`, so
@@ -207,7 +254,9 @@ class ImageTextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        train_codes, val_codes, val = self._codes()
+        (train_codes, train_failed), (val_codes, val_failed), val = self._codes()
+        train_codes, self.train_data = self._keep_good(train_codes, train_failed, self.train_data, self.augment_copies)
+        val_codes, val = self._keep_good(val_codes, val_failed, val, 0)
         self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.format)
         self.val_set = CodeCaptionDataset(val_codes, val, self.format, fixed_seed=self.seed)
         self.val_images = val

@@ -38,6 +38,29 @@ def fashion_captions(label: int) -> list[str]:
     return [t.format(c=FASHION_CLASSES[label]) for t in FASHION_TEMPLATES]
 
 
+class BadSamples:
+    """What happens to a bad sample (missing or corrupt image, empty caption, invalid record, over-long
+    sequence): `"stop"` (the default) raises one ValueError naming the file and line; `"skip"` drops the
+    sample, counts it and appends `<file:line>: <problem>` to `log` (when given) so nothing is lost silently."""
+
+    def __init__(self, policy: str = "stop", log: str | Path | None = None):
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"on_bad_sample must be 'stop' or 'skip', got {policy!r}")
+        self.policy, self.log, self.skipped = policy, Path(log) if log else None, []
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.policy == "stop":
+            raise ValueError(f"{where}: {problem}")
+        self.skipped.append(f"{where}: {problem}")
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "a") as fh:
+                fh.write(f"{where}: {problem}\n")
+
+
+STOP = BadSamples("stop")
+
+
 @dataclass
 class ImageTextSet:
     """N images (uint8 arrays, file paths or encoded bytes) with caption choices and labels (-1 = none)."""
@@ -47,10 +70,14 @@ class ImageTextSet:
     captions: list[list[str]]
     labels: np.ndarray = field(default=None)
     class_names: list[str] = field(default_factory=list)
+    origins: list[str] | None = None  # where each sample came from ("data.jsonl:17"), for error messages
 
     def __post_init__(self):
         if self.labels is None:
             self.labels = np.full(len(self.items), -1, dtype=np.int64)
+
+    def where(self, i: int) -> str:
+        return self.origins[i] if self.origins else f"{self.name}[{i}]"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -64,13 +91,19 @@ class ImageTextSet:
             try:
                 return pil_to_tensor(Image.open(io.BytesIO(item)), channels, size)
             except Exception as e:
-                raise ValueError(f"{self.name}[{i}]: cannot decode image ({e})") from None
-        return load_image(item, channels, size)
+                raise ValueError(f"{self.where(i)}: cannot decode image ({e})") from None
+        try:
+            return load_image(item, channels, size)
+        except (ValueError, FileNotFoundError) as e:
+            if self.origins is None:
+                raise
+            raise ValueError(f"{self.where(i)}: {e}") from None
 
     def subset(self, idx) -> "ImageTextSet":
         idx = list(map(int, idx))
+        origins = [self.origins[i] for i in idx] if self.origins else None
         return ImageTextSet(self.name, [self.items[i] for i in idx], [self.captions[i] for i in idx],
-                            self.labels[idx], self.class_names)
+                            self.labels[idx], self.class_names, origins)
 
 
 def _labelled(name, images: np.ndarray, labels: np.ndarray, captions_fn, class_names) -> ImageTextSet:
@@ -128,30 +161,40 @@ def _check_caption(caption, where: str) -> str:
     return caption.strip()
 
 
-def load_jsonl_set(path: str | Path) -> ImageTextSet:
+def load_jsonl_set(path: str | Path, bad: BadSamples = STOP) -> ImageTextSet:
+    """One JSON object per line: {"image": "<path, relative to the JSONL file or absolute>", "caption": "..."}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: JSONL file not found")
-    items, caps = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-        if "image" not in rec:
-            raise ValueError(f"{where}: no 'image' field")
-        img = Path(rec["image"])
-        img = img if img.is_absolute() else path.parent / img
-        if not img.is_file():
-            raise FileNotFoundError(f"{where}: image file {img} not found")
-        items.append(img)
-        caps.append([_check_caption(rec.get("caption"), where)])
+    items, caps, origins = [], [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad(where, f"invalid JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict) or "image" not in rec:
+                bad(where, "no 'image' field")
+                continue
+            img = Path(rec["image"])
+            img = img if img.is_absolute() else path.parent / img
+            if not img.is_file():
+                bad(where, f"image file {img} not found")
+                continue
+            cap = rec.get("caption")
+            if not isinstance(cap, str) or not cap.strip():
+                bad(where, "empty caption")
+                continue
+            items.append(img)
+            caps.append([cap.strip()])
+            origins.append(where)
     if not items:
         raise ValueError(f"{path}: no samples")
-    return ImageTextSet(str(path), items, caps)
+    return ImageTextSet(str(path), items, caps, origins=origins)
 
 
 def load_folder_set(folder: str | Path) -> ImageTextSet:
@@ -172,12 +215,12 @@ def load_folder_set(folder: str | Path) -> ImageTextSet:
     return ImageTextSet(str(folder), paths, caps)
 
 
-def load_wds_set(pattern: str) -> ImageTextSet:
+def load_wds_set(pattern: str, bad: BadSamples = STOP) -> ImageTextSet:
     """WebDataset shards: members sharing a key form a sample (image + .txt or .json caption)."""
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise FileNotFoundError(f"{pattern}: no tar shards match")
-    items, caps = [], []
+    items, caps, origins = [], [], []
     for shard in shards:
         samples: dict[str, dict] = {}
         try:
@@ -194,21 +237,30 @@ def load_wds_set(pattern: str) -> ImageTextSet:
             if img is None:
                 continue
             where = f"{shard}:{key}"
-            if "txt" in parts:
-                cap = parts["txt"].decode("utf-8")
-            elif "json" in parts:
-                cap = json.loads(parts["json"]).get("caption")
-            else:
-                raise ValueError(f"{where}: no .txt or .json caption")
+            try:
+                if "txt" in parts:
+                    cap = parts["txt"].decode("utf-8")
+                elif "json" in parts:
+                    cap = json.loads(parts["json"]).get("caption")
+                else:
+                    bad(where, "no .txt or .json caption")
+                    continue
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                bad(where, f"unreadable caption ({e.__class__.__name__})")
+                continue
+            if not isinstance(cap, str) or not cap.strip():
+                bad(where, "empty caption")
+                continue
             items.append(img)
-            caps.append([_check_caption(cap, where)])
+            caps.append([cap.strip()])
+            origins.append(where)
     if not items:
         raise ValueError(f"{pattern}: no samples with images")
-    return ImageTextSet(pattern, items, caps)
+    return ImageTextSet(pattern, items, caps, origins=origins)
 
 
-def load_source(source: str, path: str | None = None) -> ImageTextSet:
-    """Dispatch on a source name (see SOURCES); user sources need `path`."""
+def load_source(source: str, path: str | None = None, bad: BadSamples = STOP) -> ImageTextSet:
+    """Dispatch on a source name (see SOURCES); user sources need `path` and apply the `bad` policy."""
     if source == "digits":
         return load_digits_set()
     if source == "mnist":
@@ -218,7 +270,9 @@ def load_source(source: str, path: str | None = None) -> ImageTextSet:
     if source in ("jsonl", "folder", "wds"):
         if not path:
             raise ValueError(f"source {source!r} needs a path")
-        return {"jsonl": load_jsonl_set, "folder": load_folder_set, "wds": load_wds_set}[source](path)
+        if source == "folder":
+            return load_folder_set(path)
+        return {"jsonl": load_jsonl_set, "wds": load_wds_set}[source](path, bad)
     raise ValueError(f"unknown data source {source!r}; choose from {SOURCES}")
 
 
