@@ -19,7 +19,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
-from train.resume import EpochSampler, ResumableLoader, trainer_progress
+from train.resume import resumable_loader, visit, visit_rng
 from train.sources import STOP, BadSamples, ImageTextSet, load_source, split_indices
 from vision_tokenizers import registry
 
@@ -38,12 +38,6 @@ def caption_tokenizer(train: ImageTextSet, text_tokenizer: str | None, bpe_vocab
     if text_tokenizer:
         return TextTokenizer.from_file(text_tokenizer)
     return TextTokenizer.train_bpe([c for caps in train.captions for c in caps], bpe_vocab_size)
-
-
-def visit(item: int | tuple[int, int]) -> tuple[int, int | None]:
-    """(index, draw seed) of a dataset item: training samplers (train.resume.EpochSampler) pass both,
-    evaluation loaders pass a bare index."""
-    return (item, None) if isinstance(item, int) else (int(item[0]), int(item[1]))
 
 
 class ImageDataset(Dataset):
@@ -74,8 +68,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = ImageDataset(held.subset(range(min(self.val_size, len(held)))), self.channels, self.image_size)
 
     def train_dataloader(self):
-        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
-                               trainer_progress(self), num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
@@ -167,13 +160,7 @@ class CodeCaptionDataset(Dataset):
         return len(self.codes)
 
     def __getitem__(self, item):
-        i, seed = visit(item)
-        if seed is None:
-            if self.fixed_seed is None:
-                raise ValueError("CodeCaptionDataset without fixed_seed needs (index, draw seed) items "
-                                 "(train.resume.EpochSampler)")
-            seed = self.fixed_seed * 1_000_003 + i
-        rng = random.Random(seed)
+        i, rng = visit_rng(item, self.fixed_seed)
         j = i % len(self.data)
         cap = rng.choice(self.data.captions[j])
         return self.format.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
@@ -262,8 +249,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.val_images = val
 
     def train_dataloader(self):
-        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
-                               trainer_progress(self), collate_fn=self.format.collate, num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, collate_fn=self.format.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers,

@@ -21,6 +21,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
 from train.datamodules import DataSpec, caption_tokenizer, split_source
+from train.resume import resumable_loader, visit_rng
 from train.sources import ImageTextSet
 from vision_tokenizers import registry
 
@@ -57,11 +58,8 @@ class LatentCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.latents)
 
-    def __getitem__(self, i: int):
-        if self.fixed_seed is None:
-            rng = random.Random(int(torch.randint(0, 2**62, ()).item()))
-        else:
-            rng = random.Random(self.fixed_seed * 1_000_003 + i)
+    def __getitem__(self, item):
+        i, rng = visit_rng(item, self.fixed_seed)
         cap = rng.choice(self.data.captions[i])
         dropped = rng.random() < self.format.cfg.p_drop_caption
         return self.format.t2i_prompt(None if dropped else cap), self.latents[i]
@@ -111,8 +109,7 @@ class LatentDataModule(L.LightningDataModule):
         self.val_set = LatentCaptionDataset(z_val, val, self.format, fixed_seed=self.seed)
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)

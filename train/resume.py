@@ -37,6 +37,20 @@ def draw_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 32)) % 2**63
 
 
+def visit(item: int | tuple[int, int]) -> tuple[int, int | None]:
+    """(index, draw seed) of a dataset item: EpochSampler passes both, evaluation loaders a bare index."""
+    return (item, None) if isinstance(item, int) else (int(item[0]), int(item[1]))
+
+
+def visit_rng(item: int | tuple[int, int], fixed_seed: int | None = None) -> tuple[int, random.Random]:
+    """(index, RNG for this visit's random draws): from the sampler's draw seed in training, from a seed fixed
+    per index otherwise (validation: the same draws every epoch)."""
+    i, seed = visit(item)
+    if seed is None:
+        seed = (fixed_seed or 0) * 1_000_003 + i
+    return i, random.Random(seed)
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -98,6 +112,12 @@ def trainer_progress(module: L.LightningDataModule) -> Callable[[], tuple[int, i
         return t.current_epoch, t.fit_loop.epoch_loop.batch_progress.current.processed
 
     return progress
+
+
+def resumable_loader(module: L.LightningDataModule, dataset, **kwargs) -> ResumableLoader:
+    """The training loader of a data module with `batch_size` and `seed`: exact resume, DDP split."""
+    return ResumableLoader(dataset, module.batch_size, EpochSampler(len(dataset), module.seed),
+                           trainer_progress(module), **kwargs)
 
 
 def rng_state() -> dict:

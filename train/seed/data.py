@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from models.text_tokenizer import TextTokenizer
-from train.datamodules import caption_tokenizer, split_source, visit
-from train.resume import EpochSampler, ResumableLoader, trainer_progress
+from train.datamodules import caption_tokenizer, split_source
+from train.resume import resumable_loader, visit_rng
 from train.sources import ImageTextSet
 
 
@@ -32,10 +32,8 @@ class ImageCaptionDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, item):
-        i, seed = visit(item)
-        if seed is None:
-            seed = (self.fixed_seed or 0) * 1_000_003 + i
-        cap = random.Random(seed).choice(self.data.captions[i])
+        i, rng = visit_rng(item, self.fixed_seed)
+        cap = rng.choice(self.data.captions[i])
         ids = [self.tok.bos_id, *self.tok.encode(cap)][: self.max_len]  # <bos> serves as [CLS]
         return self.data.image(i, self.channels, self.size), torch.tensor(ids), int(self.data.labels[i])
 
@@ -72,8 +70,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return {"images": images, "text": text, "text_valid": valid, "labels": labels}
 
     def train_dataloader(self):
-        return ResumableLoader(self.train_set, self.batch_size, EpochSampler(len(self.train_set), self.seed),
-                               trainer_progress(self), collate_fn=self.collate, num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, collate_fn=self.collate, num_workers=self.num_workers,

@@ -22,6 +22,7 @@ from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file
 from train.datamodules import DataSpec
+from train.resume import resumable_loader, visit, visit_rng
 from train.tokenizer_module import TokenizerTrainingModule, timm_feature_net
 from train.video.data import VideoTextSet, load_video_source
 from vision_tokenizers import registry
@@ -115,8 +116,8 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data.clips[i]  # [C, T, S, S]
+    def __getitem__(self, item) -> torch.Tensor:
+        return self.data.clips[visit(item)[0]]  # [C, T, S, S]
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -129,7 +130,7 @@ class VideoDataModule(L.LightningDataModule):
         super().__init__()
         self.kw = dict(frames=frames, size=image_size, channels=channels, path=path, seed=seed, stride=stride)
         self.source, self.extra, self.n_train, self.n_val = source, extra_source, n_train, n_val
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
@@ -142,7 +143,7 @@ class VideoDataModule(L.LightningDataModule):
         self.val_set = ClipDataset(val)
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)
@@ -178,9 +179,8 @@ class VideoCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.codes)
 
-    def __getitem__(self, i: int):
-        seed = int(torch.randint(0, 2**62, ()).item()) if self.fixed_seed is None else self.fixed_seed * 1_000_003 + i
-        rng = random.Random(seed)
+    def __getitem__(self, item):
+        i, rng = visit_rng(item, self.fixed_seed)
         cap = rng.choice(self.data.captions[i])
         dropped = rng.random() < self.format.cfg.p_drop_caption
         s = self.format.t2i_sample(self.codes[i].long(), None if dropped else cap, where=f"{self.data.name}[{i}]")
@@ -226,8 +226,7 @@ class VideoTextDataModule(L.LightningDataModule):
         self.val_set = VideoCaptionDataset(va, self.held_data, self.format, fixed_seed=self.seed)
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self.format.collate, num_workers=self.num_workers)
+        return resumable_loader(self, self.train_set, collate_fn=self.format.collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers)
