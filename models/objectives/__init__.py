@@ -12,8 +12,8 @@ from models.objectives.nbp import NextBlockPrediction
 from models.objectives.ntp import NextTokenPrediction
 from models.objectives.xar import XARFlowMatching
 
-OBJECTIVES: dict[str, type[Objective]] = {"ntp": NextTokenPrediction, "xar": XARFlowMatching}
-OBJECTIVES["nbp"] = NextBlockPrediction
+OBJECTIVES: dict[str, type[Objective]] = {"ntp": NextTokenPrediction, "nbp": NextBlockPrediction,
+                                          "xar": XARFlowMatching}
 
 
 def describe(objective: Objective) -> dict:
@@ -32,4 +32,5 @@ def build(desc: dict, source: str = "checkpoint") -> Objective:
     return cls(**dataclass_from_dict(cls.Config, desc.get("config", {}), source).__dict__)
 
 
-__all__ = ["OBJECTIVES", "NextBlockPrediction", "NextTokenPrediction", "Objective", "build", "describe"]
+__all__ = ["OBJECTIVES", "NextBlockPrediction", "NextTokenPrediction", "Objective", "XARFlowMatching", "build",
+           "describe"]
