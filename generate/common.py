@@ -26,6 +26,33 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
+def add_drawing_args(p: argparse.ArgumentParser, n: int, what: str) -> None:
+    """Flags shared by the text-to-image and text-to-video scripts (prompts, count, guidance, top-k)."""
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", help="one prompt per line (UTF-8)")
+    p.add_argument("--n", type=int, default=n, help=f"{what} per prompt")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--top-k", type=int, default=None)
+
+
+def check_drawing_args(p: argparse.ArgumentParser, args) -> None:
+    """Validate add_common's and add_drawing_args' flags; read the prompts file into args.prompt."""
+    check_args(p, args)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        p.error(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if args.prompts_file:
+        args.prompt += read_prompts_file(p, args.prompts_file)
+    if not args.prompt:
+        p.error("give at least one --prompt or a --prompts-file")
+    for i, text in enumerate(args.prompt):
+        if not text.strip():
+            p.error(f"prompt {i + 1} is empty")
+
+
 def read_prompts_file(p: argparse.ArgumentParser, path: str) -> list[str]:
     """Non-empty lines of a UTF-8 text file; a parser error naming the file otherwise."""
     f = Path(path)

@@ -5,11 +5,10 @@ Writes <out>/<prompt index>_<sample>.png for every image and <out>/grid.png (one
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from generate.common import add_common, check_args, load, read_prompts_file, run_main
+from generate.common import add_common, add_drawing_args, check_drawing_args, load, run_main
 from generate.pipeline import text_to_image
 from vision_tokenizers.image_io import grid, save_png
 
@@ -17,33 +16,16 @@ from vision_tokenizers.image_io import grid, save_png
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--top-k", type=int, default=None)
+    add_drawing_args(p, n=4, what="images")
     p.add_argument("--steps", type=int, default=None,
                    help="flow steps per entity for an xAR checkpoint (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "em"], default=None,
                    help="xAR flow sampler: Euler or Euler-Maruyama (default: the checkpoint's)")
     p.add_argument("--out", default="results/t2i")
     args = p.parse_args(argv)
-    check_args(p, args)
-    if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
+    check_drawing_args(p, args)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
-        p.error(f"--cfg must be a finite number >= 0, got {args.cfg}")
-    if args.prompts_file:
-        args.prompt += read_prompts_file(p, args.prompts_file)
-    if not args.prompt:
-        p.error("give at least one --prompt or a --prompts-file")
-    for i, text in enumerate(args.prompt):
-        if not text.strip():
-            p.error(f"prompt {i + 1} is empty")
     return args
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from generate.common import add_common, check_args, load, run_main
+from generate.common import add_common, add_drawing_args, check_drawing_args, load, run_main
 from generate.pipeline import text_to_video
 from models.io import atomic_write, write_text_atomic
 from vision_tokenizers.image_io import save_png
@@ -20,31 +20,13 @@ from vision_tokenizers.video_io import frame_strip, write_gif, write_mp4
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p)
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--n", type=int, default=1, help="videos per prompt")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--top-k", type=int, default=None)
+    add_drawing_args(p, n=1, what="videos")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--out", default="results/t2v")
     args = p.parse_args(argv)
-    check_args(p, args)
-    if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    check_drawing_args(p, args)
     if args.fps < 1:
         p.error(f"--fps must be >= 1, got {args.fps}")
-    if args.prompts_file:
-        f = Path(args.prompts_file)
-        if not f.is_file():
-            p.error(f"--prompts-file {f}: file not found")
-        args.prompt += [line.strip() for line in f.read_text().splitlines() if line.strip()]
-    if not args.prompt:
-        p.error("give at least one --prompt or a --prompts-file")
-    for i, text in enumerate(args.prompt):
-        if not text.strip():
-            p.error(f"prompt {i + 1} is empty")
     return args
 
 

@@ -61,6 +61,26 @@ class BadSamples:
 STOP = BadSamples("stop")
 
 
+class _Collected:
+    """A user source's samples as they are read: a sample with an empty caption goes to the bad-sample policy."""
+
+    def __init__(self, bad: BadSamples):
+        self.bad, self.items, self.captions, self.origins = bad, [], [], []
+
+    def add(self, item, caption, where: str) -> None:
+        if not isinstance(caption, str) or not caption.strip():
+            self.bad(where, "empty caption")
+            return
+        self.items.append(item)
+        self.captions.append([caption.strip()])
+        self.origins.append(where)
+
+    def to_set(self, name: str, none_left: str) -> "ImageTextSet":
+        if not self.items:
+            raise ValueError(f"{name}: {none_left}")
+        return ImageTextSet(name, self.items, self.captions, origins=self.origins)
+
+
 @dataclass
 class ImageTextSet:
     """N images (uint8 arrays, file paths or encoded bytes) with caption choices and labels (-1 = none)."""
@@ -166,7 +186,7 @@ def load_jsonl_set(path: str | Path, bad: BadSamples = STOP) -> ImageTextSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: JSONL file not found")
-    items, caps, origins = [], [], []
+    out = _Collected(bad)
     with open(path, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -185,16 +205,8 @@ def load_jsonl_set(path: str | Path, bad: BadSamples = STOP) -> ImageTextSet:
             if not img.is_file():
                 bad(where, f"image file {img} not found")
                 continue
-            cap = rec.get("caption")
-            if not isinstance(cap, str) or not cap.strip():
-                bad(where, "empty caption")
-                continue
-            items.append(img)
-            caps.append([cap.strip()])
-            origins.append(where)
-    if not items:
-        raise ValueError(f"{path}: no samples")
-    return ImageTextSet(str(path), items, caps, origins=origins)
+            out.add(img, rec.get("caption"), where)
+    return out.to_set(str(path), "no samples")
 
 
 def load_folder_set(folder: str | Path) -> ImageTextSet:
@@ -220,7 +232,7 @@ def load_wds_set(pattern: str, bad: BadSamples = STOP) -> ImageTextSet:
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise FileNotFoundError(f"{pattern}: no tar shards match")
-    items, caps, origins = [], [], []
+    out = _Collected(bad)
     for shard in shards:
         samples: dict[str, dict] = {}
         try:
@@ -248,15 +260,8 @@ def load_wds_set(pattern: str, bad: BadSamples = STOP) -> ImageTextSet:
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
                 bad(where, f"unreadable caption ({e.__class__.__name__})")
                 continue
-            if not isinstance(cap, str) or not cap.strip():
-                bad(where, "empty caption")
-                continue
-            items.append(img)
-            caps.append([cap.strip()])
-            origins.append(where)
-    if not items:
-        raise ValueError(f"{pattern}: no samples with images")
-    return ImageTextSet(pattern, items, caps, origins=origins)
+            out.add(img, cap, where)
+    return out.to_set(pattern, "no samples with images")
 
 
 def load_source(source: str, path: str | None = None, bad: BadSamples = STOP) -> ImageTextSet:

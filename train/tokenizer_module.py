@@ -9,9 +9,9 @@ checkpoint, and the export to a safetensors file (registry.save) when training e
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,30 +132,39 @@ def timm_feature_net(name: str, weights: str | None) -> torch.nn.Module:
     return timm.create_model(name, features_only=True, **kwargs)
 
 
-class VQTokenizerModule(TokenizerTrainingModule):
-    def __init__(self, tokenizer: VQConfig = VQConfig(), lr: float = 2e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 50, recon_loss: str = "l2",
-                 vq_weight: float = 1.0,  # VQ-VAE's sum of reconstruction and VQ losses
-                 gan_weight: float = 0.0,  # off by default (this project's); ETT's tokenizer uses 0.1 (DESIGN §5)
-                 gan_start_step: int = 0,
-                 perceptual_weight: float = 0.0,  # off by default: needs a local feature-net weights file
-                 perceptual_net: str | None = None, perceptual_weights: str | None = None,
-                 grad_clip: float = 1.0, export_path: str | None = None):
+class ReconstructionTokenizerModule(TokenizerTrainingModule, abc.ABC):
+    """Base for tokenizers trained to reconstruct their input (the VQ image tokenizer, the video tokenizer):
+    L1 or L2 reconstruction + the tokenizer's own loss + optional perceptual and PatchGAN terms (manual
+    optimisation: a generator step, then a discriminator step), PSNR / SSIM on validation.
+
+    Subclasses build `self.tokenizer` and define `reconstruct(x) -> (recon, extra loss, figures to log)`; inputs
+    that are not image batches define `frames(x)`, the image batch the 2D perceptual net, the discriminator and
+    the metrics see.
+    """
+
+    def __init__(self, in_channels: int, lr: float, weight_decay: float, warmup_steps: int, recon_loss: str,
+                 gan_weight: float, gan_start_step: int, perceptual_weight: float, perceptual_net: str | None,
+                 perceptual_weights: str | None, grad_clip: float, export_path: str | None):
         super().__init__(lr, weight_decay, warmup_steps, export_path)
         if recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
         if perceptual_weight > 0 and not perceptual_net:
             raise ValueError("perceptual_weight > 0 needs perceptual_net (a timm model name) and its weights file")
         self.automatic_optimization = False  # generator and (optional) discriminator steps
-        self.tokenizer = VQTokenizer(tokenizer)
-        self.recon_loss, self.vq_weight = recon_loss, vq_weight
-        self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
-        self.perceptual_weight, self.grad_clip = perceptual_weight, grad_clip
-        self.disc = NLayerDiscriminator(tokenizer.in_channels) if gan_weight > 0 else None
+        self.recon_loss, self.grad_clip = recon_loss, grad_clip
+        self.gan_weight, self.gan_start_step, self.perceptual_weight = gan_weight, gan_start_step, perceptual_weight
+        self.disc = NLayerDiscriminator(in_channels) if gan_weight > 0 else None
         net = timm_feature_net(perceptual_net, perceptual_weights) if perceptual_weight > 0 else None
-        self.perceptual = PerceptualLoss(net, (lambda x: x.expand(-1, 3, -1, -1)) if tokenizer.in_channels == 1 else None)
+        self.perceptual = PerceptualLoss(net, (lambda x: x.expand(-1, 3, -1, -1)) if in_channels == 1 else None)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    @abc.abstractmethod
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(reconstruction like x, the tokenizer's own loss, figures to log) for a batch x."""
+
+    def frames(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # image batches are their own frames
 
     def _recon(self, recon, x):
         return F.l1_loss(recon, x) if self.recon_loss == "l1" else F.mse_loss(recon, x)
@@ -164,35 +173,36 @@ class VQTokenizerModule(TokenizerTrainingModule):
         opts = self.optimizers()
         opt_g, opt_d = (opts if isinstance(opts, list) else [opts, None])
         scheds = self.lr_schedulers()
-        recon, q = self.tokenizer(x)
+        recon, extra, figures = self.reconstruct(x)
         rec = self._recon(recon, x)
-        loss = rec + self.vq_weight * q.loss
+        loss = rec + extra
         if self.perceptual_weight > 0:
-            loss = loss + self.perceptual_weight * self.perceptual(recon, x)
+            loss = loss + self.perceptual_weight * self.perceptual(self.frames(recon), self.frames(x))
         gan_on = self.disc is not None and self.global_step >= self.gan_start_step
         if gan_on:
-            loss = loss + self.gan_weight * hinge_g_loss(self.disc(recon))
+            loss = loss + self.gan_weight * hinge_g_loss(self.disc(self.frames(recon)))
         opt_g.zero_grad()
         self.manual_backward(loss)
         self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
         if gan_on:
-            d_loss = hinge_d_loss(self.disc(x), self.disc(recon.detach()))
+            d_loss = hinge_d_loss(self.disc(self.frames(x)), self.disc(self.frames(recon.detach())))
             opt_d.zero_grad()
             self.manual_backward(d_loss)
             opt_d.step()
             self.log("train/d_loss", d_loss)
         for s in (scheds if isinstance(scheds, list) else [scheds]):
             s.step()
-        self.log_dict({"train/loss": loss, "train/rec": rec, "train/vq": q.loss, "train/usage": q.usage,
-                       "train/perplexity": q.perplexity}, prog_bar=True)
+        self.log_dict({"train/loss": loss, "train/rec": rec, **{f"train/{k}": v for k, v in figures.items()}},
+                      prog_bar=True)
 
     def validation_step(self, x, batch_idx):
-        recon, q = self.tokenizer(x)
-        recon01, x01 = (recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2
+        recon, _, figures = self.reconstruct(x)
+        recon01, x01 = self.frames((recon.clamp(-1, 1) + 1) / 2), self.frames((x + 1) / 2)
         self.psnr.update(recon01, x01)
         self.ssim.update(recon01, x01)
-        self.log_dict({"val/rec": self._recon(recon, x), "val/usage": q.usage}, batch_size=len(x))
+        self.log_dict({"val/rec": self._recon(recon, x), **{f"val/{k}": v for k, v in figures.items()}},
+                      batch_size=len(x))
 
     def on_validation_epoch_end(self):
         self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()}, prog_bar=True)
@@ -205,3 +215,22 @@ class VQTokenizerModule(TokenizerTrainingModule):
         opt, sched = self.make_optimizer(self.tokenizer)
         opt_d, sched_d = self.make_optimizer(self.disc, weight_decay=0.0, betas=(0.5, 0.9))  # VQGAN's disc. betas
         return [opt, opt_d], [sched, sched_d]
+
+
+class VQTokenizerModule(ReconstructionTokenizerModule):
+    def __init__(self, tokenizer: VQConfig = VQConfig(), lr: float = 2e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 50, recon_loss: str = "l2",
+                 vq_weight: float = 1.0,  # VQ-VAE's sum of reconstruction and VQ losses
+                 gan_weight: float = 0.0,  # off by default (this project's); ETT's tokenizer uses 0.1 (DESIGN §5)
+                 gan_start_step: int = 0,
+                 perceptual_weight: float = 0.0,  # off by default: needs a local feature-net weights file
+                 perceptual_net: str | None = None, perceptual_weights: str | None = None,
+                 grad_clip: float = 1.0, export_path: str | None = None):
+        super().__init__(tokenizer.in_channels, lr, weight_decay, warmup_steps, recon_loss, gan_weight,
+                         gan_start_step, perceptual_weight, perceptual_net, perceptual_weights, grad_clip, export_path)
+        self.tokenizer = VQTokenizer(tokenizer)
+        self.vq_weight = vq_weight
+
+    def reconstruct(self, x):
+        recon, q = self.tokenizer(x)
+        return recon, self.vq_weight * q.loss, {"vq": q.loss.detach(), "usage": q.usage, "perplexity": q.perplexity}

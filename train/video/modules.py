@@ -6,16 +6,13 @@ The LM itself is train.lm_module.MultimodalLMModule with any objective (NTP or N
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
@@ -23,10 +20,9 @@ from models.vocab import VocabLayout
 from models.weights import atomic_save_file
 from train.datamodules import DataSpec
 from train.resume import resumable_loader, visit, visit_rng
-from train.tokenizer_module import TokenizerTrainingModule, timm_feature_net
+from train.tokenizer_module import ReconstructionTokenizerModule
 from train.video.data import VideoTextSet, load_video_source
 from vision_tokenizers import registry
-from vision_tokenizers.losses import NLayerDiscriminator, PerceptualLoss, hinge_d_loss, hinge_g_loss
 from vision_tokenizers.video import VideoTokenizer, VideoTokenizerConfig
 
 
@@ -35,78 +31,26 @@ def frames_of(video: torch.Tensor) -> torch.Tensor:
     return rearrange(video, "b c t h w -> (b t) c h w")
 
 
-class VideoTokenizerModule(TokenizerTrainingModule):
+class VideoTokenizerModule(ReconstructionTokenizerModule):
     """Reconstruction loss (L1 or L2) + optional per-frame perceptual and PatchGAN terms; FSQ has no
-    codebook loss. Logs PSNR / SSIM on held-out clips; exports through the tokenizer registry."""
+    codebook loss. Logs PSNR / SSIM (per frame) on held-out clips; exports through the tokenizer registry."""
 
     def __init__(self, tokenizer: VideoTokenizerConfig = VideoTokenizerConfig(), lr: float = 2e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 20, recon_loss: str = "l2",
                  perceptual_weight: float = 0.0, perceptual_net: str | None = None,
                  perceptual_weights: str | None = None, gan_weight: float = 0.0, gan_start_step: int = 0,
                  grad_clip: float = 1.0, export_path: str | None = None):
-        super().__init__(lr, weight_decay, warmup_steps, export_path)
-        if recon_loss not in ("l1", "l2"):
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
-        if perceptual_weight > 0 and not perceptual_net:
-            raise ValueError("perceptual_weight > 0 needs perceptual_net (a timm model name) and its weights file")
-        self.automatic_optimization = False
+        super().__init__(tokenizer.in_channels, lr, weight_decay, warmup_steps, recon_loss, gan_weight,
+                         gan_start_step, perceptual_weight, perceptual_net, perceptual_weights, grad_clip, export_path)
         self.tokenizer = VideoTokenizer(tokenizer)
-        self.recon_loss, self.grad_clip = recon_loss, grad_clip
-        self.perceptual_weight, self.gan_weight, self.gan_start_step = perceptual_weight, gan_weight, gan_start_step
-        net = timm_feature_net(perceptual_net, perceptual_weights) if perceptual_weight > 0 else None
-        self.perceptual = PerceptualLoss(net, (lambda x: x.expand(-1, 3, -1, -1)) if tokenizer.in_channels == 1 else None)
-        self.disc = NLayerDiscriminator(tokenizer.in_channels) if gan_weight > 0 else None
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
-    def _recon(self, recon, x):
-        return F.l1_loss(recon, x) if self.recon_loss == "l1" else F.mse_loss(recon, x)
+    def frames(self, x: torch.Tensor) -> torch.Tensor:
+        return frames_of(x)
 
-    def training_step(self, x, batch_idx):
-        opts = self.optimizers()
-        opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
+    def reconstruct(self, x):
         recon, codes = self.tokenizer(x)
-        rec = self._recon(recon, x)
-        loss = rec
-        if self.perceptual_weight > 0:
-            loss = loss + self.perceptual_weight * self.perceptual(frames_of(recon), frames_of(x))
-        gan_on = self.disc is not None and self.global_step >= self.gan_start_step
-        if gan_on:
-            loss = loss + self.gan_weight * hinge_g_loss(self.disc(frames_of(recon)))
-        opt_g.zero_grad()
-        self.manual_backward(loss)
-        self.clip_gradients(opt_g, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt_g.step()
-        if gan_on:
-            d_loss = hinge_d_loss(self.disc(frames_of(x)), self.disc(frames_of(recon.detach())))
-            opt_d.zero_grad()
-            self.manual_backward(d_loss)
-            opt_d.step()
-            self.log("train/d_loss", d_loss)
-        scheds = self.lr_schedulers()
-        for s in scheds if isinstance(scheds, list) else [scheds]:
-            s.step()
         usage = codes.flatten().unique().numel() / self.tokenizer.fsq.codebook_size
-        self.log_dict({"train/loss": loss, "train/rec": rec, "train/usage": float(usage)}, prog_bar=True)
-
-    def validation_step(self, x, batch_idx):
-        recon, _ = self.tokenizer(x)
-        r01, x01 = frames_of((recon.clamp(-1, 1) + 1) / 2), frames_of((x + 1) / 2)
-        self.psnr.update(r01, x01)
-        self.ssim.update(r01, x01)
-        self.log("val/rec", self._recon(recon, x), batch_size=len(x))
-
-    def on_validation_epoch_end(self):
-        self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()}, prog_bar=True)
-        self.psnr.reset()
-        self.ssim.reset()
-
-    def configure_optimizers(self):
-        if self.disc is None:
-            return super().configure_optimizers()
-        opt, sched = self.make_optimizer(self.tokenizer)
-        opt_d, sched_d = self.make_optimizer(self.disc)
-        return [opt, opt_d], [sched, sched_d]
+        return recon, recon.new_zeros(()), {"usage": float(usage)}
 
 
 class ClipDataset(Dataset):
