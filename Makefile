@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp clean
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-xar: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist || true
 	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 45 --lm-seconds 60 --per-class 20
+
+# FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf results lightning_logs

@@ -3,19 +3,26 @@
 `python -m benchmarks.gpu_check --preset qwen2.5-1.5b --steps 20` fits the real-size backbone for a few steps
 with Lightning's FSDPStrategy (decoder blocks wrapped and activation-checkpointed, bf16-mixed) on random
 token batches, and prints tokens/s and peak GPU memory; on a machine without CUDA it says so and exits 0.
+Either way it writes benchmarks/results/gpu_check.json (`make bench-gpu`), which records what was measured.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from models.config import LMConfig
+from models.io import write_text_atomic
 from models.transformer import Block, Transformer
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 
 
 class _LM(L.LightningModule):
@@ -56,9 +63,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    run = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (this script is for a lent GPU)")
+        write_text_atomic(args.results, json.dumps({**run, "measured": False, "reason": "no CUDA device"}, indent=2)
+                          + "\n")
         return 0
     cfg = LMConfig.from_preset(args.preset, max_len=args.seq)
     data = torch.randint(0, cfg.vocab_size, (args.batch * (args.steps + 1), args.seq + 1))
@@ -69,9 +81,12 @@ def main(argv=None) -> int:
                         enable_progress_bar=False, callbacks=[clock])
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(_LM(cfg), torch.utils.data.DataLoader(data, batch_size=args.batch))
-    print(json.dumps({"preset": args.preset, "devices": trainer.world_size, "precision": "bf16-mixed",
-                      "strategy": "FSDP (blocks wrapped, activation checkpointing)",
-                      "tokens_per_s": round(clock.tokens_per_s), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+    res = {**run, "measured": True, "gpu": torch.cuda.get_device_name(), "preset": args.preset,
+           "devices": trainer.world_size, "precision": "bf16-mixed", "batch": args.batch, "seq": args.seq,
+           "strategy": "FSDP (blocks wrapped, activation checkpointing)", "tokens_per_s": round(clock.tokens_per_s),
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(json.dumps(res))
+    write_text_atomic(args.results, json.dumps(res, indent=2) + "\n")
     return 0
 
 
