@@ -68,5 +68,5 @@ class TextTokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
         )
-        tok.train_from_iterator(list(corpus), trainer)
+        tok.train_from_iterator(corpus, trainer)  # streamed: a large caption corpus is never held as a list
         return cls(tok)

@@ -48,7 +48,7 @@ def test_jsonl_source_and_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"image": "a.png", "caption": "a grey square"}) + "\n")
     d = load_source("jsonl", str(good))
-    assert d.captions == [["a grey square"]] and d.image(0, 3, 16).shape == (3, 16, 16)
+    assert list(d.captions) == [["a grey square"]] and d.image(0, 3, 16).shape == (3, 16, 16)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"image": "a.png", "caption": " "}) + "\n")
     with pytest.raises(ValueError, match=r"empty.jsonl:1: empty caption"):
@@ -170,3 +170,75 @@ def test_format_rejects_empty_caption_and_overlong(fmt):
         fmt.build(torch.zeros(80, dtype=torch.long), "a", random.Random(0), where="sample 7")
     with pytest.raises(ValueError, match="p_drop_caption"):
         SequenceConfig(p_drop_caption=1.5)
+
+
+def _shapes_jsonl(tmp_path, n: int) -> "Path":
+    """n tiny images, each with its index in its caption, plus a blank line and a bad record (skipped)."""
+    lines = []
+    for i in range(n):
+        _png(tmp_path / f"{i}.png", value=i % 256, size=(4, 4))
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"image {i}"}))
+        if i == 2:
+            lines += ["", json.dumps({"caption": "no image"})]
+    p = tmp_path / "many.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_jsonl_is_read_on_demand_and_subsets_stay_lazy(tmp_path):
+    import pickle
+
+    from train.sources import BadSamples, Lazy
+
+    bad = BadSamples("skip")
+    d = load_source("jsonl", str(_shapes_jsonl(tmp_path, 8)), bad)
+    assert len(d) == 8 and bad.skipped == [f"{tmp_path / 'many.jsonl'}:5: no 'image' field"]
+    assert isinstance(d.items, Lazy) and isinstance(d.captions, Lazy)
+    sub = d.subset([6, 3])
+    assert isinstance(sub.items, Lazy) and list(sub.captions) == [["image 6"], ["image 3"]]
+    assert sub.where(1) == f"{tmp_path / 'many.jsonl'}:6"  # lines 4-5 are the blank line and the bad record
+    # a value written after indexing is what is read: records are not held in memory
+    (tmp_path / "3.png").unlink()
+    _png(tmp_path / "3.png", value=200, size=(4, 4))
+    assert sub.image(1, 1, 4).max().item() == pytest.approx(200 / 127.5 - 1)
+    again = pickle.loads(pickle.dumps(sub))  # DataLoader workers get the index, not the data
+    assert list(again.captions) == list(sub.captions)
+
+
+def test_webdataset_index_reads_members_on_demand(tmp_path):
+    shard = tmp_path / "s-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((4, 4), 40 * i, np.uint8)).save(buf, format="PNG")
+            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    w = load_source("wds", str(tmp_path / "s-*.tar")).subset([4, 1])
+    assert list(w.captions) == [["caption 4"], ["caption 1"]]
+    assert w.where(0) == f"{shard}:k4" and w.where(1) == f"{shard}:k1"
+    assert w.image(0, 1, 4).max().item() == pytest.approx(160 / 127.5 - 1)
+
+
+def test_holdout_is_a_count_or_a_share():
+    from train.datamodules import holdout_count
+
+    assert holdout_count(1500, 5000) == 1500 and holdout_count(0.1, 5000) == 500 and holdout_count(0.1, 3) == 1
+    assert holdout_count(0, 10) == 0 and holdout_count(3.0, 10) == 3
+    for bad in (10, -1, 2.5, -0.2):
+        with pytest.raises(ValueError, match="holdout"):
+            holdout_count(bad, 10)
+
+
+def test_image_facts_come_from_the_tokenizer_and_mismatches_are_refused():
+    from train.datamodules import ImageDataModule, check_image_facts
+    from train.tokenizer_module import VQTokenizerModule
+    from vision_tokenizers.vq import VQConfig
+
+    model = VQTokenizerModule(VQConfig(in_channels=3, image_size=16, channels=[8, 8], latent_dim=4, codebook_size=8))
+    dm = ImageDataModule("digits")
+    check_image_facts(model, dm)
+    assert (dm.channels, dm.image_size) == (3, 16)
+    with pytest.raises(ValueError, match="data.channels is 1 but the model's tokenizer has in_channels 3"):
+        check_image_facts(model, ImageDataModule("digits", channels=1))

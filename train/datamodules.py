@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
@@ -24,12 +25,23 @@ from train.sources import STOP, BadSamples, ImageTextSet, load_source, split_ind
 from vision_tokenizers import registry
 
 
-def split_source(source: str, path: str | None, holdout: int, seed: int,
+def holdout_count(holdout: int | float, n: int, source: str = "") -> int:
+    """How many of a source's `n` samples to hold out: `holdout` >= 1 is a count, 0 <= `holdout` < 1 a share
+    (rounded, at least one sample when it is not 0), so the default suits any dataset size."""
+    if isinstance(holdout, float) and holdout >= 1 and not holdout.is_integer():
+        raise ValueError(f"holdout {holdout} must be a count (an integer >= 1) or a share in [0, 1)")
+    count = int(holdout) if holdout >= 1 else max(1, round(holdout * n)) if holdout > 0 else 0
+    if not 0 <= count < n or holdout < 0:
+        raise ValueError(f"holdout {holdout} must leave training samples: a count in [0, {n}) or a share in [0, 1) "
+                         f"for source {source!r} ({n} samples)")
+    return count
+
+
+def split_source(source: str, path: str | None, holdout: int | float, seed: int,
                  bad: BadSamples = STOP) -> tuple[ImageTextSet, ImageTextSet]:
+    """(training, held-out) parts of a source; see holdout_count for `holdout`."""
     data = load_source(source, path, bad)
-    if not 0 <= holdout < len(data):
-        raise ValueError(f"holdout {holdout} must be in [0, {len(data)}) for source {source!r}")
-    train_idx, held_idx = split_indices(len(data), holdout, seed)
+    train_idx, held_idx = split_indices(len(data), holdout_count(holdout, len(data), source), seed)
     return data.subset(train_idx), data.subset(held_idx)
 
 
@@ -37,7 +49,7 @@ def caption_tokenizer(train: ImageTextSet, text_tokenizer: str | None, bpe_vocab
     """The given tokenizer.json, or a byte-level BPE trained on the training captions (deterministic)."""
     if text_tokenizer:
         return TextTokenizer.from_file(text_tokenizer)
-    return TextTokenizer.train_bpe([c for caps in train.captions for c in caps], bpe_vocab_size)
+    return TextTokenizer.train_bpe((c for caps in train.captions for c in caps), bpe_vocab_size)
 
 
 class ImageDataset(Dataset):
@@ -51,18 +63,59 @@ class ImageDataset(Dataset):
         return self.data.image(visit(item)[0], self.channels, self.size)  # [C, S, S]
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Images only, for training a vision tokenizer."""
 
-    def __init__(self, source: str = "mnist", path: str | None = None, holdout: int = 1500, seed: int = 0,
-                 channels: int = 1, image_size: int = 28, batch_size: int = 64, val_size: int = 256,
-                 num_workers: int = 0):
+
+def check_image_facts(model, datamodule) -> None:
+    """Image facts are set once: a data module's unset `channels` / `image_size` are taken from the model's
+    tokenizer (`in_channels` / `image_size`), and a mismatch is refused before training starts, with both values
+    named, instead of failing later inside a convolution."""
+    exported = getattr(model, "exported_tokenizer", None)
+    cfg = getattr(exported(), "config", None) if callable(exported) else None
+    if cfg is None:
+        return
+    for data_key, model_key in (("channels", "in_channels"), ("image_size", "image_size")):
+        have, want = getattr(datamodule, data_key), getattr(cfg, model_key, None)
+        if want is None:
+            continue
+        if have is None:
+            setattr(datamodule, data_key, want)
+        elif have != want:
+            raise ValueError(f"data.{data_key} is {have} but the model's tokenizer has {model_key} {want}: set one "
+                             f"value (leave data.{data_key} unset to take the tokenizer's)")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images only, for training a vision tokenizer.
+
+    Args:
+        source: where the images come from: digits | mnist | fashion_mnist (bundled), jsonl | folder | wds
+            (your data; see docs/own_data.md).
+        path: the JSONL file, image folder or glob of WebDataset tar shards (user sources; fashion_mnist: the
+            IDX folder, default the Debian package's).
+        holdout: samples kept out of training: a count (>= 1) or a share of the source (< 1); the same split
+            (with the same seed) as the language model's data module, so its held-out images stay unseen.
+        seed: seed of the train / held-out split.
+        channels: image channels (1 grey, 3 RGB); unset: taken from the model's tokenizer (`in_channels`).
+        image_size: square side the images are resized and centre-cropped to; unset: the tokenizer's.
+        batch_size: images per training step.
+        val_size: held-out images used for validation.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, source: str = "mnist", path: str | None = None, holdout: int | float = 0.1, seed: int = 0,
+                 channels: int | None = None, image_size: int | None = None, batch_size: int = 64,
+                 val_size: int = 256, num_workers: int = 0):
         super().__init__()
         self.source, self.path, self.holdout, self.seed = source, path, holdout, seed
         self.channels, self.image_size = channels, image_size
         self.batch_size, self.val_size, self.num_workers = batch_size, val_size, num_workers
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            check_image_facts(self.trainer.lightning_module, self)
+        if self.channels is None or self.image_size is None:
+            raise ValueError("ImageDataModule: set channels and image_size (when it trains a tokenizer they are "
+                             "taken from the tokenizer's config)")
         train, held = split_source(self.source, self.path, self.holdout, self.seed)
         self.train_set = ImageDataset(train, self.channels, self.image_size)
         self.val_set = ImageDataset(held.subset(range(min(self.val_size, len(held)))), self.channels, self.image_size)
@@ -93,7 +146,6 @@ def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256,
     c, s = vision.config.in_channels, vision.config.image_size
     warp = augmenter() if augment_copies else None
     failed: list[int] = []
-    out = []
 
     def read(j: int) -> torch.Tensor:
         try:
@@ -104,7 +156,12 @@ def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256,
             failed.append(j)
             return torch.full((c, s, s), -1.0)
 
-    with torch.random.fork_rng(devices=[]):
+    rows = (1 + augment_copies) * len(data)
+    if not rows:  # an empty split: no rows, the code grid's shape
+        return vision.encode(torch.zeros(1, c, s, s))[:0].to(torch.int32), []
+    out = None  # [rows, h, w], filled batch by batch: no list of batches concatenated at the end
+    with torch.random.fork_rng(devices=[]), tqdm(total=rows, desc=f"encoding {data.name}", unit="img",
+                                                  disable=None, leave=False) as bar:
         torch.manual_seed(seed)
         for k in range(1 + augment_copies):
             for i in range(0, len(data), batch):
@@ -112,10 +169,12 @@ def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256,
                      for j in range(i, min(i + batch, len(data)))]
                 if k:
                     x = [warp(im) for im in x]
-                out.append(vision.encode(torch.stack(x)).to(torch.int32))
-    if not out:  # an empty split: no rows, the code grid's shape
-        return vision.encode(torch.zeros(1, c, s, s))[:0].to(torch.int32), []
-    return torch.cat(out), sorted(set(failed))
+                codes = vision.encode(torch.stack(x)).to(torch.int32)  # [b, h, w]
+                if out is None:
+                    out = torch.empty(rows, *codes.shape[1:], dtype=torch.int32)
+                out[k * len(data) + i: k * len(data) + i + len(x)] = codes
+                bar.update(len(x))
+    return out, sorted(set(failed))
 
 
 def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None,
@@ -169,12 +228,30 @@ class CodeCaptionDataset(Dataset):
 class ImageTextDataModule(L.LightningDataModule):
     """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk.
 
-    augment_copies: extra randomly warped copies of each training image (small rotation/shift/zoom),
-    encoded once into the cache; an epoch then visits every copy. Small datasets overfit less.
+    Args:
+        vision_tokenizer: the trained vision tokenizer file (.safetensors from a tokenizer recipe's export_path);
+            image channels and size come from it.
+        source: digits | mnist | fashion_mnist (bundled), jsonl | folder | wds (your data; docs/own_data.md).
+        path: the JSONL file, image folder or glob of WebDataset tar shards (user sources).
+        text_tokenizer: a tokenizer.json to use; unset: a byte-level BPE trained on the training captions.
+        bpe_vocab_size: vocabulary size of that BPE.
+        holdout: samples kept out of training: a count (>= 1) or a share of the source (< 1).
+        seed: seed of the train / held-out split and of the per-sample draws.
+        batch_size: sequences per training step.
+        val_size: held-out samples used for validation.
+        max_len: longest sequence (tokens); a longer sample is a bad sample (see on_bad_sample).
+        p_caption_first: share of caption->image (text-to-image) samples; the rest are image->caption.
+        p_drop_caption: share of text-to-image samples whose caption is dropped (for classifier-free guidance).
+        cache_dir: where encoded codes are cached (keyed by tokenizer hash and split); unset: no cache.
+        num_workers: DataLoader worker processes.
+        augment_copies: extra randomly warped copies of each training image (small rotation/shift/zoom),
+            encoded once into the cache; an epoch then visits every copy. Small datasets overfit less.
+        on_bad_sample: stop (default: one-line error naming the file and line) | skip (drop, count and log it).
+        bad_samples_log: file that lists each skipped sample as `<file:line>: <problem>`.
     """
 
     def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
-                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int = 1500,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int | float = 0.1,
                  seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 128,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
                  cache_dir: str | None = "results/cache", num_workers: int = 0, augment_copies: int = 0,

@@ -80,7 +80,7 @@ class LatentDataModule(L.LightningDataModule):
     max_len must hold the longest prompt plus the latent tokens (twice them for teacher forcing)."""
 
     def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
-                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int = 1500,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int | float = 0.1,
                  seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 160,
                  p_drop_caption: float = 0.1, cache_dir: str | None = "results/cache", num_workers: int = 0):
         super().__init__()

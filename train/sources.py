@@ -11,8 +11,11 @@ import gzip
 import io
 import json
 import tarfile
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,24 +64,38 @@ class BadSamples:
 STOP = BadSamples("stop")
 
 
-class _Collected:
-    """A user source's samples as they are read: a sample with an empty caption goes to the bad-sample policy."""
+def usable_caption(caption, where: str, bad: BadSamples) -> bool:
+    """True for a non-empty string; anything else goes to the bad-sample policy."""
+    if isinstance(caption, str) and caption.strip():
+        return True
+    bad(where, "empty caption")
+    return False
 
-    def __init__(self, bad: BadSamples):
-        self.bad, self.items, self.captions, self.origins = bad, [], [], []
 
-    def add(self, item, caption, where: str) -> None:
-        if not isinstance(caption, str) or not caption.strip():
-            self.bad(where, "empty caption")
-            return
-        self.items.append(item)
-        self.captions.append([caption.strip()])
-        self.origins.append(where)
+class Lazy(Sequence):
+    """A column read on demand: element i is `read(keys[i])`. Only the integer `keys` array lives in memory
+    (a JSONL record's row in its index, a tar member's row), so a 100,000-sample source costs a few MB; `take`
+    selects rows without reading them. `read` is a bound method of a small index object, so the column
+    pickles into DataLoader workers."""
 
-    def to_set(self, name: str, none_left: str) -> "ImageTextSet":
-        if not self.items:
-            raise ValueError(f"{name}: {none_left}")
-        return ImageTextSet(name, self.items, self.captions, origins=self.origins)
+    def __init__(self, read: Callable[[int], object], keys):
+        self.read, self.keys = read, np.asarray(keys, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.read(int(self.keys[i]))
+
+    def __iter__(self):
+        return (self.read(int(k)) for k in self.keys)
+
+    def take(self, idx) -> "Lazy":
+        return Lazy(self.read, self.keys[np.asarray(idx, dtype=np.int64)])
+
+
+def _take(column, idx: list[int]):
+    return column.take(idx) if isinstance(column, Lazy) else [column[i] for i in idx]
 
 
 @dataclass
@@ -86,18 +103,18 @@ class ImageTextSet:
     """N images (uint8 arrays, file paths or encoded bytes) with caption choices and labels (-1 = none)."""
 
     name: str
-    items: list  # np.ndarray [H, W(, 3)] | Path | bytes
-    captions: list[list[str]]
+    items: Sequence  # np.ndarray [H, W(, 3)] | Path | bytes; a list, or a Lazy column read on demand
+    captions: Sequence[list[str]]
     labels: np.ndarray = field(default=None)
     class_names: list[str] = field(default_factory=list)
-    origins: list[str] | None = None  # where each sample came from ("data.jsonl:17"), for error messages
+    origins: Sequence[str] | None = None  # where each sample came from ("data.jsonl:17"), for error messages
 
     def __post_init__(self):
         if self.labels is None:
             self.labels = np.full(len(self.items), -1, dtype=np.int64)
 
     def where(self, i: int) -> str:
-        return self.origins[i] if self.origins else f"{self.name}[{i}]"
+        return self.origins[i] if self.origins is not None else f"{self.name}[{i}]"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -121,9 +138,9 @@ class ImageTextSet:
 
     def subset(self, idx) -> "ImageTextSet":
         idx = list(map(int, idx))
-        origins = [self.origins[i] for i in idx] if self.origins else None
-        return ImageTextSet(self.name, [self.items[i] for i in idx], [self.captions[i] for i in idx],
-                            self.labels[idx], self.class_names, origins)
+        origins = _take(self.origins, idx) if self.origins is not None else None
+        return ImageTextSet(self.name, _take(self.items, idx), _take(self.captions, idx), self.labels[idx],
+                            self.class_names, origins)
 
 
 def _labelled(name, images: np.ndarray, labels: np.ndarray, captions_fn, class_names) -> ImageTextSet:
@@ -181,32 +198,73 @@ def _check_caption(caption, where: str) -> str:
     return caption.strip()
 
 
+class JsonlIndex:
+    """Where each usable record of a JSONL file starts (byte offset, line number); records are re-read from disk
+    when a sample is visited, so memory does not grow with the file. Every line is checked once while indexing
+    (valid JSON, an "image" field naming an existing file, a non-empty "caption"); a bad line goes to the
+    bad-sample policy with its file and line."""
+
+    def __init__(self, path: Path, bad: BadSamples):
+        self.path = path
+        offsets, lines = array("q"), array("q")
+        pos = 0
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                start, pos = pos, pos + len(raw)
+                if raw.strip() and self._usable(raw, f"{path}:{n}", bad):
+                    offsets.append(start)
+                    lines.append(n)
+        self.offsets, self.lines = np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64)
+
+    def _usable(self, raw: bytes, where: str, bad: BadSamples) -> bool:
+        try:
+            rec = json.loads(raw.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+            bad(where, f"invalid JSON ({e.msg})")
+            return False
+        if not isinstance(rec, dict) or "image" not in rec:
+            bad(where, "no 'image' field")
+            return False
+        img = self._resolve(rec["image"])
+        if not img.is_file():
+            bad(where, f"image file {img} not found")
+            return False
+        return usable_caption(rec.get("caption"), where, bad)
+
+    def _resolve(self, image) -> Path:
+        img = Path(str(image))
+        return img if img.is_absolute() else self.path.parent / img
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, k: int) -> dict:
+        with open(self.path, "rb") as fh:
+            fh.seek(int(self.offsets[k]))
+            return json.loads(fh.readline().decode("utf-8", errors="replace"))
+
+    def image(self, k: int) -> Path:
+        return self._resolve(self.record(k)["image"])
+
+    def captions(self, k: int) -> list[str]:
+        return [self.record(k)["caption"].strip()]
+
+    def where(self, k: int) -> str:
+        return f"{self.path}:{self.lines[k]}"
+
+
 def load_jsonl_set(path: str | Path, bad: BadSamples = STOP) -> ImageTextSet:
-    """One JSON object per line: {"image": "<path, relative to the JSONL file or absolute>", "caption": "..."}."""
+    """One JSON object per line: {"image": "<path, relative to the JSONL file or absolute>", "caption": "..."}.
+    Indexed once (byte offsets), then read on demand: see JsonlIndex."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: JSONL file not found")
-    out = _Collected(bad)
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(where, f"invalid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict) or "image" not in rec:
-                bad(where, "no 'image' field")
-                continue
-            img = Path(rec["image"])
-            img = img if img.is_absolute() else path.parent / img
-            if not img.is_file():
-                bad(where, f"image file {img} not found")
-                continue
-            out.add(img, rec.get("caption"), where)
-    return out.to_set(str(path), "no samples")
+    index = JsonlIndex(path, bad)
+    if not len(index):
+        raise ValueError(f"{path}: no samples")
+    rows = np.arange(len(index))
+    return ImageTextSet(str(path), Lazy(index.image, rows), Lazy(index.captions, rows),
+                        origins=Lazy(index.where, rows))
 
 
 def load_folder_set(folder: str | Path) -> ImageTextSet:
@@ -227,41 +285,90 @@ def load_folder_set(folder: str | Path) -> ImageTextSet:
     return ImageTextSet(str(folder), paths, caps)
 
 
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class WdsIndex:
+    """WebDataset tar shards (members sharing a key form a sample: an image + a .txt or .json caption), indexed
+    once by the byte offsets and sizes of each sample's image and caption members; members are read from the
+    shard when a sample is visited, so memory does not grow with the number of samples."""
+
+    def __init__(self, shards: list[str], bad: BadSamples):
+        self.shards = shards
+        cols = {c: array("q") for c in ("shard", "img_off", "img_size", "cap_off", "cap_size", "cap_json", "key_end")}
+        keys, key_end = [], 0
+        for s, shard in enumerate(shards):
+            samples: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    while (m := tar.next()) is not None:
+                        if m.isfile():
+                            key, _, ext = m.name.partition(".")
+                            samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                        tar.members.clear()  # tarfile keeps every header otherwise; they are not revisited
+            except tarfile.TarError as e:
+                raise ValueError(f"{shard}: cannot read tar shard ({e})") from None
+            with open(shard, "rb") as fh:
+                for key, parts in samples.items():
+                    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                    if img is None:
+                        continue
+                    where = f"{shard}:{key}"
+                    cap_ext = "txt" if "txt" in parts else "json" if "json" in parts else None
+                    if cap_ext is None:
+                        bad(where, "no .txt or .json caption")
+                        continue
+                    try:
+                        cap = self._decode(self._read(fh, *parts[cap_ext]), cap_ext == "json")
+                    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                        bad(where, f"unreadable caption ({e.__class__.__name__})")
+                        continue
+                    if not usable_caption(cap, where, bad):
+                        continue
+                    keys.append(key)
+                    key_end += len(key)
+                    for c, v in zip(cols, (s, *img, *parts[cap_ext], cap_ext == "json", key_end)):
+                        cols[c].append(int(v))
+        self.cols = {c: np.frombuffer(v, np.int64) for c, v in cols.items()}
+        self.keys = "".join(keys)  # key k is keys[key_end[k-1]:key_end[k]]: one string, not one object per sample
+
+    @staticmethod
+    def _read(fh, offset: int, size: int) -> bytes:
+        fh.seek(offset)
+        return fh.read(size)
+
+    @staticmethod
+    def _decode(raw: bytes, is_json: bool):
+        return json.loads(raw).get("caption") if is_json else raw.decode("utf-8")
+
+    def _member(self, k: int, what: str) -> bytes:
+        with open(self.shards[self.cols["shard"][k]], "rb") as fh:
+            return self._read(fh, int(self.cols[f"{what}_off"][k]), int(self.cols[f"{what}_size"][k]))
+
+    def __len__(self) -> int:
+        return len(self.cols["shard"])
+
+    def image(self, k: int) -> bytes:
+        return self._member(k, "img")
+
+    def captions(self, k: int) -> list[str]:
+        return [self._decode(self._member(k, "cap"), bool(self.cols["cap_json"][k])).strip()]
+
+    def where(self, k: int) -> str:
+        ends = self.cols["key_end"]
+        return f"{self.shards[self.cols['shard'][k]]}:{self.keys[ends[k - 1] if k else 0:ends[k]]}"
+
+
 def load_wds_set(pattern: str, bad: BadSamples = STOP) -> ImageTextSet:
-    """WebDataset shards: members sharing a key form a sample (image + .txt or .json caption)."""
+    """WebDataset shards matching a glob, indexed once and read on demand: see WdsIndex."""
     shards = sorted(glob.glob(pattern))
     if not shards:
         raise FileNotFoundError(f"{pattern}: no tar shards match")
-    out = _Collected(bad)
-    for shard in shards:
-        samples: dict[str, dict] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
-        except tarfile.TarError as e:
-            raise ValueError(f"{shard}: cannot read tar shard ({e})") from None
-        for key, parts in samples.items():
-            img = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
-            if img is None:
-                continue
-            where = f"{shard}:{key}"
-            try:
-                if "txt" in parts:
-                    cap = parts["txt"].decode("utf-8")
-                elif "json" in parts:
-                    cap = json.loads(parts["json"]).get("caption")
-                else:
-                    bad(where, "no .txt or .json caption")
-                    continue
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                bad(where, f"unreadable caption ({e.__class__.__name__})")
-                continue
-            out.add(img, cap, where)
-    return out.to_set(pattern, "no samples with images")
+    index = WdsIndex(shards, bad)
+    if not len(index):
+        raise ValueError(f"{pattern}: no samples with images")
+    rows = np.arange(len(index))
+    return ImageTextSet(pattern, Lazy(index.image, rows), Lazy(index.captions, rows), origins=Lazy(index.where, rows))
 
 
 def load_source(source: str, path: str | None = None, bad: BadSamples = STOP) -> ImageTextSet:

@@ -43,7 +43,7 @@ class ImageCaptionDataModule(L.LightningDataModule):
     so held-out images are never trained on. The caption tokenizer is a byte-level BPE trained on the
     training captions (deterministic), or `text_tokenizer` (a tokenizer.json)."""
 
-    def __init__(self, source: str = "mnist", path: str | None = None, holdout: int = 1500, seed: int = 0,
+    def __init__(self, source: str = "mnist", path: str | None = None, holdout: int | float = 0.1, seed: int = 0,
                  channels: int = 1, image_size: int = 28, batch_size: int = 64, val_size: int = 256,
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 256, max_text_len: int = 32,
                  num_workers: int = 0):
