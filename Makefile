@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu clean
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The web demo's libraries (`mmar demo`): gradio's pinned requirements (the [demo] extra), then gradio itself
+# without its own requirements, because it declares pillow<13 and mmar pins pillow 13.0.0 (tested together).
+demo-deps: $(STAMP)
+	$(BIN)/pip install -q -e '.[demo]'
+	$(BIN)/pip install -q --no-deps gradio==6.31.0
+
+# The demo in a real headless browser: Debian's Chromium (no browser download) driven by Playwright.
+test-browser: demo-deps
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(BIN)/pip install -q -e '.[browser]'
+	$(BIN)/python -m pytest -m browser tests/test_browser.py
 
 demo: $(STAMP)
 	$(BIN)/python -m train.demo

@@ -1,0 +1,207 @@
+"""`Pipeline`: a trained mmar model behind a small Python API (diffusers-like).
+
+    from mmar import Pipeline
+    pipe = Pipeline.from_pretrained("results/demo/lm")          # inference folder or Lightning .ckpt
+    images = pipe.text_to_image(["a handwritten 7"], n=4, seed=0)  # list[PIL.Image]
+    texts = pipe.caption(images)                                 # list[str]
+    pipe.save_pretrained("my_model")                             # an inference folder, written atomically
+
+Batched calls equal one-by-one calls: every image is drawn by its own sampler call with its own
+generator, seeded `seed + j` for the j-th image of each prompt. So `text_to_image(prompts, n, seed=s)`
+returns, for each prompt p in order, exactly `text_to_image([p], n, seed=s)`, and its j-th image is
+`text_to_image([p], n=1, seed=s + j)[0]` whatever else is in the batch. Captions are made one image
+at a time too: greedy by default (no randomness); at temperature > 0 the i-th image uses seed `seed + i`,
+so `caption(images, seed=s)[i] == caption([images[i]], seed=s + i)[0]`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from generate import pipeline as core
+from models.bundle import Bundle, load_bundle
+from vision_tokenizers.image_io import load_image, pil_to_tensor, tensor_to_pil
+
+# progress(done, total): called while drawing, `done` in [0, total] (forward passes of the LM)
+Progress = Callable[[int, int], None]
+
+
+def _check_number(name: str, value, low: float, *, inclusive: bool = True) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if v != v or v in (float("inf"), float("-inf")) or (v < low if inclusive else v <= low):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+    return v
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i + 1} is empty")
+    return [p.strip() for p in prompts]
+
+
+class Pipeline:
+    """A loaded model (`bundle`) with text-to-image, captioning and (for video checkpoints) text-to-video."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
+        self.bundle = bundle
+        self.device = torch.device(device)
+
+    # ---- load / save -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", int8: bool = False) -> "Pipeline":
+        """Load an inference folder or a Lightning `.ckpt` of the LM module (no pickled code is run).
+        `int8=True` quantises the LM's linear layers dynamically (CPU inference; see models/quantize.py)."""
+        bundle = load_bundle(path, device)
+        if int8:
+            try:
+                from models.quantize import quantize_int8
+            except ImportError:
+                raise ValueError("int8 inference is not available in this version (models/quantize.py missing)") from None
+            bundle = quantize_int8(bundle)
+        return cls(bundle, device)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write an inference folder (config.json, model.safetensors, vision_tokenizer.safetensors,
+        tokenizer.json) atomically: it appears whole or not at all."""
+        self.bundle.save(folder)
+        return Path(folder)
+
+    # ---- facts -----------------------------------------------------------------------------------
+    @property
+    def can_caption(self) -> bool:
+        return not getattr(self.bundle.objective, "continuous", False) and not self.can_make_video
+
+    @property
+    def can_make_video(self) -> bool:
+        return len(getattr(self.bundle.vision, "code_shape", ())) == 3
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return self.bundle.image_channels
+
+    # ---- drawing ---------------------------------------------------------------------------------
+    @contextmanager
+    def _counting(self, progress: Progress | None, total: int):
+        """Report LM forward passes to `progress` (one per decoding step; prompts with guidance are
+        one batch, so one pass)."""
+        if progress is None:
+            yield
+            return
+        done = [0]
+
+        def hook(*_):
+            done[0] = min(done[0] + 1, total)
+            progress(done[0], total)
+
+        handle = self.bundle.lm.register_forward_hook(hook)
+        try:
+            progress(0, total)
+            yield
+        finally:
+            handle.remove()
+
+    def _draw(self, fn, prompts, n, cfg, temperature, top_k, top_p, seed, progress, **kw) -> list[torch.Tensor]:
+        prompts = _check_prompts(prompts)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        cfg = _check_number("cfg", cfg, 0)
+        temperature = _check_number("temperature", temperature, 0)
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        if top_p is not None and not 0 < _check_number("top_p", top_p, 0, inclusive=False) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        steps_each = self.bundle.vision.num_tokens + 1  # prefill + one pass per code (an upper bound)
+        total = len(prompts) * n * steps_each
+        out = []
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                gen = torch.Generator(device=self.device).manual_seed(int(seed) + j)
+                base = (i * n + j) * steps_each
+                sub = None if progress is None else (lambda d, _t, b=base: progress(min(b + d, total), total))
+                with self._counting(sub, steps_each):
+                    x = fn(self.bundle, [p], 1, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=gen, **kw)
+                out.append(x[0].cpu())
+        if progress is not None:
+            progress(total, total)
+        return out
+
+    def text_to_image(self, prompts: str | Sequence[str], n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
+                      seed: int = 0, top_k: int | None = None, top_p: float | None = None,
+                      steps: int | None = None, sampler: str | None = None,
+                      progress: Progress | None = None) -> list[Image.Image]:
+        """`n` images per prompt, prompt-major (`len(prompts) * n` PIL images). `cfg` is the classifier-free
+        guidance scale (1 = off); `steps` / `sampler` apply to continuous-latent (xAR) checkpoints only."""
+        if self.can_make_video:
+            raise ValueError("this checkpoint draws videos; use text_to_video")
+        xs = self._draw(core.text_to_image, prompts, n, cfg, temperature, top_k, top_p, seed, progress,
+                        steps=steps, sampler=sampler)
+        return [tensor_to_pil(x) for x in xs]
+
+    def text_to_video(self, prompts: str | Sequence[str], n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
+                      seed: int = 0, top_k: int | None = None, top_p: float | None = None,
+                      progress: Progress | None = None) -> list[list[Image.Image]]:
+        """`n` videos per prompt, each a list of frames (PIL images). Raises ValueError when the checkpoint's
+        vision tokenizer is not a video tokenizer."""
+        if not self.can_make_video:
+            raise ValueError("this checkpoint cannot make videos (its vision tokenizer is an image tokenizer); "
+                             "use text_to_image, or load a text-to-video checkpoint (configs/video_lm.yaml)")
+        xs = self._draw(core.text_to_video, prompts, n, cfg, temperature, top_k, top_p, seed, progress)
+        return [[tensor_to_pil(v[:, t]) for t in range(v.shape[1])] for v in xs]  # [C, T, H, W] -> frames
+
+    # ---- captioning ------------------------------------------------------------------------------
+    def _image_tensor(self, img, k: int) -> torch.Tensor:
+        c, s = self.image_channels, self.image_size
+        if isinstance(img, Image.Image):
+            return pil_to_tensor(img, c, s)
+        if isinstance(img, (str, Path)):
+            return load_image(img, c, s)
+        raise ValueError(f"image {k + 1}: expected a PIL image or a file path, got {type(img).__name__}")
+
+    def caption(self, images, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float | None = None,
+                seed: int = 0, progress: Progress | None = None) -> list[str]:
+        """One caption per image (PIL images or file paths of any size; converted and resized as trained).
+        Greedy by default."""
+        if not self.can_caption:
+            raise ValueError("this checkpoint does not caption images (it draws "
+                             f"{'videos' if self.can_make_video else 'continuous latents'})")
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("give at least one image")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        temperature = _check_number("temperature", temperature, 0)
+        xs = [self._image_tensor(img, k) for k, img in enumerate(images)]  # every image checked first
+        out = []
+        for k, x in enumerate(xs):
+            gen = torch.Generator(device=self.device).manual_seed(int(seed) + k)
+            out += core.caption(self.bundle, x[None], max_new_tokens, temperature, top_p, gen)
+            if progress is not None:
+                progress(k + 1, len(xs))
+        return out
+
+    def __repr__(self) -> str:
+        b = self.bundle
+        kind = "text-to-video" if self.can_make_video else "text-to-image" + (" + captioning" if self.can_caption else "")
+        return (f"Pipeline({kind}, {b.lm.num_params():,} LM parameters, {b.vision.num_tokens} tokens per "
+                f"{'video' if self.can_make_video else 'image'}, {self.image_channels}x{self.image_size}px, "
+                f"device={self.device})")
