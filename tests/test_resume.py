@@ -153,3 +153,48 @@ def test_two_process_ddp_matches_one_process(tiny_vq_path, tmp_path):
     print(f"max |w_1proc - w_2proc| after 12 steps: {worst:.3g} (max |w| {scale:.3g})")
     assert worst < 1e-4, worst
     assert a["global_step"].item() == b["global_step"].item() == 12
+
+
+_RANK_RNG_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from train.resume import ResumableModule
+
+def run(rank, path):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+    torch.manual_seed(100 + rank)  # each rank has its own stream (dropout, noise draws)
+    m, ckpt = ResumableModule(), {}
+    m.on_save_checkpoint(ckpt)
+    if rank == 0:
+        torch.save(ckpt, path)
+    dist.barrier()
+    expected = torch.rand(4)
+    torch.manual_seed(0)  # a restarted process
+    m2 = ResumableModule()
+    m2.on_load_checkpoint(torch.load(path, weights_only=True))
+    m2.on_train_batch_start(None, 0)
+    got = torch.rand(4)
+    print(f"rank {rank} continued={torch.equal(got, expected)}", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_keeps_every_ranks_rng_stream(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank_rng.py"
+    script.write_text(_RANK_RNG_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "c.ckpt"), str(port)], cwd=ROOT, timeout=120,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                              "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    import re
+
+    assert sorted(re.findall(r"rank \d continued=\w+", res.stdout)) == ["rank 0 continued=True",
+                                                                       "rank 1 continued=True"], res.stdout

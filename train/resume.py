@@ -9,8 +9,9 @@ Three things make it exact:
 - `ResumableLoader` is a DataLoader that Lightning checkpoints (it has `state_dict`): the epoch and how
   many batches of it were trained, read from the trainer's progress when the checkpoint is written;
   on resume it skips those batches instead of replaying the epoch.
-- `ResumableModule` stores the torch / numpy / Python RNG states in every checkpoint and puts them back
-  just before the first resumed training batch (dropout, codebook restarts, noise draws continue).
+- `ResumableModule` stores the torch / numpy / Python RNG states in every checkpoint (every rank's under DDP)
+  and puts them back just before the first resumed training batch (dropout, codebook restarts, noise draws
+  continue).
 
 `LastCheckpoint` keeps `last.ckpt` current: at the end of training, and at the end of the current batch
 when SIGTERM or SIGINT arrives (then the run stops cleanly), so `--ckpt_path last` continues it.
@@ -143,9 +144,17 @@ class ResumableModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng"] = rng_state()
+        world, _ = _world()
+        if world > 1:  # every rank builds the checkpoint (only rank 0 writes it): keep each rank's streams
+            states = [None] * world
+            dist.all_gather_object(states, checkpoint["rng"])
+            checkpoint["rng_per_rank"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng")
+        world, rank = _world()
+        per_rank = checkpoint.get("rng_per_rank")
+        # the same number of processes continues each rank's own streams; another count falls back to rank 0's
+        self._pending_rng = per_rank[rank] if per_rank and len(per_rank) == world else checkpoint.get("rng")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:  # the first batch after a resume: continue the saved streams
