@@ -1,0 +1,145 @@
+"""The Python API (`from mmar import Pipeline`) on tiny models: loading both checkpoint forms, PIL in and out,
+batched calls equal one-by-one calls, save/load round trip, video checkpoints, int8, bad arguments."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmar import Pipeline
+from models.bundle import Bundle
+from models.config import LMConfig
+from models.objectives import NextTokenPrediction
+from models.transformer import Transformer
+from models.vocab import VocabLayout
+from vision_tokenizers.video import VideoTokenizer, VideoTokenizerConfig
+
+PROMPTS = ["a handwritten 1", "a handwritten 7", "a seven written by hand"]
+
+
+def arr(images):
+    return np.stack([np.asarray(im) for im in images])
+
+
+def bundle_ckpt(bundle: Bundle, path):
+    """A Lightning-style .ckpt of a bundle, as the LM module writes it (the "mmar" entry + prefixed weights)."""
+    state = {**{f"lm.{k}": v for k, v in bundle.lm.state_dict().items()},
+             **{f"objective.{k}": v for k, v in bundle.objective.state_dict().items()},
+             **{f"vision.{k}": v for k, v in bundle.vision.state_dict().items()}}
+    torch.save({"mmar": {**bundle.meta(), "tokenizer_json": bundle.tokenizer.to_json()}, "state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle_dir):
+    return Pipeline.from_pretrained(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def video_pipe(caption_tokenizer):
+    torch.manual_seed(0)
+    vision = VideoTokenizer(VideoTokenizerConfig(in_channels=1, image_size=32, frames=5, patch=4, channels=[8, 16],
+                                                 spatial_down=[True], time_down=[True], levels=[5, 4])).eval()
+    layout = VocabLayout(caption_tokenizer.vocab_size, 20)
+    lm = Transformer(LMConfig.from_preset("tiny", vocab_size=layout.size, max_len=72)).eval()
+    return Pipeline(Bundle(lm, caption_tokenizer, layout, vision, 72, NextTokenPrediction()))
+
+
+def test_text_to_image_returns_pil_images(pipe):
+    images = pipe.text_to_image(PROMPTS[:2], n=2, seed=0)
+    assert len(images) == 4
+    assert all(isinstance(im, Image.Image) and im.size == (8, 8) and im.mode == "L" for im in images)
+    assert "text-to-image + captioning" in repr(pipe)
+
+
+def test_batched_text_to_image_equals_one_by_one(pipe):
+    batch = arr(pipe.text_to_image(PROMPTS, n=2, cfg=2.0, temperature=1.0, seed=11))
+    singles = arr([pipe.text_to_image([p], n=1, cfg=2.0, temperature=1.0, seed=11 + j)[0]
+                   for p in PROMPTS for j in range(2)])
+    np.testing.assert_array_equal(batch, singles)
+    per_prompt = arr([im for p in PROMPTS for im in pipe.text_to_image(p, n=2, cfg=2.0, seed=11)])
+    np.testing.assert_array_equal(batch, per_prompt)
+    other = arr(pipe.text_to_image(PROMPTS[:1], n=2, cfg=2.0, seed=12))
+    assert not np.array_equal(batch[:2], other)  # the seed matters
+
+
+def test_batched_caption_equals_one_by_one(pipe, tmp_path):
+    images = pipe.text_to_image(PROMPTS, n=1, seed=3)
+    batch = pipe.caption(images)
+    assert batch == [pipe.caption([im])[0] for im in images] and all(isinstance(t, str) for t in batch)
+    hot = pipe.caption(images, temperature=1.0, seed=5)
+    assert hot == [pipe.caption([im], temperature=1.0, seed=5 + i)[0] for i, im in enumerate(images)]
+
+
+def test_caption_takes_paths_and_any_size_or_mode(pipe, tmp_path):
+    img = Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8))  # RGB, 30x40
+    path = tmp_path / "x.png"
+    img.save(path)
+    assert pipe.caption([path]) == pipe.caption([str(path)]) == pipe.caption(img)
+    assert len(pipe.caption([img.convert("RGBA"), img.convert("P")])) == 2
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.caption([tmp_path / "missing.png"])
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        pipe.caption([img, tmp_path / "text.png"])
+    with pytest.raises(ValueError, match="expected a PIL image or a file path"):
+        pipe.caption([np.zeros((8, 8))])
+    with pytest.raises(ValueError, match="at least one image"):
+        pipe.caption([])
+
+
+def test_save_pretrained_and_ckpt_give_the_same_model(pipe, tiny_bundle, tmp_path):
+    out = pipe.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "vision_tokenizer.safetensors"]
+    ref = arr(pipe.text_to_image(PROMPTS[:1], n=2, seed=4))
+    np.testing.assert_array_equal(arr(Pipeline.from_pretrained(out).text_to_image(PROMPTS[:1], n=2, seed=4)), ref)
+    ckpt = bundle_ckpt(tiny_bundle, tmp_path / "lm.ckpt")
+    np.testing.assert_array_equal(arr(Pipeline.from_pretrained(ckpt).text_to_image(PROMPTS[:1], n=2, seed=4)), ref)
+
+
+def test_progress_reaches_the_total(pipe):
+    seen = []
+    pipe.text_to_image(PROMPTS[:2], n=2, seed=0, progress=lambda d, t: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1][0] == seen[-1][1] and len(set(t for _, t in seen)) == 1
+    assert len(seen) > 4  # finer than one step per image
+
+
+def test_bad_arguments_are_value_errors(pipe):
+    for kw, msg in [(dict(prompts=[]), "at least one prompt"), (dict(prompts=["  "]), "prompt 1 is empty"),
+                    (dict(prompts="x", n=0), "n must be"), (dict(prompts="x", cfg=float("nan")), "cfg must be"),
+                    (dict(prompts="x", temperature=-1), "temperature must be"), (dict(prompts="x", top_p=1.5), "top_p"),
+                    (dict(prompts="x", top_k=0), "top_k")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe.text_to_image(**kw)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        Pipeline.from_pretrained("no/such/model")
+
+
+def test_text_to_video_on_an_image_checkpoint_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match="cannot make videos"):
+        pipe.text_to_video("a 3 moving up")
+
+
+def test_text_to_video_frames_and_batching(video_pipe):
+    assert video_pipe.can_make_video and not video_pipe.can_caption
+    videos = video_pipe.text_to_video(["a 3 moving up", "a 5"], n=1, seed=2)
+    assert len(videos) == 2 and len(videos[0]) == 5 and videos[0][0].size == (32, 32)
+    one = video_pipe.text_to_video("a 5", n=1, seed=2)[0]
+    np.testing.assert_array_equal(arr(videos[1]), arr(one))
+    with pytest.raises(ValueError, match="draws videos"):
+        video_pipe.text_to_image("a 3")
+    with pytest.raises(ValueError, match="does not caption"):
+        video_pipe.caption([Image.new("L", (32, 32))])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("models.quantize") is None, reason="models/quantize.py not there yet")
+def test_int8_pipeline(tiny_bundle_dir):
+    q = Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
+    assert not any(type(m) is torch.nn.Linear for m in q.bundle.lm.modules())
+    images = q.text_to_image(PROMPTS[:1], n=2, seed=0)
+    assert len(images) == 2 and isinstance(q.caption(images)[0], str)
