@@ -96,6 +96,28 @@ def _help_with_examples(cmd: str, run) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _short_parse_errors(cmd: str):
+    """jsonargparse answers a bad flag with the whole usage (50+ lines) and then the error; print only the
+    error, on one line (MMAR_DEBUG=1 keeps jsonargparse's own behaviour)."""
+    import jsonargparse
+
+    original = jsonargparse.ArgumentParser.error
+
+    def error(self, message, ex=None):
+        if os.environ.get("MMAR_DEBUG"):
+            return original(self, message, ex)
+        first = str(message).strip().splitlines()[0] if str(message).strip() else "invalid arguments"
+        sys.stderr.write(f"error: {first} (see mmar {cmd} --help)\n")
+        sys.exit(2)
+
+    jsonargparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        jsonargparse.ArgumentParser.error = original
+
+
 def _lightning(cmd: str, rest: list[str]) -> int:
     from train.cli import console_main
 
@@ -103,7 +125,8 @@ def _lightning(cmd: str, rest: list[str]) -> int:
         old = sys.argv
         sys.argv = ["mmar", cmd, *rest]
         try:
-            console_main()
+            with _short_parse_errors(cmd):
+                console_main()
         finally:
             sys.argv = old
 

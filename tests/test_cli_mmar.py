@@ -44,6 +44,13 @@ def test_lightning_help_has_examples(capsys):
     assert code == 0 and "--trainer" in out and "mmar fit --config configs/mnist_lm.yaml" in out
 
 
+def test_lightning_argument_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run(["fit", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and err.startswith("error: ") and "nope.yaml" in err and err.count("\n") == 1
+    code, _, err = run(["fit", "--config", "configs/mnist_lm.yaml", "--trainer.max_stepz", "3"], capsys)
+    assert code == 2 and err == "error: unrecognized arguments: --trainer.max_stepz 3 (see mmar fit --help)\n"
+
+
 def test_console_script_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "mmar", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "commands:" in r.stdout
