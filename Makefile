@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu clean demo-deps test-browser
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench-xar: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist || true
 	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 45 --lm-seconds 60 --per-class 20
+
+# Peak RSS of the LM data module over 1k / 10k / 100k-sample JSONL and WebDataset sources (about 10 minutes;
+# the generated datasets stay in results/bench_streaming) -> benchmarks/results/streaming.json + streaming.png.
+bench-streaming: $(STAMP)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	$(BIN)/python -m benchmarks.streaming
 
 # FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.
 bench-gpu: $(STAMP)
