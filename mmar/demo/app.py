@@ -77,7 +77,7 @@ def build(pipe: Pipeline, title: str = "mmar"):
                     with gr.Row():
                         with gr.Column():
                             image = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image",
-                                             elem_id="caption-image", image_mode=None)
+                                             elem_id="caption-image", image_mode=None, height=260)
                             go_c = gr.Button("Caption", variant="primary", elem_id="caption-go")
                         with gr.Column():
                             text = gr.Textbox(label="Caption", interactive=False, elem_id="caption-text")
