@@ -86,7 +86,12 @@ class Pipeline:
 
     @property
     def can_make_video(self) -> bool:
-        return len(getattr(self.bundle.vision, "code_shape", ())) == 3
+        from vision_tokenizers import registry
+
+        try:
+            return registry.kind_of(self.bundle.vision) == "video"
+        except ValueError:  # a tokenizer class the registry does not know: not ours to call a video one
+            return False
 
     @property
     def image_size(self) -> int:

@@ -143,3 +143,31 @@ def test_int8_pipeline(tiny_bundle_dir):
     assert not any(type(m) is torch.nn.Linear for m in q.bundle.lm.modules())
     images = q.text_to_image(PROMPTS[:1], n=2, seed=0)
     assert len(images) == 2 and isinstance(q.caption(images)[0], str)
+
+
+def test_xar_checkpoint_draws_and_refuses_captions(tmp_path):
+    """A continuous-latent (xAR) model: text_to_image takes steps/sampler, batched equals one-by-one, no captions."""
+    from models.objectives import XARFlowMatching
+    from train.latent_data import LatentDataModule
+    from train.lm_module import MultimodalLMModule
+    from vision_tokenizers import registry
+    from vision_tokenizers.kl import KLConfig, KLTokenizer
+
+    torch.manual_seed(0)
+    registry.save(KLTokenizer(KLConfig(image_size=8, pad=0, channels=(8, 16), latent_channels=4)), tmp_path / "kl.st")
+    dm = LatentDataModule(str(tmp_path / "kl.st"), source="digits", holdout=200, bpe_vocab_size=200, batch_size=32,
+                          max_len=48, cache_dir=str(tmp_path / "cache"))
+    obj = XARFlowMatching(dim=64, latent_channels=4, grid=4, entity="cell", entity_size=2, steps=2)
+    module = MultimodalLMModule(dm.spec, obj, preset="xar-demo", dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                                mlp_dim=128)
+    module.configure_model()
+    pipe = Pipeline(module.bundle())
+    pipe.save_pretrained(tmp_path / "xar")
+    pipe = Pipeline.from_pretrained(tmp_path / "xar")
+    assert not pipe.can_make_video and not pipe.can_caption
+    images = pipe.text_to_image(["a handwritten 3", "a 5"], n=2, cfg=2.0, seed=1, steps=2, sampler="em")
+    assert len(images) == 4 and images[0].size == (8, 8)
+    one = pipe.text_to_image(["a 5"], n=1, cfg=2.0, seed=2, steps=2, sampler="em")[0]
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(images[3]))
+    with pytest.raises(ValueError, match="does not caption"):
+        pipe.caption(images)
