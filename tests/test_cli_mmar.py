@@ -91,6 +91,14 @@ def test_argument_errors_exit_2(tiny_bundle_dir, capsys):
     assert code == 2 and "--ckpt" in err
 
 
+def test_demo_without_gradio_is_one_line(tiny_bundle_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    code, _, err = run(["demo", "--ckpt", str(tiny_bundle_dir)], capsys)
+    assert code == 2 and err.startswith("error: the web demo needs gradio: run `make demo-deps`")
+    code, _, err = run(["demo", "--ckpt", str(tiny_bundle_dir), "--port", "70000"], capsys)
+    assert code == 2 and err == "error: --port must be in 1..65535, got 70000\n"
+
+
 def test_export_ckpt_to_folder(tiny_bundle, tmp_path, capsys):
     ckpt = bundle_ckpt(tiny_bundle, tmp_path / "lm.ckpt")
     out = tmp_path / "exported"
