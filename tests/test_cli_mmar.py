@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmar.cli import COMMANDS, main
 from models.bundle import load_bundle
-from tests.test_api import bundle_ckpt
+from test_api import bundle_ckpt
 
 
 def run(argv, capsys):
