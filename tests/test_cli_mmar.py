@@ -141,3 +141,20 @@ def test_eval_unlabelled_jsonl(tiny_bundle_dir, tmp_path, capsys):
     assert code == 0
     r = json.loads(report_path.read_text())
     assert not r["labelled"] and "caption_exact_match" in r and r["t2i_images"] == 4
+
+
+def test_eval_refuses_a_video_checkpoint(caption_tokenizer, tmp_path, capsys):
+    from models.bundle import Bundle
+    from models.config import LMConfig
+    from models.objectives import NextTokenPrediction
+    from models.transformer import Transformer
+    from models.vocab import VocabLayout
+    from vision_tokenizers.video import VideoTokenizer, VideoTokenizerConfig
+
+    vision = VideoTokenizer(VideoTokenizerConfig(in_channels=1, image_size=32, frames=5, patch=4, channels=[8, 16],
+                                                 spatial_down=[True], time_down=[True], levels=[5, 4]))
+    layout = VocabLayout(caption_tokenizer.vocab_size, 20)
+    lm = Transformer(LMConfig.from_preset("tiny", vocab_size=layout.size, max_len=72))
+    Bundle(lm, caption_tokenizer, layout, vision, 72, NextTokenPrediction()).save(tmp_path / "video")
+    code, _, err = run(["eval", "--ckpt", str(tmp_path / "video"), "--source", "digits", "--holdout", "120"], capsys)
+    assert code == 2 and err.startswith("error: mmar eval scores image checkpoints")
