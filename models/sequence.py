@@ -49,7 +49,7 @@ class Sample:
     ids: torch.Tensor  # [T] long
     loss: torch.Tensor  # [T] bool: this token is a prediction target
     modality: torch.Tensor  # [T] long (TEXT / IMAGE)
-    task: str  # "t2i" | "i2t"
+    task: str  # "t2i" | "i2t" | "text"
     conditional: bool  # False for a caption-dropped text->image sample
 
 
@@ -91,6 +91,14 @@ class SequenceFormat:
         rest = [*self.caption_ids(caption, where), self.tok.eos_id]
         modality = [TEXT, TEXT] + [IMAGE] * (len(prompt) - 2) + [TEXT] * len(rest)
         return self._sample(prompt + rest, modality, "i2t", True, where)
+
+    def text_sample(self, caption: str, where: str = "sample") -> Sample:
+        """`<bos> caption <eos>`, text only: what PRIOR's reference model learns (models/prior.py reads its
+        probabilities for a caption's tokens from `<bos> c_1 .. c_k-1` the same way)."""
+        ids = [self.tok.bos_id, *self.caption_ids(caption, where), self.tok.eos_id]
+        s = self._sample(ids, [TEXT] * len(ids), "text", True, where)
+        s.loss[1] = True  # no task token: every token after <bos> is predicted
+        return s
 
     def build(self, codes: torch.Tensor, caption: str, rng: random.Random, where: str = "sample") -> Sample:
         """One training sample from image codes and a caption: task and guidance drop drawn from `rng`."""

@@ -36,6 +36,7 @@ class MultimodalLMModule(ResumableModule):
             raise ValueError("MultimodalLMModule needs `data` (the data module's spec; the CLI links it)")
         self.data, self.hf_init, self.compile_lm = data, hf_init, compile
         self.objective = objective if objective is not None else NextTokenPrediction()
+        self.objective.bind(data.tokenizer, data.class_names)
         overrides = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_dim=mlp_dim)
         self.cfg = LMConfig.from_preset(preset, **{k: v for k, v in overrides.items() if v is not None},
                                         vocab_size=data.layout.size, max_len=data.max_len)

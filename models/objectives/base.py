@@ -35,6 +35,10 @@ class Objective(nn.Module, abc.ABC):
     Config: Any
     config: Any
 
+    def bind(self, tokenizer, class_names: list[str] = ()) -> None:
+        """Called by the training module with its data's text tokenizer and class names; a no-op unless an
+        objective's parts depend on them (PRIOR's reference model must share the tokenizer)."""
+
     @abc.abstractmethod
     def loss(self, lm: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Training loss of `lm` on a collated batch."""

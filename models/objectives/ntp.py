@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from generate.sampling import generate
 from models.objectives.base import Objective, token_mean
+from models.prior import PriorWeighting
 from models.sequence import IMAGE, TEXT
 
 
@@ -16,18 +17,25 @@ class NextTokenPrediction(Objective):
 
     `text_weight` scales text tokens against image tokens in the loss (1 = every token counts the
     same): a caption has ~6 tokens against an image's 49, so captioning otherwise gets a small share
-    of the gradient. The reported `nll` is always the plain per-token mean, so runs compare.
+    of the gradient. `prior` (models.prior.PriorWeighting, training only: not stored with the model)
+    further weights each caption token of image->text samples by how much it needs the image. The
+    reported `nll` is always the plain per-token mean, so runs compare.
     """
 
     @dataclass
     class Config:
         text_weight: float = 1.0
 
-    def __init__(self, text_weight: float = 1.0):
+    def __init__(self, text_weight: float = 1.0, prior: PriorWeighting | None = None):
         super().__init__()
         if not text_weight > 0:
             raise ValueError(f"text_weight must be > 0, got {text_weight}")
         self.config = self.Config(text_weight)
+        self.prior = prior
+
+    def bind(self, tokenizer, class_names: list[str] = ()) -> None:
+        if self.prior is not None:
+            self.prior.bind(tokenizer, class_names)
 
     def loss(self, lm, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, flag, modality = batch["ids"], batch["loss"], batch["modality"]
@@ -38,7 +46,11 @@ class NextTokenPrediction(Objective):
         target, flag, mod = ids[:, 1:], flag[:, 1:], modality[:, 1:]
         tok_loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         weight = flag * torch.where(mod == TEXT, self.config.text_weight, 1.0)  # [B, T-1]
-        out = {"loss": token_mean((tok_loss * weight).sum(), weight.sum()),
+        figures = {}
+        if self.prior is not None and torch.is_grad_enabled():  # training only: validation nll stays plain
+            prior_w, figures = self.prior(ids, batch["loss"], modality)  # [B, T-1]
+            weight = weight * prior_w
+        out = {**figures, "loss": token_mean((tok_loss * weight).sum(), weight.sum()),
                "nll": (tok_loss * flag).sum().detach() / flag.sum().clamp(min=1)}
         for name, m in (("text", TEXT), ("image", IMAGE)):
             sel = flag & (mod == m)

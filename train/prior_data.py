@@ -1,0 +1,76 @@
+"""The caption corpus of an image-caption source, text only: what PRIOR's reference model is trained on.
+
+It splits the source and builds the text tokenizer exactly as `train.datamodules.ImageTextDataModule` does with
+the same settings (source, path, holdout, seed, text_tokenizer, bpe_vocab_size), so the reference model reads
+captions with the tokenizer of the vision-language model it will weight; `models.prior.PriorWeighting` checks it.
+Only training captions are used: the held-out images' captions stay unseen by the reference as well.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.sequence import SequenceConfig, SequenceFormat
+from models.vocab import VocabLayout
+from train.datamodules import DataSpec, caption_tokenizer, split_source
+from train.resume import resumable_loader, visit_rng
+from train.sources import ImageTextSet
+from vision_tokenizers import registry
+
+
+class CaptionTextDataset(Dataset):
+    """One `<bos> caption <eos>` sequence per image; which of its captions is drawn per visit (EpochSampler)."""
+
+    def __init__(self, data: ImageTextSet, fmt: SequenceFormat, fixed_seed: int | None = None):
+        self.data, self.format, self.fixed_seed = data, fmt, fixed_seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        i, rng = visit_rng(item, self.fixed_seed)
+        return self.format.text_sample(rng.choice(self.data.captions[i]), where=self.data.where(i))
+
+
+class CaptionTextDataModule(L.LightningDataModule):
+    """Captions alone, for PRIOR's text-only reference LM (train it with `train.lm_module.MultimodalLMModule`).
+
+    Args:
+        vision_tokenizer: the vision tokenizer of the model PRIOR will weight; only its codebook size is used,
+            so the reference's vocabulary layout equals that model's.
+        source: digits | mnist | fashion_mnist | scenes-like sources of train.sources, or jsonl | folder | wds.
+        path: the user source's file, folder or shard glob.
+        text_tokenizer: a tokenizer.json; unset: the byte-level BPE trained on the training captions.
+        bpe_vocab_size: vocabulary size of that BPE.
+        holdout: samples kept out (a count >= 1 or a share < 1), as in the vision-language data module.
+        seed: seed of the split and of the caption draws.
+        batch_size: captions per step.
+        val_size: held-out captions used for validation.
+        max_len: longest caption sequence in tokens.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
+                 text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int | float = 0.1,
+                 seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 64, num_workers: int = 0):
+        super().__init__()
+        self.seed, self.batch_size, self.val_size, self.num_workers = seed, batch_size, val_size, num_workers
+        self.train_data, self.held_data = split_source(source, path, holdout, seed)
+        self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
+        vision = registry.load(vision_tokenizer)
+        self.layout = VocabLayout(self.tokenizer.vocab_size, vision.config.codebook_size)
+        self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len=max_len))
+        self.spec = DataSpec(self.tokenizer, self.layout, vision, max_len, self.train_data.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = CaptionTextDataset(self.train_data, self.format)
+        held = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
+        self.val_set = CaptionTextDataset(held, self.format, fixed_seed=self.seed)
+
+    def train_dataloader(self):
+        return resumable_loader(self, self.train_set, collate_fn=self.format.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers,
+                          generator=torch.Generator())  # private RNG: validation never moves the global one
