@@ -30,52 +30,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle_dir, tmp_path_factory):
-    pytest.importorskip("gradio", reason="make test-browser installs gradio")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("demo") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mmar", "demo", "--ckpt", str(tiny_bundle_dir),
-                                 "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 120
+class Server:
+    """`python -m mmar demo --ckpt <model>` on a free local port, stopped on exit."""
+
+    def __init__(self, ckpt, log):
+        self.port, self.log = _free_port(), log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mmar", "demo", "--ckpt", str(ckpt),
+                                          "--port", str(self.port)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def wait(self, seconds=120):
+        deadline = time.time() + seconds
         while True:
-            if proc.poll() is not None:
-                pytest.fail(f"demo server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            if self.proc.poll() is not None:
+                pytest.fail(f"demo server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return self.url
             except OSError:
                 pass
             if time.time() > deadline:
-                pytest.fail(f"demo server did not answer within 120 s: {log.read_text()[-2000:]}")
+                pytest.fail(f"demo server did not answer within {seconds} s: {self.log.read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
+
+    def stop(self):
+        self.proc.terminate()
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (make test-browser installs Debian's package)")
+    pytest.importorskip("gradio", reason="make test-browser installs gradio")
     sync_api = pytest.importorskip("playwright.sync_api", reason="make test-browser installs playwright")
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        pg = browser.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server)
-        yield pg
-        browser.close()
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser, tiny_bundle_dir, tmp_path_factory):
+    srv = Server(tiny_bundle_dir, tmp_path_factory.mktemp("demo") / "server.log")
+    try:
+        yield srv.wait()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    pg = browser.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(server)
+    yield pg
+    pg.close()
 
 
 def test_page_loads_with_tabs(page):
@@ -120,3 +137,37 @@ def test_upload_an_image_get_a_caption(page, tmp_path):
     assert status.startswith("captioned"), status
     assert page.input_value("#caption-text textarea").strip()
     page.screenshot(path=str(tmp_path / "caption.png"))
+
+
+def test_video_checkpoint_shows_the_video_tab_and_draws(browser, caption_tokenizer, tmp_path):
+    import torch
+
+    from models.bundle import Bundle
+    from models.config import LMConfig
+    from models.objectives import NextTokenPrediction
+    from models.transformer import Transformer
+    from models.vocab import VocabLayout
+    from vision_tokenizers.video import VideoTokenizer, VideoTokenizerConfig
+
+    torch.manual_seed(0)
+    vision = VideoTokenizer(VideoTokenizerConfig(in_channels=1, image_size=32, frames=5, patch=4, channels=[8, 16],
+                                                 spatial_down=[True], time_down=[True], levels=[5, 4]))
+    layout = VocabLayout(caption_tokenizer.vocab_size, 20)
+    lm = Transformer(LMConfig.from_preset("tiny", vocab_size=layout.size, max_len=72))
+    Bundle(lm, caption_tokenizer, layout, vision, 72, NextTokenPrediction()).save(tmp_path / "video")
+    srv = Server(tmp_path / "video", tmp_path / "server.log")
+    try:
+        pg = browser.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(srv.wait())
+        pg.wait_for_selector("#t2v-prompt textarea")
+        assert pg.get_by_role("tab", name="Text to image").count() == 0
+        pg.fill("#t2v-prompt textarea", "a 3 moving up")
+        pg.click("#t2v-draw")
+        pg.wait_for_function("document.querySelector('#t2v-status')?.innerText.includes('drew')")
+        assert "drew 1 video" in pg.inner_text("#t2v-status")
+        pg.locator("#t2v-gallery img").first.wait_for()
+        assert pg.locator("#t2v-gallery img").first.get_attribute("src")
+        pg.close()
+    finally:
+        srv.stop()
