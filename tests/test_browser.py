@@ -2,7 +2,8 @@
 
 Starts `python -m mmar demo` on a free local port with a tiny model, then, like a person: loads the page,
 types a prompt, presses Draw and waits for images; uploads a PNG, presses Caption and waits for the text;
-and checks that bad input (an empty prompt) shows a message on the page, not a stack trace.
+checks that bad input (an empty prompt) shows a message on the page, not a stack trace; and, with a tiny
+video checkpoint, that only the text-to-video tab is shown and it draws an animated GIF.
 """
 from __future__ import annotations
 
