@@ -125,19 +125,39 @@ def test_bad_input_shows_a_message(page):
     assert "type a prompt" in text and "Traceback" not in page.content()
 
 
+def _upload(page, path):
+    page.get_by_role("tab", name="Caption an image").click()
+    clear = page.locator("#caption-file button[aria-label='Clear']")
+    if clear.count():  # a file from an earlier test is still there: remove it as a person would
+        clear.first.click()
+    page.locator("#caption-file input[type=file]").set_input_files(str(path))
+    page.wait_for_function(f"document.querySelector('#caption-file')?.innerText.includes('{path.name}')")
+
+
 def test_upload_an_image_get_a_caption(page, tmp_path):
     png = tmp_path / "digit.png"
-    Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(png)
-    page.get_by_role("tab", name="Caption an image").click()
-    page.locator("#caption-image input[type=file]").set_input_files(str(png))
-    page.wait_for_selector("#caption-image img")
+    Image.fromarray((np.random.default_rng(0).random((56, 40)) * 255).astype(np.uint8)).save(png)
+    _upload(page, png)
     page.click("#caption-go")
     # the status line also holds Gradio's "processing" tracker while the request runs: wait for our words
     page.wait_for_function("/captioned|empty caption|error/.test(document.querySelector('#caption-status')?.innerText)")
     status = page.inner_text("#caption-status")
     assert status.startswith("captioned"), status
     assert page.input_value("#caption-text textarea").strip()
+    page.locator("#caption-seen img").wait_for()  # the 8x8 view the model read, enlarged
     page.screenshot(path=str(tmp_path / "caption.png"))
+
+
+def test_upload_a_file_that_is_not_an_image_shows_a_message(page, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text, not a PNG")
+    _upload(page, bad)
+    page.click("#caption-go")
+    page.wait_for_function("/error/.test(document.querySelector('#caption-status')?.innerText)")
+    status = page.inner_text("#caption-status")
+    assert status.startswith("error: notes.png: cannot read image"), status
+    assert "Traceback" not in page.content() and "/tmp/" not in status  # no server paths on the page
+    assert page.input_value("#caption-text textarea") == ""
 
 
 def test_video_checkpoint_shows_the_video_tab_and_draws(browser, caption_tokenizer, tmp_path):

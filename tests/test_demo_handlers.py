@@ -120,3 +120,11 @@ def test_the_page_has_the_tabs_of_the_checkpoint(pipe):
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
     assert {"tab-t2i", "tab-caption", "t2i-prompt", "t2i-draw", "t2i-gallery", "caption-image"} <= ids
     assert "tab-t2v" not in ids
+
+
+def test_model_view_is_what_the_model_reads(pipe, tmp_path):
+    img = Image.fromarray((np.random.default_rng(2).random((30, 20, 3)) * 255).astype(np.uint8))
+    img.save(tmp_path / "a.png")
+    for source in (img, str(tmp_path / "a.png")):
+        view = handlers.model_view(pipe, source)
+        assert view.size == (8, 8) and view.mode == "L"

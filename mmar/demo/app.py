@@ -44,9 +44,12 @@ def build(pipe: Pipeline, title: str = "mmar"):
             items, status = handlers.draw_images(pipe, prompt, n, cfg, temperature, seed, gr_progress(progress))
         return [(_enlarge(img), label) for img, label in items], status
 
-    def cap(image):
+    def cap(path):
         with lock:
-            return handlers.caption_image(pipe, image)
+            caption, status = handlers.caption_image(pipe, path)
+        if status.startswith("error"):  # name the user's file, not the server's upload folder
+            return None, caption, status.replace(str(path), os.path.basename(str(path))) if path else status
+        return _enlarge(handlers.model_view(pipe, path)), caption, status
 
     def t2v(prompt, n, cfg, temperature, seed, fps, progress=gr.Progress()):
         with lock:
@@ -76,13 +79,17 @@ def build(pipe: Pipeline, title: str = "mmar"):
                 with gr.Tab("Caption an image", elem_id="tab-caption"):
                     with gr.Row():
                         with gr.Column():
-                            image = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image",
-                                             elem_id="caption-image", image_mode=None, height=260)
+                            # a file input, not gr.Image: gr.Image decodes the upload itself and answers a file
+                            # that is not an image with a bare "Error"; here our handler names the problem
+                            upload = gr.File(label="Upload or drop an image (PNG, JPEG, BMP, WebP; any size)",
+                                             file_types=["image"], type="filepath", elem_id="caption-file")
                             go_c = gr.Button("Caption", variant="primary", elem_id="caption-go")
                         with gr.Column():
+                            seen = gr.Image(label="What the model sees (converted and resized as trained)",
+                                            interactive=False, elem_id="caption-seen", height=240)
                             text = gr.Textbox(label="Caption", interactive=False, elem_id="caption-text")
                             status_c = gr.Markdown("", elem_id="caption-status")
-                    go_c.click(cap, [image], [text, status_c])
+                    go_c.click(cap, [upload], [seen, text, status_c])
             if pipe.can_make_video:
                 with gr.Tab("Text to video", elem_id="tab-t2v"):
                     with gr.Row():

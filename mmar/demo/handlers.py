@@ -77,6 +77,15 @@ def caption_image(pipe: Pipeline, image) -> tuple[str, str]:
     return text, "captioned" if text else "the model wrote an empty caption"
 
 
+def model_view(pipe: Pipeline, image) -> Image.Image:
+    """The image as the model reads it: converted to its channels and resized to its size."""
+    from vision_tokenizers.image_io import load_image, pil_to_tensor, tensor_to_pil
+
+    c, s = pipe.image_channels, pipe.image_size
+    x = pil_to_tensor(image, c, s) if isinstance(image, Image.Image) else load_image(image, c, s)
+    return tensor_to_pil(x)
+
+
 def draw_videos(pipe: Pipeline, prompt, n, cfg, temperature, seed, fps=8,
                 progress: Progress | None = None, out_dir: str | Path | None = None) -> tuple[list[tuple[str, str]], str]:
     """Text-to-video: ([(path of an animated GIF, its prompt)], status)."""
