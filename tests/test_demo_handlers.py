@@ -118,7 +118,7 @@ def test_the_page_has_the_tabs_of_the_checkpoint(pipe):
 
     app = build(pipe)
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
-    assert {"tab-t2i", "tab-caption", "t2i-prompt", "t2i-draw", "t2i-gallery", "caption-image"} <= ids
+    assert {"tab-t2i", "tab-caption", "t2i-prompt", "t2i-draw", "t2i-gallery", "caption-file", "caption-seen"} <= ids
     assert "tab-t2v" not in ids
 
 
