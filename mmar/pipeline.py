@@ -15,6 +15,7 @@ so `caption(images, seed=s)[i] == caption([images[i]], seed=s + i)[0]`.
 """
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,19 @@ def _check_number(name: str, value, low: float, *, inclusive: bool = True) -> fl
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if v != v or v in (float("inf"), float("-inf")) or (v < low if inclusive else v <= low):
         raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value, low: int) -> int:
+    """An integer (Python or numpy) >= low; bools and floats are refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}") from None
+    if v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return v
 
 
@@ -124,12 +138,11 @@ class Pipeline:
 
     def _draw(self, fn, prompts, n, cfg, temperature, top_k, top_p, seed, progress, **kw) -> list[torch.Tensor]:
         prompts = _check_prompts(prompts)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        n = _check_int("n", n, 1)
+        seed = _check_int("seed", seed, 0)
         cfg = _check_number("cfg", cfg, 0)
         temperature = _check_number("temperature", temperature, 0)
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        top_k = None if top_k is None else _check_int("top_k", top_k, 1)
         if top_p is not None and not 0 < _check_number("top_p", top_p, 0, inclusive=False) <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         steps_each = self.bundle.vision.num_tokens + 1  # prefill + one pass per code (an upper bound)
@@ -137,7 +150,7 @@ class Pipeline:
         out = []
         for i, p in enumerate(prompts):
             for j in range(n):
-                gen = torch.Generator(device=self.device).manual_seed(int(seed) + j)
+                gen = torch.Generator(device=self.device).manual_seed(seed + j)
                 base = (i * n + j) * steps_each
                 sub = None if progress is None else (lambda d, _t, b=base: progress(min(b + d, total), total))
                 with self._counting(sub, steps_each):
@@ -192,13 +205,13 @@ class Pipeline:
         images = list(images)
         if not images:
             raise ValueError("give at least one image")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+        seed = _check_int("seed", seed, 0)
         temperature = _check_number("temperature", temperature, 0)
         xs = [self._image_tensor(img, k) for k, img in enumerate(images)]  # every image checked first
         out = []
         for k, x in enumerate(xs):
-            gen = torch.Generator(device=self.device).manual_seed(int(seed) + k)
+            gen = torch.Generator(device=self.device).manual_seed(seed + k)
             out += core.caption(self.bundle, x[None], max_new_tokens, temperature, top_p, gen)
             if progress is not None:
                 progress(k + 1, len(xs))

@@ -101,6 +101,11 @@ def test_save_pretrained_and_ckpt_give_the_same_model(pipe, tiny_bundle, tmp_pat
     np.testing.assert_array_equal(arr(Pipeline.from_pretrained(ckpt).text_to_image(PROMPTS[:1], n=2, seed=4)), ref)
 
 
+def test_numpy_integers_are_accepted(pipe):
+    a = arr(pipe.text_to_image("a handwritten 1", n=np.int64(2), seed=np.int64(3), top_k=np.int32(5)))
+    np.testing.assert_array_equal(a, arr(pipe.text_to_image("a handwritten 1", n=2, seed=3, top_k=5)))
+
+
 def test_progress_reaches_the_total(pipe):
     seen = []
     pipe.text_to_image(PROMPTS[:2], n=2, seed=0, progress=lambda d, t: seen.append((d, t)))
@@ -113,7 +118,9 @@ def test_bad_arguments_are_value_errors(pipe):
     for kw, msg in [(dict(prompts=[]), "at least one prompt"), (dict(prompts=["  "]), "prompt 1 is empty"),
                     (dict(prompts="x", n=0), "n must be"), (dict(prompts="x", cfg=float("nan")), "cfg must be"),
                     (dict(prompts="x", temperature=-1), "temperature must be"), (dict(prompts="x", top_p=1.5), "top_p"),
-                    (dict(prompts="x", top_k=0), "top_k")]:
+                    (dict(prompts="x", top_k=0), "top_k"), (dict(prompts="x", n=1.5), "n must be an integer"),
+                    (dict(prompts="x", n=True), "n must be an integer"), (dict(prompts="x", seed=-1), "seed must be"),
+                    (dict(prompts="x", seed="0"), "seed must be an integer")]:
         with pytest.raises(ValueError, match=msg):
             pipe.text_to_image(**kw)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
