@@ -178,3 +178,22 @@ def test_xar_checkpoint_draws_and_refuses_captions(tmp_path):
     np.testing.assert_array_equal(np.asarray(one), np.asarray(images[3]))
     with pytest.raises(ValueError, match="does not caption"):
         pipe.caption(images)
+
+
+def test_int8_flag_calls_models_quantize(tiny_bundle_dir, monkeypatch):
+    """The wiring of `int8=True`, whatever models/quantize.py does: it gets the loaded Bundle and its answer is used."""
+    import sys
+    import types
+
+    seen = []
+
+    def quantize_int8(bundle):
+        seen.append(bundle)
+        return bundle
+
+    monkeypatch.setitem(sys.modules, "models.quantize", types.SimpleNamespace(quantize_int8=quantize_int8))
+    q = Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
+    assert len(seen) == 1 and q.bundle is seen[0]
+    monkeypatch.setitem(sys.modules, "models.quantize", None)  # the module missing: a clear error
+    with pytest.raises(ValueError, match="int8 inference is not available"):
+        Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
