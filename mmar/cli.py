@@ -194,7 +194,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmar demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a local web page (Gradio) with text-to-image, captioning and, for video checkpoints,\n"
-                    "text-to-video. Needs the demo extra: `pip install -e '.[demo]'` (see docs/api.md).",
+                    "text-to-video. Needs gradio: run `make demo-deps` once (see docs/api.md).",
         epilog=_examples("demo"))
     p.add_argument("--ckpt", required=True, help="inference folder or Lightning .ckpt of a trained LM")
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")

@@ -1,6 +1,6 @@
 """`mmar eval`: the benchmarks' metrics on one checkpoint and one data source.
 
-The held-out part of the source is the one training left out (`split_indices(n, holdout, seed)`, the data
+The held-out part of the source is the one training left out (`holdout_count` + `split_indices`, the data
 modules' split), cut three ways like the demo's: the first sixth (the LM's validation images) is not used,
 the next half ("tuning") trains the independent classifier, the last third ("test") is captioned and is the
 real set for FID. With MNIST's defaults (holdout 1,500) these are exactly the demo's 250 / 750 / 500.
@@ -34,8 +34,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="mnist",
                    help="data source: digits, mnist, fashion_mnist, jsonl, folder, wds (default: %(default)s)")
     p.add_argument("--path", default=None, help="file / folder / shard pattern for jsonl, folder, wds sources")
-    p.add_argument("--holdout", type=int, default=1500,
-                   help="held-out images of the training split (must match training; default: %(default)s)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="samples training held out, as in the data modules: a count (>= 1) or a share (< 1); must "
+                        "match training (default: 1500 for mnist / fashion_mnist, as their recipes; else 0.1, "
+                        "the data modules' default)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split (default: %(default)s)")
     p.add_argument("--per-class", type=int, default=20,
                    help="images drawn per class (labelled sources); unlabelled sources draw one image from each of "
@@ -50,12 +52,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def heldout_parts(n: int, holdout: int, seed: int) -> dict[str, np.ndarray]:
+def heldout_parts(n: int, holdout: int | float, seed: int, source: str = "") -> dict[str, np.ndarray]:
+    """The data modules' held-out indices (same count rule, same split), cut validation / tuning / test."""
+    from train.datamodules import holdout_count
     from train.sources import split_indices
 
-    if not 6 <= holdout < n:
-        raise ValueError(f"--holdout must be in 6..{n - 1} for this source ({n} samples), got {holdout}")
-    _, held = split_indices(n, holdout, seed)
+    holdout = int(holdout) if float(holdout).is_integer() and holdout >= 1 else holdout
+    count = holdout_count(holdout, n, source)
+    if count < 6:
+        raise ValueError(f"--holdout {holdout} leaves {count} held-out samples of {source!r}; need at least 6")
+    _, held = split_indices(n, count, seed)
+    holdout = count
     a, b = holdout // 6, holdout * 2 // 3
     return {"validation": held[:a], "tuning": held[a:b], "test": held[b:]}
 
@@ -151,8 +158,10 @@ def main(argv=None) -> None:
 
     pipe = Pipeline.from_pretrained(a.ckpt, device=a.device)
     data = load_source(a.source, a.path)
-    parts = heldout_parts(len(data), a.holdout, a.split_seed)
-    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed,
+    if a.holdout is None:
+        a.holdout = 1500 if a.source in ("mnist", "fashion_mnist") else 0.1
+    parts = heldout_parts(len(data), a.holdout, a.split_seed, a.source)
+    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "held_out": sum(len(v) for v in parts.values()), "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed,
               **evaluate(pipe, data, parts, a.per_class, a.captions, a.cfg, a.temperature, a.seed, not a.no_fid)}
     for k, v in report.items():
         if k.endswith(("accuracy", "exact_match", "fid")) and v is not None:

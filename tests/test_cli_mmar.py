@@ -74,7 +74,8 @@ def test_t2i_then_caption_same_flags_as_the_scripts(tiny_bundle_dir, tmp_path, c
     (["caption", "--ckpt", "BUNDLE", "missing.png"], "error: missing.png: image file not found"),
     (["export", "no/such.ckpt", "OUT"], "error: no/such.ckpt: checkpoint not found"),
     (["eval", "--ckpt", "BUNDLE", "--source", "nope"], "error: unknown data source 'nope'"),
-    (["eval", "--ckpt", "BUNDLE", "--source", "digits", "--holdout", "5000"], "error: --holdout must be in"),
+    (["eval", "--ckpt", "BUNDLE", "--source", "digits", "--holdout", "5000"], "error: holdout 5000 must leave training"),
+    (["eval", "--ckpt", "BUNDLE", "--source", "digits", "--holdout", "3"], "error: --holdout 3 leaves 3 held-out"),
     (["t2v", "--ckpt", "BUNDLE", "--prompt", "x", "--out", "OUT"], "error: this model's vision tokenizer is not a video"),
 ])
 def test_errors_are_one_line(argv, message, tiny_bundle_dir, tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_eval_on_digits(tiny_bundle_dir, tmp_path, capsys):
                            "--per-class", "1", "--captions", "8", "--no-fid", "--out", str(report_path)], capsys)
     assert code == 0, stdout
     r = json.loads(report_path.read_text())
-    assert r["labelled"] and r["t2i_images"] == 10 and r["t2i_accuracy_n"] == 10 and r["caption_accuracy_n"] == 8
+    assert r["held_out"] == 120 and r["labelled"] and r["t2i_images"] == 10 and r["t2i_accuracy_n"] == 10 and r["caption_accuracy_n"] == 8
     assert 0 <= r["t2i_accuracy"] <= 1 and 0 <= r["caption_accuracy"] <= 1
     lo, hi = r["caption_accuracy_ci95"]
     assert lo <= r["caption_accuracy"] <= hi
@@ -136,11 +137,11 @@ def test_eval_unlabelled_jsonl(tiny_bundle_dir, tmp_path, capsys):
     (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
     report_path = tmp_path / "eval.json"
     code, stdout, _ = run(["eval", "--ckpt", str(tiny_bundle_dir), "--source", "jsonl", "--path",
-                           str(tmp_path / "data.jsonl"), "--holdout", "12", "--per-class", "1", "--no-fid",
+                           str(tmp_path / "data.jsonl"), "--holdout", "0.5", "--per-class", "1", "--no-fid",
                            "--out", str(report_path)], capsys)
     assert code == 0
     r = json.loads(report_path.read_text())
-    assert not r["labelled"] and "caption_exact_match" in r and r["t2i_images"] == 4
+    assert r["held_out"] == 12 and not r["labelled"] and "caption_exact_match" in r and r["t2i_images"] == 4
 
 
 def test_eval_refuses_a_video_checkpoint(caption_tokenizer, tmp_path, capsys):
