@@ -197,3 +197,27 @@ def test_int8_flag_calls_models_quantize(tiny_bundle_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "models.quantize", None)  # the module missing: a clear error
     with pytest.raises(ValueError, match="int8 inference is not available"):
         Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
+
+
+def test_batch_size_fast_mode(pipe):
+    """batch_size=k: k images per sampler call; reproducible for the same call, one generator per call."""
+    import torch
+
+    from generate.pipeline import text_to_image
+
+    fast = arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7, batch_size=3))
+    assert fast.shape == (4, 8, 8)
+    np.testing.assert_array_equal(fast, arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7, batch_size=3)))
+    first = text_to_image(pipe.bundle, [PROMPTS[0], PROMPTS[0], PROMPTS[1]], 1,
+                          generator=torch.Generator().manual_seed(7))  # chunk 0: the first three images
+    np.testing.assert_array_equal(fast[:3], arr(tensor_to_pil_all(first)))
+    exact = arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7))
+    np.testing.assert_array_equal(arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7, batch_size=1))[0], exact[0])
+    with pytest.raises(ValueError, match="batch_size must be"):
+        pipe.text_to_image("x", batch_size=0)
+
+
+def tensor_to_pil_all(x):
+    from vision_tokenizers.image_io import tensor_to_pil
+
+    return [tensor_to_pil(t) for t in x]
