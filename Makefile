@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming clean demo-deps test-browser
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,6 +61,13 @@ bench-xar: $(STAMP)
 bench-streaming: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.streaming
+
+# PRIOR vs NTP on the demo's recipe (discrete codes; reference LM + two LM runs, about 30 minutes on 2 cores; needs
+# the demo's VQ tokenizer: make demo) -> benchmarks/results/prior.json + prior.png.
+bench-prior: $(STAMP)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	test -f results/demo/vq.safetensors || $(MAKE) demo
+	$(BIN)/python -m benchmarks.prior
 
 # FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.
 bench-gpu: $(STAMP)
