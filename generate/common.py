@@ -17,6 +17,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 dynamic quantisation of the LM's linear layers (CPU only; see models/quantize.py)")
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
@@ -75,6 +77,9 @@ def read_prompts_file(p: argparse.ArgumentParser, path: str) -> list[str]:
 def load(args) -> tuple[Bundle, torch.Generator]:
     torch.manual_seed(args.seed)
     bundle = load_bundle(args.ckpt, args.device)
+    if getattr(args, "int8", False):
+        from models.quantize import quantize_int8
+        bundle = quantize_int8(bundle)
     return bundle, torch.Generator(device=args.device).manual_seed(args.seed)
 
 
