@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from generate.common import add_common, check_args, load, run_main
+from generate.common import HelpFormatter, add_common, check_args, load, run_main
 from generate.pipeline import caption
 from vision_tokenizers.image_io import list_images, load_image
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common(p)
     p.set_defaults(temperature=0.0)
     p.add_argument("images", nargs="*", help="image files or folders")

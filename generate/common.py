@@ -11,6 +11,16 @@ import torch
 from models.bundle import Bundle, load_bundle
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the scripts' docstring layout and shows every option's default in --help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="inference folder or Lightning .ckpt of a trained LM")
     p.add_argument("--temperature", type=float, default=1.0)

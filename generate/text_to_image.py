@@ -8,13 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from generate.common import add_common, add_drawing_args, check_drawing_args, load, run_main
+from generate.common import HelpFormatter, add_common, add_drawing_args, check_drawing_args, load, run_main
 from generate.pipeline import text_to_image
 from vision_tokenizers.image_io import grid, save_png
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common(p)
     add_drawing_args(p, n=4, what="images")
     p.add_argument("--steps", type=int, default=None,

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from generate.common import add_common, add_drawing_args, check_drawing_args, load, run_main
+from generate.common import HelpFormatter, add_common, add_drawing_args, check_drawing_args, load, run_main
 from generate.pipeline import text_to_video
 from models.io import atomic_write, write_text_atomic
 from vision_tokenizers.image_io import save_png
@@ -18,7 +18,7 @@ from vision_tokenizers.video_io import frame_strip, write_gif, write_mp4
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common(p)
     add_drawing_args(p, n=1, what="videos")
     p.add_argument("--fps", type=int, default=8)
