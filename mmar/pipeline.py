@@ -233,6 +233,9 @@ class Pipeline:
     def __repr__(self) -> str:
         b = self.bundle
         kind = "text-to-video" if self.can_make_video else "text-to-image" + (" + captioning" if self.can_caption else "")
-        return (f"Pipeline({kind}, {b.lm.num_params():,} LM parameters, {b.vision.num_tokens} tokens per "
+        n_int8 = sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in b.lm.modules())
+        size = (f"int8 LM ({n_int8} linear layers int8; {b.lm.num_params():,} fp32 parameters besides)" if n_int8
+                else f"{b.lm.num_params():,} LM parameters")
+        return (f"Pipeline({kind}, {size}, {b.vision.num_tokens} tokens per "
                 f"{'video' if self.can_make_video else 'image'}, {self.image_channels}x{self.image_size}px, "
                 f"device={self.device})")

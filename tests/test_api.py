@@ -148,6 +148,7 @@ def test_text_to_video_frames_and_batching(video_pipe):
 def test_int8_pipeline(tiny_bundle_dir):
     q = Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
     assert not any(type(m) is torch.nn.Linear for m in q.bundle.lm.modules())
+    assert "int8 LM (" in repr(q)
     images = q.text_to_image(PROMPTS[:1], n=2, seed=0)
     assert len(images) == 2 and isinstance(q.caption(images)[0], str)
 
