@@ -21,8 +21,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.set_defaults(temperature=0.0)
     p.add_argument("images", nargs="*", help="image files or folders")
     p.add_argument("--image", action="append", default=[], help="repeatable, same as a positional path")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption, in tokens")
+    p.add_argument("--batch-size", type=int, default=64, help="images captioned per model call")
     args = p.parse_args(argv)
     check_args(p, args)
     if args.max_new_tokens < 1:

@@ -23,10 +23,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="inference folder or Lightning .ckpt of a trained LM")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; off when unset")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--int8", action="store_true",
                    help="int8 dynamic quantisation of the LM's linear layers (CPU only; see models/quantize.py)")
 
@@ -44,7 +44,7 @@ def add_drawing_args(p: argparse.ArgumentParser, n: int, what: str) -> None:
     p.add_argument("--prompts-file", help="one prompt per line (UTF-8)")
     p.add_argument("--n", type=int, default=n, help=f"{what} per prompt")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens; off when unset")
 
 
 def check_drawing_args(p: argparse.ArgumentParser, args) -> None:

@@ -21,7 +21,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="flow steps per entity for an xAR checkpoint (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "em"], default=None,
                    help="xAR flow sampler: Euler or Euler-Maruyama (default: the checkpoint's)")
-    p.add_argument("--out", default="results/t2i")
+    p.add_argument("--out", default="results/t2i", help="output folder (one PNG per image + grid.png)")
     args = p.parse_args(argv)
     check_drawing_args(p, args)
     if args.steps is not None and args.steps < 1:

@@ -21,8 +21,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common(p)
     add_drawing_args(p, n=1, what="videos")
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--out", default="results/t2v")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of the written videos")
+    p.add_argument("--out", default="results/t2v", help="output folder")
     args = p.parse_args(argv)
     check_drawing_args(p, args)
     if args.fps < 1:
