@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior clean demo-deps test-browser
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench-prior: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -f results/demo/vq.safetensors || $(MAKE) demo
 	$(BIN)/python -m benchmarks.prior
+
+# int8 vs fp32 inference on the demo model (a few minutes; needs results/demo/lm: make demo) -> results/int8.json.
+bench-int8: $(STAMP)
+	test -d results/demo/lm || $(MAKE) demo
+	$(BIN)/python -m benchmarks.int8
 
 # FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.
 bench-gpu: $(STAMP)
