@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import resource
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import write_report
 
 RESULTS = Path("benchmarks/results")
 
@@ -102,12 +102,7 @@ def main(argv=None) -> None:
               f"{r['t2i_seconds']:8.1f} {r['lm_weights_mb']:7.1f} {r['peak_rss_mb']:9.1f}")
     print(f"int8 speed-up: captioning {report['speedup_caption']:.2f}x, text-to-image {report['speedup_t2i']:.2f}x; "
           f"{report['captions_that_differ']} of {len(images)} captions differ")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

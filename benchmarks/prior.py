@@ -16,12 +16,13 @@ Only the discrete setting runs here: the continuous-input setting needs the proj
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks import write_report
 
 RESULTS = Path("benchmarks/results")
 VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the test set here
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
         print(f"== {variant} ==", flush=True)
         root = work / variant
         extra = [*common, "--data.init_args.cache_dir", str(work / "cache"), "--data.init_args.val_size", str(VAL),
-                 f"--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.every_n_train_steps", str(every), "--trainer.callbacks.save_top_k", "-1",
                  "--trainer.callbacks.filename", "{step}"]
         if variant == "prior":
@@ -143,16 +144,7 @@ def main(argv=None) -> None:
         print(f"PRIOR vs NTP ({metric}): {rel:+.4f} relative, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
     report["seconds"] = time.time() - t0
     report["torch"] = torch.__version__
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out)
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
-    print(f"wrote {out}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks import write_report
+
 RESULTS = Path("benchmarks/results")
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "grey"]
 SHAPES = ["square", "stripe", "dot", "frame"]
@@ -207,16 +209,7 @@ def main(argv=None) -> None:
             report[f"{source}_bytes_per_sample"] = round(per, 1)
             report[f"{source}_bytes_per_sample_without_codes"] = round(rest, 1)
             print(f"{source}: peak RSS grows {per:.0f} bytes per sample ({rest:.0f} without the code cache)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out)
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
-    print(f"wrote {out}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_format_rejects_empty_caption_and_overlong(fmt):
         SequenceConfig(p_drop_caption=1.5)
 
 
-def _shapes_jsonl(tmp_path, n: int) -> "Path":
+def _shapes_jsonl(tmp_path, n: int):
     """n tiny images, each with its index in its caption, plus a blank line and a bad record (skipped)."""
     lines = []
     for i in range(n):
