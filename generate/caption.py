@@ -23,10 +23,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], help="repeatable, same as a positional path")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption, in tokens")
     p.add_argument("--batch-size", type=int, default=64, help="images captioned per model call")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="visual tokens per image for a TokenFLEX model (a square: 16, 36, 64, ...); unset: the model's")
     args = p.parse_args(argv)
     check_args(p, args)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.tokens is not None and args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
     args.images = args.images + args.image
     if not args.images:
         p.error("give at least one image path or folder")
@@ -49,7 +53,7 @@ def main(argv=None) -> None:
     images = [load_image(p, c, s) for p in paths]  # every file is checked before any output
     for i in range(0, len(paths), args.batch_size):
         batch = torch.stack(images[i:i + args.batch_size])
-        caps = caption(bundle, batch, args.max_new_tokens, args.temperature, args.top_p, gen)
+        caps = caption(bundle, batch, args.max_new_tokens, args.temperature, args.top_p, gen, tokens=args.tokens)
         for path, cap in zip(paths[i:i + args.batch_size], caps):
             print(f"{path}\t{cap}")
 

@@ -79,18 +79,32 @@ def caption(
     temperature: float = 0.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    tokens: int | None = None,
 ) -> list[str]:
-    """Captions for a batch of images: the captioning prompt, then text until <eos>."""
+    """Captions for a batch of images: the captioning prompt, then text until <eos>.
+
+    A model with continuous image inputs (`b.visual`: ETT codebook embeddings, TokenFLEX pooled features) reads
+    each image as `tokens` vectors in embedding slots (TokenFLEX: any square count; default: the model's)."""
     if getattr(b.objective, "continuous", False):
         raise ValueError("this checkpoint draws continuous latents (xAR); it does not caption images")
     tok, fmt, dev = b.tokenizer, b.format, _device(b)
-    codes = b.vision.encode(images.to(dev))  # [B, h, w]
-    ids = torch.tensor([fmt.caption_prompt(c) for c in codes], device=dev)  # [B, T] (all the same length)
+    lm = b.lm
+    if b.visual is not None:
+        from vision_tokenizers.projectors import WithEmbeds
+
+        embeds = b.visual(images.to(dev), b.vision, tokens)  # [B, N, D]
+        ids = torch.tensor([fmt.caption_prompt_slots(embeds.shape[1])] * len(images), device=dev)  # [B, T]
+        lm = WithEmbeds(b.lm, embeds.flatten(0, 1), fmt.image_slots(ids))
+    elif tokens is not None and tokens != b.vision.num_tokens:
+        raise ValueError(f"this model reads images as {b.vision.num_tokens} code ids; it has no token count to choose")
+    else:
+        codes = b.vision.encode(images.to(dev))  # [B, h, w]
+        ids = torch.tensor([fmt.caption_prompt(c) for c in codes], device=dev)  # [B, T] (all the same length)
     max_new_tokens = min(max_new_tokens, b.max_len - ids.shape[1])
     allowed = id_range_mask(b.lm.cfg.vocab_size, 0, b.layout.text_size, device=dev)  # text ids and <eos> only
     allowed[tok.special_ids] = False
     allowed[tok.eos_id] = True
-    out = b.objective.generate(b.lm, ids, max_new_tokens, temperature=temperature, top_p=top_p, allowed=allowed,
+    out = b.objective.generate(lm, ids, max_new_tokens, temperature=temperature, top_p=top_p, allowed=allowed,
                                stop_id=tok.eos_id, generator=generator)
     return [tok.decode(t for t in row.tolist() if t != tok.eos_id) for row in out]
 

@@ -6,6 +6,7 @@ inference prompt is literally the first part of a training sample of the same ta
     text->image:  <bos> <t2i> caption <boi> v_1 .. v_N <eoi> <eos>     prompt: <bos> <t2i> caption <boi>
     unconditional <bos> <t2i> <boi> v_1 .. v_N <eoi> <eos>             prompt: <bos> <t2i> <boi>
     image->text:  <bos> <i2t> <boi> v_1 .. v_N <eoi> caption <eos>     prompt: <bos> <i2t> <boi> v.. <eoi>
+    continuous:   <bos> <i2t> <boi> [N slots] <eoi> caption <eos>      (projector outputs at the N slots)
 
 The task token after <bos> tells the tasks apart: without it a caption-dropped text->image sample
 starts exactly like an image->text one, so the model learns that an image may end the text
@@ -78,6 +79,26 @@ class SequenceFormat:
     def caption_prompt(self, codes: torch.Tensor) -> list[int]:
         """`<bos> <i2t> <boi> codes <eoi>`."""
         return [self.tok.bos_id, self.tok.i2t_id, self.tok.boi_id, *self.image_ids(codes), self.tok.eoi_id]
+
+    # ---- continuous image inputs (vision_tokenizers/projectors.py) -------------------------------------
+    # An image read as N vectors (codebook embeddings, pooled ViT features) has the same layout with N
+    # embedding slots inside <boi> .. <eoi>: `<bos> <i2t> <boi> [N slots] <eoi> caption <eos>`. Slots hold
+    # <pad> as a placeholder id that the vectors replace; the token count is the span's length.
+    def caption_prompt_slots(self, n: int) -> list[int]:
+        """`<bos> <i2t> <boi> [n slots] <eoi>`: the captioning prompt for an image read as n vectors."""
+        return [self.tok.bos_id, self.tok.i2t_id, self.tok.boi_id, *[self.tok.pad_id] * n, self.tok.eoi_id]
+
+    def i2t_slots_sample(self, n: int, caption: str, where: str = "sample") -> Sample:
+        """The image->text training sample with n embedding slots (loss on the caption and <eos> only)."""
+        s = self.i2t_sample(torch.zeros(n, dtype=torch.long), caption, where)
+        s.ids[3:3 + n] = self.tok.pad_id
+        s.loss[3:3 + n] = False  # vectors are inputs, never targets
+        return s
+
+    def image_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids -> [B, T] bool, True strictly inside each `<boi> .. <eoi>` span (image codes or slots)."""
+        depth = (ids == self.tok.boi_id).long().cumsum(-1) - (ids == self.tok.eoi_id).long().cumsum(-1)
+        return (depth > 0) & (ids != self.tok.boi_id)
 
     # ---- training samples ------------------------------------------------------------------------
     def t2i_sample(self, codes: torch.Tensor, caption: str | None, where: str = "sample") -> Sample:

@@ -47,16 +47,18 @@ def bleu4(candidates: list[str], references: list[list[str]], n: int = 4) -> flo
     return bp * math.exp(log_p)
 
 
-def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0) -> float:
+def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0,
+            per_caption: bool = False):
     """CIDEr-D averaged over the corpus.
 
     For each n-gram order k: tf-idf vectors (an n-gram's count times log(|I| / df(g))) with df the number of images whose references contain g (at least 1); per reference the
     score is sum_g min(v_c(g), v_r(g)) v_r(g) / (|v_c| |v_r|) times exp(-(l_c - l_r)^2 / (2 sigma^2)) (lengths
-    in words); averaged over references and the n orders, times 10."""
+    in words); averaged over references and the n orders, times 10. `per_caption`: the list of each caption's
+    score (their mean is the corpus figure; document frequencies come from the whole corpus)."""
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
     if not candidates:
-        return 0.0
+        return [] if per_caption else 0.0
     refs_tok = [[words(r) for r in refs] for refs in references]
     df: Counter = Counter()
     for refs in refs_tok:
@@ -71,7 +73,7 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
             norms.append(math.sqrt(sum(x * x for x in v.values())))
         return vs, norms
 
-    total = 0.0
+    scores = []
     for cand, refs in zip(candidates, refs_tok):
         c = words(cand)
         vc, nc = vec(c)
@@ -83,5 +85,5 @@ def cider_d(candidates: list[str], references: list[list[str]], n: int = 4, sigm
                 dot = sum(min(x, vr[k][g]) * vr[k][g] for g, x in vc[k].items() if g in vr[k])
                 if nc[k] and nr[k]:
                     score[k] += dot / (nc[k] * nr[k]) * pen
-        total += 10.0 * sum(score) / n / len(refs)
-    return total / len(candidates)
+        scores.append(10.0 * sum(score) / n / len(refs))
+    return scores if per_caption else sum(scores) / len(scores)

@@ -115,6 +115,19 @@ class ItemPools:
         return cls.from_sources({"fashion_mnist": (np.concatenate(fx), np.concatenate(fy)),
                                  "mnist": (x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64))}, pool_seed)
 
+    @classmethod
+    def synthetic(cls, per_source: int = 200, seed: int = 0) -> "ItemPools":
+        """Random 28x28 stand-ins for both sources (tests; no dataset read): class c's items are bright blobs
+        whose brightness grows with c, plus noise."""
+        rng = np.random.default_rng(seed)
+        y = np.concatenate([rng.integers(0, 10, per_source), rng.integers(10, 20, per_source)])
+        yy, xx = np.mgrid[:28, :28]
+        blob = np.exp(-((yy - 14) ** 2 + (xx - 14) ** 2) / 60.0)
+        x = np.clip(blob[None] * (60 + 9 * y[:, None, None]) + rng.normal(0, 8, (len(y), 28, 28)), 0, 255)
+        x = x.astype(np.uint8)
+        n = per_source
+        return cls.from_sources({"mnist": (x[:n], y[:n]), "fashion_mnist": (x[n:], y[n:])})
+
     def items_of(self, split: str, per_class: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(images, classes) of a split's pool, at most `per_class` of each class (a seeded draw)."""
         rows = self.pools[split]
@@ -237,7 +250,7 @@ def parse_caption(text: str) -> tuple[list[int], int]:
 def score_captions(captions: list[str], truths: list[list[int]], references: list[list[str]]) -> dict:
     """Per-caption arrays and corpus figures for generated captions against scene truths and references:
     slot (fraction of the 4 cells right, per caption), scene (all cells right, nothing stray), exact (the
-    caption is one of its references), and corpus BLEU-4 and CIDEr-D."""
+    caption is one of its references), corpus BLEU-4 and CIDEr-D (`cider_each`: every caption's CIDEr-D)."""
     from train.caption_metrics import bleu4, cider_d
 
     slot, scene, exact = [], [], []
@@ -247,8 +260,9 @@ def score_captions(captions: list[str], truths: list[list[int]], references: lis
         slot.append(sum(right) / 4)
         scene.append(all(right) and stray == 0)
         exact.append(cap.strip().lower() in {r.lower() for r in refs})
-    return {"slot": np.array(slot), "scene": np.array(scene), "exact": np.array(exact),
-            "bleu4": bleu4(captions, references), "cider": cider_d(captions, references)}
+    cider = np.array(cider_d(captions, references, per_caption=True))
+    return {"slot": np.array(slot), "scene": np.array(scene), "exact": np.array(exact), "cider_each": cider,
+            "bleu4": bleu4(captions, references), "cider": float(cider.mean()) if len(cider) else 0.0}
 
 
 # ---- reading generated scenes -------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Scenes as LM batches for image understanding: images travel with the batch, because what the LM reads of
+an image (code ids, codebook embeddings, pooled ViT features) is computed by the model while it trains
+(ETT's stage 2 tunes the tokenizer, TokenFLEX trains its encoder).
+
+Each batch carries the sequence format's ids / loss / modality / valid / positions (models/sequence.py) with
+the image span still unfilled, plus the images [B, C, S, S]. image->text samples get N slots (`<pad>`
+placeholders, loss on the caption only); text->image samples hold placeholder codes that the module replaces
+by the tokenizer's code ids (they are targets). N is the tokenizer's grid for discrete / codebook inputs, or
+drawn once per batch from `token_mix` for TokenFLEX (the draw is a function of the batch's samples' seeds, so a
+resumed run repeats it).
+"""
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.sequence import SequenceConfig, SequenceFormat
+from models.text_tokenizer import TextTokenizer
+from models.vocab import VocabLayout
+from train.datamodules import DataSpec
+from train.resume import resumable_loader, visit_rng
+from train.scenes import ItemPools, Scenes
+from train.sources import ImageTextSet
+from vision_tokenizers import registry
+from vision_tokenizers.image_io import array_to_tensor
+
+
+class SceneSamples(Dataset):
+    """(image [C, S, S], caption drawn for this visit, the visit's seed) per scene."""
+
+    def __init__(self, data: ImageTextSet, channels: int, size: int, fixed_seed: int | None = None):
+        self.data, self.channels, self.size, self.fixed_seed = data, channels, size, fixed_seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        i, rng = visit_rng(item, self.fixed_seed)
+        image = array_to_tensor(self.data.items[i], self.channels, self.size)
+        return image, rng.choice(self.data.captions[i]), rng.getrandbits(62), f"{self.data.name}[{i}]"
+
+
+class SceneCollate:
+    """Builds a batch: the task of each sample (and guidance drop) from its seed, N image positions each."""
+
+    def __init__(self, fmt: SequenceFormat, tokens: int | None, token_mix: dict[int, float] | None):
+        self.format, self.tokens, self.mix = fmt, tokens, token_mix
+
+    def count(self, seeds: list[int]) -> int:
+        if not self.mix:
+            return self.tokens
+        rng = random.Random(seeds[0])
+        counts, weights = zip(*sorted(self.mix.items()))
+        return int(rng.choices(counts, weights)[0])
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        images, caps, seeds, where = zip(*items)
+        n = self.count(list(seeds))
+        samples = []
+        for cap, seed, w in zip(caps, seeds, where):
+            rng = random.Random(seed)
+            s = self.format.build(torch.zeros(n, dtype=torch.long), cap, rng, where=w)
+            if s.task == "i2t":
+                s = self.format.i2t_slots_sample(n, cap, where=w)
+            samples.append(s)
+        batch = self.format.collate(samples)
+        batch["images"] = torch.stack(images)
+        return batch
+
+
+def scenes_tokenizer(train: Scenes, text_tokenizer: str | None, vocab_size: int) -> TextTokenizer:
+    """The given tokenizer.json, or a byte-level BPE on every caption variant of the first 2,000 training scenes
+    (all phrasings and fillers occur there; deterministic)."""
+    if text_tokenizer:
+        return TextTokenizer.from_file(text_tokenizer)
+    return TextTokenizer.train_bpe((c for i in range(min(2000, len(train))) for c in train.captions(i)), vocab_size)
+
+
+class ScenesDataModule(L.LightningDataModule):
+    """Scenes (train/scenes.py) for captioning and text-to-image with continuous or discrete image inputs.
+
+    Args:
+        vision_tokenizer: a discrete image tokenizer file (registry .safetensors): its code ids are the targets of
+            text->image samples and, for `inputs: codes` models, the LM's view of the image; its codebook
+            embeddings feed ETT models. Unset (TokenFLEX): no codes, image->text only.
+        n_train / n_val: scenes generated for training / validation (items from disjoint pools).
+        seed: seed of the scenes and of the per-sample draws; pool_seed: seed of the item pools' split.
+        image_size / channels: what the images are resized to (default: the tokenizer's, else 56 / 1).
+        tokens: visual tokens per image when there is no tokenizer and no token_mix (TokenFLEX fixed count).
+        token_mix: {token count: weight} drawn per training batch (TokenFLEX: e.g. {16: 0.2, 36: 0.3, 64: 0.5}).
+        val_tokens: token count of validation batches (default: the largest of the mix, or `tokens`).
+        p_caption_first: share of text->image samples (0 without a tokenizer); p_drop_caption: guidance drop.
+        text_tokenizer / bpe_vocab_size: a tokenizer.json, or a BPE trained on the training captions.
+    """
+
+    def __init__(self, vision_tokenizer: str | None = None, n_train: int = 20_000, n_val: int = 256, seed: int = 0,
+                 pool_seed: int = 0, image_size: int | None = None, channels: int = 1, tokens: int | None = None,
+                 token_mix: dict[int, float] | None = None, val_tokens: int | None = None,
+                 p_caption_first: float = 0.5, p_drop_caption: float = 0.1, text_tokenizer: str | None = None,
+                 bpe_vocab_size: int = 512, batch_size: int = 32, max_len: int = 128, num_workers: int = 0):
+        super().__init__()
+        self.vision = registry.load(vision_tokenizer) if vision_tokenizer else None
+        if self.vision is not None:
+            image_size = image_size or self.vision.config.image_size
+            channels = self.vision.config.in_channels
+            n_tokens = self.vision.num_tokens
+            if tokens is not None and tokens != n_tokens or token_mix:
+                raise ValueError(f"{vision_tokenizer}: images are {n_tokens} tokens for this tokenizer; tokens / "
+                                 f"token_mix are for tokenizer-free (TokenFLEX) data")
+            tokens = n_tokens
+        else:
+            if p_caption_first:
+                raise ValueError("text->image samples need a vision_tokenizer (set p_caption_first: 0)")
+            token_mix = {int(k): float(v) for k, v in (token_mix or {}).items()}
+            if tokens is None and not token_mix:
+                raise ValueError("set tokens or token_mix (visual tokens per image) when there is no vision_tokenizer")
+        self.image_size, self.channels = image_size or 56, channels
+        self.tokens, self.token_mix = tokens, token_mix or None
+        self.val_tokens = val_tokens or (max(self.token_mix) if self.token_mix else tokens)
+        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        pools = ItemPools.load(pool_seed)
+        self.train_scenes = Scenes(pools, "train", n_train, seed)
+        self.val_scenes = Scenes(pools, "val", n_val, seed)
+        self.tokenizer = scenes_tokenizer(self.train_scenes, text_tokenizer, bpe_vocab_size)
+        codes = self.vision.config.codebook_size if self.vision is not None else 0
+        self.layout = VocabLayout(self.tokenizer.vocab_size, codes)
+        self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len, p_caption_first, p_drop_caption))
+        self.spec = DataSpec(self.tokenizer, self.layout, self.vision, max_len, self.train_scenes.as_set().class_names)
+        longest = max(len(self.tokenizer.encode(c)) for i in range(min(50, n_train)) for c in self.train_scenes.captions(i))
+        if longest + max([*(self.token_mix or {}), self.tokens or 0, self.val_tokens or 0]) + 6 > max_len:
+            raise ValueError(f"max_len {max_len} is too short for {longest}-token captions and the image tokens")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = SceneSamples(self.train_scenes.as_set(), self.channels, self.image_size)
+        self.val_set = SceneSamples(self.val_scenes.as_set(), self.channels, self.image_size, fixed_seed=self.seed)
+
+    def train_dataloader(self):
+        return resumable_loader(self, self.train_set, collate_fn=SceneCollate(self.format, self.tokens, self.token_mix),
+                                num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator(),
+                          collate_fn=SceneCollate(self.format, self.val_tokens, None))
+
+
+class SceneImages(Dataset):
+    def __init__(self, scenes: Scenes, channels: int, size: int):
+        self.scenes, self.channels, self.size = scenes, channels, size
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, item) -> torch.Tensor:
+        return array_to_tensor(self.scenes.image(visit_rng(item)[0]), self.channels, self.size)
+
+
+class ScenesImageDataModule(L.LightningDataModule):
+    """Scene images only, for training an image tokenizer on them (configs/scenes_tokenizer.yaml); the same
+    training / validation scenes (same seeds) as ScenesDataModule, so test items stay unseen."""
+
+    def __init__(self, n_train: int = 20_000, n_val: int = 256, seed: int = 0, pool_seed: int = 0,
+                 image_size: int = 56, channels: int = 1, batch_size: int = 64, num_workers: int = 0):
+        super().__init__()
+        self.n_train, self.n_val, self.seed, self.pool_seed = n_train, n_val, seed, pool_seed
+        self.image_size, self.channels, self.batch_size, self.num_workers = image_size, channels, batch_size, num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        pools = ItemPools.load(self.pool_seed)
+        self.train_set = SceneImages(Scenes(pools, "train", self.n_train, self.seed), self.channels, self.image_size)
+        self.val_set = SceneImages(Scenes(pools, "val", self.n_val, self.seed), self.channels, self.image_size)
+
+    def train_dataloader(self):
+        return resumable_loader(self, self.train_set, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator())

@@ -1,0 +1,188 @@
+"""Lightning wiring for image understanding with continuous visual inputs: backbone + objective + a visual input
+(vision_tokenizers/projectors.py) + optionally the image tokenizer, each trained or frozen per stage.
+
+`inputs` says how the LM reads an image:
+    codes     the tokenizer's code ids (no projector): the discrete baseline
+    codebook  ETT: the tokenizer's codebook embeddings through the GELU MLP projector
+    vit_pool  TokenFLEX: a timm ViT's patch grid pooled to n x n + the SwiGLU projector (n per batch from the data)
+
+Stages are flags (one YAML each, configs/scenes_ett_stage*.yaml): `train_lm`, `train_projector`, `train_encoder`
+(the TokenFLEX ViT), `train_tokenizer` (ETT stage 2: the loss becomes `L_cap + vq_weight * L_vq`, L_vq being the
+tokenizer's own loss, L2 reconstruction + codebook/commitment, on the batch's images). Frozen parts get no
+gradient, are not in the optimiser and stay in eval mode. `init_from` starts from an earlier stage's .ckpt
+(every part it holds, strictly). Text->image samples (the batch's non-caption rows) are always trained on the
+tokenizer's current code ids, so a tuned tokenizer still draws images for text-to-image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.bundle import Bundle
+from models.config import LMConfig
+from models.objectives import NextTokenPrediction, Objective
+from models.sequence import SequenceConfig, SequenceFormat
+from models.transformer import Transformer
+from models.weights import load_state_strict
+from train.datamodules import DataSpec
+from train.resume import ResumableModule
+from train.schedule import adamw_cosine
+from vision_tokenizers.projectors import (CodebookInput, CodebookInputConfig, ViTPoolInput, ViTPoolInputConfig,
+                                          WithEmbeds)
+
+INPUTS = ("codes", "codebook", "vit_pool")
+
+
+class UnderstandingLMModule(ResumableModule):
+    """See the module docstring. `vit` overrides ViTPoolInputConfig fields (vit_dim, vit_depth, vit_heads,
+    patch_size, counts, default_tokens); `projector_hidden` is the projector's hidden width. `vq_images` (stage 2):
+    the tokenizer's reconstruction loss on only the batch's first k images (the decoder is the costly part on a
+    CPU; the quantisation loss and the caption gradient still cover every image); unset: all."""
+
+    def __init__(self, data: DataSpec | None = None, objective: Objective | None = None, preset: str = "demo",
+                 dim: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
+                 n_kv_heads: int | None = None, mlp_dim: int | None = None, inputs: str = "codebook", projector_hidden: int = 512,
+                 vit: dict | None = None, train_lm: bool = True, train_projector: bool = True,
+                 train_encoder: bool = True, train_tokenizer: bool = False, vq_weight: float = 0.25,
+                 vq_images: int | None = None,
+                 init_from: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, export_path: str | None = None):
+        super().__init__()
+        if data is None:
+            raise ValueError("UnderstandingLMModule needs `data` (the data module's spec; the CLI links it)")
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+        if inputs != "vit_pool" and data.vision is None:
+            raise ValueError(f"inputs {inputs!r} need the data's vision_tokenizer")
+        if train_tokenizer and inputs != "codebook":
+            raise ValueError("train_tokenizer (ETT stage 2) needs inputs: codebook")
+        self.data, self.inputs, self.export_path = data, inputs, export_path
+        self.format = SequenceFormat(data.tokenizer, data.layout, SequenceConfig(max_len=data.max_len))
+        self.objective = objective if objective is not None else NextTokenPrediction()
+        self.objective.bind(data.tokenizer, data.class_names)
+        overrides = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_dim=mlp_dim)
+        self.cfg = LMConfig.from_preset(preset, **{k: v for k, v in overrides.items() if v is not None},
+                                        vocab_size=data.layout.size, max_len=data.max_len)
+        self.lm = Transformer(self.cfg)
+        self.vision = data.vision
+        if inputs == "codebook":
+            self.visual = CodebookInput(CodebookInputConfig(data.vision.config.latent_dim, self.cfg.dim, projector_hidden))
+        elif inputs == "vit_pool":
+            self.visual = ViTPoolInput(ViTPoolInputConfig(**(vit or {}), lm_dim=self.cfg.dim, hidden=projector_hidden))
+        else:
+            self.visual = None
+        self.flags = dict(lm=train_lm, projector=train_projector, encoder=train_encoder, tokenizer=train_tokenizer)
+        self.vq_weight, self.vq_images = vq_weight, vq_images
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        if init_from:
+            self.load_stage(init_from)
+        self._freeze()
+
+    # ---- parts and stages ---------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module | None]:
+        v = self.visual
+        return {"lm": nn.ModuleList([self.lm, self.objective]),
+                "projector": v.projector if v is not None else None,
+                "encoder": v.encoder if isinstance(v, ViTPoolInput) else None,
+                "tokenizer": self.vision}
+
+    def _freeze(self) -> None:
+        for name, part in self.parts().items():
+            if part is not None:
+                part.requires_grad_(self.flags[name])
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError("every part is frozen: nothing to train")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name, part in self.parts().items():
+            if part is not None and not self.flags[name]:
+                part.eval()  # frozen parts: no codebook restarts, no dropout
+        return self
+
+    def on_fit_start(self) -> None:
+        self.train()  # a tokenizer loaded from a file arrives in eval mode
+
+    def load_stage(self, path: str) -> None:
+        """Weights of an earlier stage's .ckpt (or any UnderstandingLMModule .ckpt): every part it holds."""
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        for prefix, module in (("lm.", self.lm), ("objective.", self.objective), ("visual.", self.visual),
+                               ("vision.", self.vision)):
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if module is not None:
+                load_state_strict(module, part, path)
+
+    def bundle(self) -> Bundle:
+        d = self.data
+        return Bundle(self.lm, d.tokenizer, d.layout, self.vision, d.max_len, self.objective, self.visual)
+
+    # ---- one batch ----------------------------------------------------------------------------
+    def _run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, images = batch["ids"].clone(), batch["images"]
+        slots = self.format.image_slots(ids)  # [B, T]
+        i2t = ids[:, 1] == self.data.tokenizer.i2t_id  # [B]
+        codes = embeds = l_vq = None
+        figures = {}
+        if self.inputs == "codebook":
+            tuning = self.flags["tokenizer"] and torch.is_grad_enabled()
+            vec, q, z = self.visual.quantize(self.vision, images)  # frozen tokenizer: no graph through it
+            codes = q.codes.flatten(1)  # [B, N]
+            if i2t.any():
+                embeds = self.visual.project(vec[i2t])  # [R, N, D]
+            if tuning:  # ETT stage 2: the tokenizer's own loss on the same images (the first vq_images of them)
+                k = self.vq_images or len(images)
+                recon = self.vision.decode_latent(q.z_q[:k], size=tuple(images.shape[-2:]))
+                rec = F.mse_loss(recon, images[:k])
+                l_vq = rec + q.loss
+                figures = {"vq_rec": rec.detach(), "vq_quant": q.loss.detach(), "vq_usage": q.usage}
+        elif self.inputs == "vit_pool":
+            if i2t.any():
+                n = int(slots[i2t][0].sum())
+                embeds = self.visual(images[i2t], tokens=n)
+        elif self.vision is not None:
+            with torch.no_grad():
+                codes = self.vision.encode(images).flatten(1)
+        if codes is not None:  # code ids: targets of text->image rows, and the inputs of `codes` models
+            rows = torch.ones_like(i2t) if self.inputs == "codes" else ~i2t
+            ids[slots & rows[:, None]] = (codes[rows] + self.data.layout.image_offset).flatten()
+        mask = slots & i2t[:, None] if embeds is not None else None
+        lm = WithEmbeds(self.lm, embeds.flatten(0, 1) if embeds is not None else None, mask)
+        out = self.objective.loss(lm, {**batch, "ids": ids})
+        if l_vq is not None:
+            out["cap_loss"] = out["loss"].detach()
+            out["loss"] = out["loss"] + self.vq_weight * l_vq
+        return {**out, **figures}
+
+    def training_step(self, batch, batch_idx):
+        out = self._run(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self._run(batch)
+        self.log_dict({"val/loss": out["nll"], **{f"val/{k}": v for k, v in out.items() if k not in ("loss", "nll")}},
+                      prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
+
+    def configure_optimizers(self):
+        params = nn.ModuleList([m for m in self.parts().values() if m is not None])
+        opt, sched = adamw_cosine(params, self.lr, self.weight_decay, self.betas, self.warmup_steps,
+                                  self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.flags["tokenizer"]:
+            from train.tokenizer_module import reset_restarted_codes
+
+            reset_restarted_codes(self, optimizer)
+
+    # ---- checkpoints and export ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Self-describing .ckpt: generate/ scripts rebuild the model (visual input included) from it."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mmar"] = {**self.bundle().meta(), "tokenizer_json": self.data.tokenizer.to_json()}
+
+    def on_train_end(self) -> None:
+        if self.export_path and self.trainer.is_global_zero:
+            self.bundle().save(self.export_path)
