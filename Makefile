@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 clean demo-deps test-browser
+.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -73,6 +73,14 @@ bench-prior: $(STAMP)
 bench-int8: $(STAMP)
 	test -d results/demo/lm || $(MAKE) demo
 	$(BIN)/python -m benchmarks.int8
+
+# Image understanding on scenes (about 30 minutes on 2 cores): ETT (code ids vs frozen codebook embeddings vs the tuned
+# tokenizer) and TokenFLEX (flexible vs fixed token counts), 1,000 test captions per model and count; Fashion-MNIST
+# from the Debian package -> benchmarks/results/understanding.json + understanding.png (docs/understanding.md).
+bench-understanding: $(STAMP)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.understanding
 
 # FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.
 bench-gpu: $(STAMP)
