@@ -112,11 +112,16 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
     vq = work / "vq.safetensors"
     data = ["--data.init_args.n_train", str(args.n_train), "--data.init_args.vision_tokenizer", str(vq)]
     seconds = {}
-    print("== ETT: tokenizer ==", flush=True)
-    seconds["tokenizer"] = _fit("configs/scenes_tokenizer.yaml", work / "tokenizer",
-                                ["--trainer.max_steps", str(args.tokenizer_steps), "--data.init_args.batch_size", "32",
-                                 "--data.init_args.n_train", str(args.n_train),
-                                 "--model.init_args.export_path", str(vq)])
+    if args.tokenizer:
+        import shutil
+
+        shutil.copyfile(args.tokenizer, vq)  # a tokenizer trained before (e.g. by the default run): not retrained
+    else:
+        print("== ETT: tokenizer ==", flush=True)
+        seconds["tokenizer"] = _fit("configs/scenes_tokenizer.yaml", work / "tokenizer",
+                                    ["--trainer.max_steps", str(args.tokenizer_steps), "--data.init_args.batch_size",
+                                     "32", "--data.init_args.n_train", str(args.n_train),
+                                     "--model.init_args.export_path", str(vq)])
     models, scores = {}, {}
 
     def evaluate(name: str, root: Path) -> None:  # right after training, so a long run reports as it goes
@@ -180,7 +185,8 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
     seconds["psnr_and_t2i"] = time.time() - t
     report["ett"] = {
         "steps": {"total": args.steps, "stage1": s1, "stage2": s2, "stage3_c": s3, "stage3_b": args.steps - s1,
-                  "tokenizer": args.tokenizer_steps, "stage2_vq_images": args.vq_images},
+                  "tokenizer": args.tokenizer_steps, "stage2_vq_images": args.vq_images,
+                  "tokenizer_file": args.tokenizer or "trained in this run"},
         "captioning": {k: _public(v) for k, v in scores.items()}, "comparisons": comparisons,
         "tokenizer_psnr_db": psnrs, "t2i": t2i, "seconds": seconds,
         "paper": {"claim": "(c) > (b) >= (a) on understanding; rFID 1.033 -> 1.648 at alpha 0.25; GenEval 0.40/0.34 "
@@ -277,6 +283,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-train", type=int, default=20_000, help="training scenes")
     p.add_argument("--test", type=int, default=1000, help="test scenes captioned per model and count")
     p.add_argument("--tokenizer-steps", type=int, default=300)
+    p.add_argument("--tokenizer", help="use this scenes tokenizer file instead of training one (same recipe)")
     p.add_argument("--steps", type=int, default=600, help="LM steps of every ETT model (batch 32)")
     p.add_argument("--stage1-steps", type=int, default=60)
     p.add_argument("--stage2-steps", type=int, default=240)
@@ -295,7 +302,7 @@ def main(argv=None) -> None:
     images = test.images()
     truths = [test.truth(i) for i in range(len(test))]
     refs = [test.captions(i) for i in range(len(test))]
-    report = {"test_scenes": len(test), "threads": torch.get_num_threads()}
+    report = {"test_scenes": len(test), "threads": torch.get_num_threads(), "args": vars(args)}
     if "ett" in args.parts:
         run_ett(args, work, test, images, truths, refs, report)
     if "tokenflex" in args.parts:

@@ -299,3 +299,33 @@ class CellReader:
     def accuracy(self, images: torch.Tensor, truths) -> np.ndarray:
         """Per image: share of its 4 cells read as the prompted content."""
         return (self.read(images) == np.asarray(truths)).mean(1)
+
+
+def main(argv=None) -> None:
+    """`python -m train.scenes --split test --n 16 --out folder`: scenes as PNGs (+ captions.jsonl with each
+    scene's first reference caption and cell truth), e.g. to try `python -m generate.caption` on a folder."""
+    import argparse
+    import json
+
+    from vision_tokenizers.image_io import save_png
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    scenes = Scenes.load(args.split, args.n, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(args.n):
+        save_png(scenes.images([i])[0], out / f"{args.split}_{i:04d}.png")
+        lines.append(json.dumps({"image": f"{args.split}_{i:04d}.png", "caption": scenes.captions(i)[0],
+                                 "cells": scenes.truth(i)}))
+    (out / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.n} scenes to {out}")
+
+
+if __name__ == "__main__":
+    main()
