@@ -203,6 +203,22 @@ class ReconstructionTokenizerModule(TokenizerTrainingModule, abc.ABC):
         self.ssim.update(recon01, x01)
         self.log_dict({"val/rec": self._recon(recon, x), **{f"val/{k}": v for k, v in figures.items()}},
                       batch_size=len(x))
+        if batch_idx == 0:
+            self.save_reconstructions(self.frames(x), self.frames(recon))
+
+    def save_reconstructions(self, x: torch.Tensor, recon: torch.Tensor, n: int = 8) -> Path | None:
+        """At each validation: the first n validation images (top row) over their reconstructions (bottom) as
+        `<log dir>/reconstructions/step_<global step>.png`, to look at while the tokenizer trains."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return None
+        from vision_tokenizers.image_io import grid, save_png
+
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        path = root / "reconstructions" / f"step_{self.global_step:06d}.png"
+        k = min(n, len(x))
+        save_png(grid(torch.cat([x[:k], recon[:k].clamp(-1, 1)]).detach().float().cpu(), k), path)
+        return path
 
     def on_validation_epoch_end(self):
         self.log_dict({"val/psnr": self.psnr.compute(), "val/ssim": self.ssim.compute()}, prog_bar=True)
