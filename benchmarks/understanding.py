@@ -20,7 +20,8 @@ Wilson 95% interval), CIDEr-D and BLEU-4; model differences with paired bootstra
 test scenes. Writes benchmarks/results/understanding.json and understanding.png.
 
     python -m benchmarks.understanding                 # the default run (~30 minutes on 2 cores)
-    python -m benchmarks.understanding --parts ett     # only ETT
+    python -m benchmarks.understanding --parts ett     # only ETT (the JSON keeps the last TokenFLEX figures)
+    python -m benchmarks.understanding --reuse         # models already trained in --work are not retrained
 """
 from __future__ import annotations
 
@@ -41,14 +42,26 @@ COUNTS_EVAL = (16, 25, 36, 49, 64)
 MIX = {16: 0.2, 36: 0.3, 64: 0.5}
 
 
+REUSE = False  # --reuse: a model whose run (same recipe and arguments) already finished in --work is not retrained
+
+
 def _fit(config: str, root: Path, extra: list[str]) -> float:
-    """One LightningCLI run of a recipe (validation and step checkpoints off; last.ckpt kept); its seconds."""
+    """One LightningCLI run of a recipe (validation and step checkpoints off; last.ckpt kept); its seconds.
+    With --reuse, a finished run with the same command line (recorded in root/bench_args.json) is kept as is."""
+    from models.io import write_text_atomic
     from train.cli import main as cli_main
 
+    cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+           "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
+    done = root / "bench_args.json"
+    if REUSE and done.exists() and Path(_last(root)).exists() and json.loads(done.read_text())["cmd"] == cmd:
+        print(f"reusing {_last(root)}", flush=True)
+        return json.loads(done.read_text())["seconds"]
+    done.unlink(missing_ok=True)
     t = time.time()
-    cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra])
+    cli_main(cmd)
+    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": time.time() - t}))
     return time.time() - t
 
 
@@ -293,7 +306,11 @@ def main(argv=None) -> None:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--reader-per-class", type=int, default=100)
     p.add_argument("--out", default=str(RESULTS / "understanding.json"))
+    p.add_argument("--reuse", action="store_true",
+                   help="keep models of --work whose training (same recipe and arguments) already finished")
     args = p.parse_args(argv)
+    global REUSE
+    REUSE = args.reuse
     from train.scenes import ItemPools, Scenes
 
     t0, work = time.time(), Path(args.work)
@@ -303,6 +320,10 @@ def main(argv=None) -> None:
     truths = [test.truth(i) for i in range(len(test))]
     refs = [test.captions(i) for i in range(len(test))]
     report = {"test_scenes": len(test), "threads": torch.get_num_threads(), "args": vars(args)}
+    out = Path(args.out)
+    if set(args.parts) != {"ett", "tokenflex"} and out.exists():  # one part: keep the other part's last figures
+        old = json.loads(out.read_text())
+        report.update({k: old[k] for k in ("ett", "tokenflex") if k in old and k not in args.parts})
     if "ett" in args.parts:
         run_ett(args, work, test, images, truths, refs, report)
     if "tokenflex" in args.parts:
