@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
+.PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,15 @@ test-browser: demo-deps
 
 demo: $(STAMP)
 	$(BIN)/python -m train.demo
+
+# your own data, the worked example (docs/own_data.md): shapes JSONL -> tokenizer -> LM -> export -> eval
+shapes: $(STAMP)
+	test -f data/shapes/shapes.jsonl || $(BIN)/python -m train.shapes --out data/shapes
+	$(BIN)/mmar fit --config configs/shapes_vq.yaml
+	$(BIN)/mmar fit --config configs/shapes_lm.yaml
+	$(BIN)/mmar export results/shapes/lm_run/checkpoints/last.ckpt results/shapes/lm --overwrite
+	$(BIN)/mmar eval --ckpt results/shapes/lm --source jsonl --path data/shapes/shapes.jsonl --holdout 0.2 \
+		--out results/shapes/eval.json
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lm_speed --compile
@@ -70,6 +79,9 @@ bench-prior: $(STAMP)
 	$(BIN)/python -m benchmarks.prior
 
 # int8 vs fp32 inference on the demo model (a few minutes; needs results/demo/lm: make demo) -> results/int8.json.
+bench-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.memory
+
 bench-int8: $(STAMP)
 	test -d results/demo/lm || $(MAKE) demo
 	$(BIN)/python -m benchmarks.int8

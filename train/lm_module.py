@@ -24,7 +24,26 @@ class MultimodalLMModule(ResumableModule):
     size and maximum length come from `data`. With `hf_init` (a Hugging Face Llama/Qwen2/Mistral folder)
     the backbone starts from those weights instead, its vocabulary extended by our special and image
     tokens (the data module must then use that folder's tokenizer.json as `text_tokenizer`).
-    `compile` runs the backbone through torch.compile in training."""
+    `compile` runs the backbone through torch.compile in training.
+
+    Args:
+        data: the data module's spec (vocabulary, tokenizers, max length); the CLI links it, do not set it.
+        objective: what is trained, any models.objectives class (NextTokenPrediction, NextBlockPrediction,
+            FlowMatching ...); default NextTokenPrediction.
+        preset: LM size, a models/config.py preset: tiny | demo | scenes | vicuna-7b | qwen2.5-1.5b | nbp-700m |
+            xar-demo | xar-b | xar-l | xar-h.
+        dim: model width (overrides the preset).
+        n_layers: transformer blocks (overrides the preset).
+        n_heads: attention heads (overrides the preset).
+        n_kv_heads: key/value heads for grouped-query attention (overrides the preset).
+        mlp_dim: hidden width of the SwiGLU MLP (overrides the preset).
+        hf_init: a local Hugging Face Llama / Qwen2 / Mistral folder to start the backbone from.
+        lr: peak learning rate (AdamW; linear warm-up, cosine decay to the last step).
+        weight_decay: AdamW weight decay (not on 1-d parameters: norms, biases).
+        betas: AdamW betas.
+        warmup_steps: steps of linear learning-rate warm-up.
+        compile: run the backbone through torch.compile while training.
+    """
 
     def __init__(self, data: DataSpec | None = None, objective: Objective | None = None, preset: str = "demo",
                  dim: int | None = None, n_layers: int | None = None, n_heads: int | None = None,

@@ -234,6 +234,24 @@ class ReconstructionTokenizerModule(TokenizerTrainingModule, abc.ABC):
 
 
 class VQTokenizerModule(ReconstructionTokenizerModule):
+    """Trains a VQ / IBQ image tokenizer (vision_tokenizers/vq.py) to reconstruct its images.
+
+    Args:
+        tokenizer: the tokenizer's shape (VQConfig: in_channels, image_size, channels, codebook_size, ...).
+        lr: peak learning rate (AdamW; linear warm-up, cosine decay).
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear learning-rate warm-up.
+        recon_loss: l1 | l2 reconstruction loss.
+        vq_weight: weight of the quantiser's codebook + commitment loss.
+        gan_weight: weight of the PatchGAN generator loss (0: no discriminator).
+        gan_start_step: step at which the GAN loss starts.
+        perceptual_weight: weight of the perceptual loss (needs perceptual_net and a local weights file).
+        perceptual_net: timm model name of the perceptual feature net.
+        perceptual_weights: local weights file of that net (nothing is downloaded).
+        grad_clip: gradient-norm clipping of the tokenizer's step.
+        export_path: where the trained tokenizer is written (.safetensors + config) at the end of fit.
+    """
+
     def __init__(self, tokenizer: VQConfig = VQConfig(), lr: float = 2e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 50, recon_loss: str = "l2",
                  vq_weight: float = 1.0,  # VQ-VAE's sum of reconstruction and VQ losses

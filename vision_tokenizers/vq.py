@@ -27,7 +27,24 @@ from .quantizers import QuantizerOutput, build_quantizer
 
 @dataclass
 class VQConfig:
-    """Shape of a VQTokenizer. Plain JSON-able (tuples become lists in to_dict)."""
+    """Shape of a VQTokenizer. Plain JSON-able (tuples become lists in to_dict).
+
+    Args:
+        in_channels: image channels, 1 (grey) or 3 (RGB); the data modules take theirs from here.
+        image_size: square side the images are resized and centre-cropped to.
+        channels: encoder widths per level; each entry after the first halves the side (3 entries: 28 -> 7).
+        layers_per_block: residual blocks per level.
+        latent_dim: width of the quantised latents (and of the codebook rows).
+        codebook_size: number of codes.
+        quantizer: vq (nearest code, straight-through) | ibq (index backpropagation over the whole codebook).
+        beta: commitment weight (VQ-VAE's 0.25).
+        l2_norm: quantise on the unit sphere (cosine distance).
+        restart_dead_codes: vq only: move unused codes onto recent encoder outputs.
+        data_init: vq only: k-means codebook initialisation on the first training batch.
+        entropy_weight: ibq only: weight of the code-usage entropy loss (ETT's tokenizer: 0.05).
+        norm_num_groups: GroupNorm groups (every entry of channels must divide by it).
+        mid_attention: self-attention block at the latent resolution.
+    """
 
     in_channels: int = 1
     image_size: int = 28
