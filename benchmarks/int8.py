@@ -102,7 +102,31 @@ def main(argv=None) -> None:
               f"{r['t2i_seconds']:8.1f} {r['lm_weights_mb']:7.1f} {r['peak_rss_mb']:9.1f}")
     print(f"int8 speed-up: captioning {report['speedup_caption']:.2f}x, text-to-image {report['speedup_t2i']:.2f}x; "
           f"{report['captions_that_differ']} of {len(images)} captions differ")
-    write_report(report, args.out)
+    write_report(report, args.out, plot)
+
+
+def plot(report: dict, png: Path) -> None:
+    """Speed-ups and accuracies (95% intervals) of int8 against fp32."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a1.bar(["captioning", "text-to-image"], [report["speedup_caption"], report["speedup_t2i"]], color="#69c")
+    a1.axhline(1.0, color="k", lw=0.8)
+    a1.set_title(f"int8 speed-up over fp32 ({report['threads']} thread)")
+    for j, k in enumerate(("fp32", "int8")):
+        r = report[k]
+        for i, m in enumerate(("caption_accuracy", "t2i_accuracy")):
+            lo, hi = r[m + "_ci95"]
+            a2.errorbar(i + (j - 0.5) * 0.2, r[m], yerr=[[r[m] - lo], [hi - r[m]]], fmt="o", capsize=4,
+                        color=["#999", "#c63"][j], label=k if i == 0 else None)
+    a2.set_xticks([0, 1], [f"caption ({report['caption_images']})", f"t2i ({report['t2i_images']})"])
+    a2.set_title("accuracy (95% Wilson)")
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -34,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import write_report
 from generate.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.config import LMConfig
-from models.io import write_text_atomic
 from models.transformer import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_speed.json"
@@ -436,8 +435,29 @@ def main() -> None:
           f"decoding repeats); load average {load_before[0]:.1f} -> {res['loadavg_1min_after']:.1f}; "
           f"wall time {wall:.0f} s")
 
-    write_text_atomic(args.out, json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(res, args.out, plot)
+
+
+def plot(res: dict, png: Path) -> None:
+    """Ours / theirs throughput ratios (eager and compiled) per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [("train", "training"), ("decode", "KV-cached sampling"), ("product", "guided text-to-image")]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for j, (suffix, label) in enumerate((("", "eager"), ("_compiled", "torch.compile"))):
+        vals = [res.get(f"{k}{suffix}_tokens_per_s_ratio") for k, _ in names]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], 0.38, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(names)), [n for _, n in names])
+    ax.set_ylabel("tokens/s, ours / transformers")
+    ax.set_title(f"LM speed vs transformers {res.get('transformers_version', '')} (CPU fp32, {res['threads']} threads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import time
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.io import write_text_atomic
+from benchmarks import write_report
+
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed.json"
 HOLDOUT, SEED = 1500, 0
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
         loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), wall_s=time.time() - t0,
     )
-    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
+    write_report(res, a.results, plot)
     print()
     for ds in a.datasets:
         keys = [k[len(ds) + 1:] for k in res if k.startswith(ds + "_")]
@@ -305,6 +305,30 @@ def main(argv=None) -> None:
             if f"{ds}_{k}" in res:
                 print(f"{'':<{len(ds) + 2}}{k:<34}{res[f'{ds}_{k}']:>12.4g}")
     print(f"wall {res['wall_s']:.0f} s, load average {load0:.1f} -> {res['loadavg_1min_after']:.1f}; wrote {a.results}")
+
+
+def plot(res: dict, png: Path) -> None:
+    """SEED's 1D tokens against the VQ grid, per dataset: accuracies and FID of the same-size LMs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({k.split("_")[0] for k in res if k.endswith("_seed_t2i_accuracy")})
+    fig, axes = plt.subplots(len(sets), 2, figsize=(9, 3.4 * len(sets)), squeeze=False)
+    for row, ds in zip(axes, sets):
+        metrics = ["t2i_accuracy", "caption_accuracy"]
+        for j, tok in enumerate(("vq", "seed")):
+            row[0].bar([i + (j - 0.5) * 0.38 for i in range(2)], [res.get(f"{ds}_{tok}_{m}", 0) for m in metrics], 0.38,
+                       label=f"{tok} ({res.get(f'{ds}_{tok}_tokens_per_image')} tokens)")
+            row[1].bar(j, res.get(f"{ds}_{tok}_t2i_fid", 0), 0.6, label=tok)
+        row[0].set_xticks([0, 1], ["text-to-image accuracy", "caption accuracy"])
+        row[0].set_title(f"{ds}: same LM size and steps")
+        row[0].legend(fontsize=8)
+        row[1].set_xticks([0, 1], ["vq", "seed"])
+        row[1].set_title(f"{ds}: text-to-image FID (lower is better)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
