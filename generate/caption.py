@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from generate.common import HelpFormatter, add_common, check_args, load, run_main
 from generate.pipeline import caption
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     bundle, gen = load(args)
     c, s = bundle.image_channels, bundle.image_size
     images = [load_image(p, c, s) for p in paths]  # every file is checked before any output
-    for i in range(0, len(paths), args.batch_size):
+    for i in tqdm(range(0, len(paths), args.batch_size), desc="captioning", unit="batch", disable=None, leave=False):
         batch = torch.stack(images[i:i + args.batch_size])
         caps = caption(bundle, batch, args.max_new_tokens, args.temperature, args.top_p, gen, tokens=args.tokens)
         for path, cap in zip(paths[i:i + args.batch_size], caps):

@@ -5,10 +5,50 @@ training samples; decoding is the model's objective's (models/objectives/).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable
+
 import torch
 
 from generate.sampling import id_range_mask, left_pad
 from models.bundle import Bundle
+
+
+@contextmanager
+def forward_progress(lm: torch.nn.Module, total: int, progress: Callable[[int, int], None] | None):
+    """Calls progress(done, total) before the first and after each forward pass of `lm` (one per decoding step;
+    guided prompts are one batch, so one pass), `done` capped at total. No-op when progress is None."""
+    if progress is None:
+        yield
+        return
+    done = [0]
+
+    def hook(*_):
+        done[0] = min(done[0] + 1, total)
+        progress(done[0], total)
+
+    handle = lm.register_forward_hook(hook)
+    try:
+        progress(0, total)
+        yield
+    finally:
+        handle.remove()
+
+
+def tqdm_progress(desc: str):
+    """A progress(done, total) callback drawing a tqdm bar on stderr (silent when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="pass", disable=None, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
 
 
 def _device(b: Bundle) -> torch.device:

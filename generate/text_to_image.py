@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from generate.common import HelpFormatter, add_common, add_drawing_args, check_drawing_args, load, run_main
-from generate.pipeline import text_to_image
+from generate.pipeline import forward_progress, text_to_image, tqdm_progress
 from vision_tokenizers.image_io import grid, save_png
 
 
@@ -32,9 +32,11 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse(argv)
     bundle, gen = load(args)
-    images = text_to_image(bundle, args.prompt, args.n, cfg=args.cfg, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, generator=gen, steps=args.steps,
-                           sampler=args.sampler).cpu()
+    passes = bundle.vision.num_tokens + 1  # prefill + one pass per code (an upper bound)
+    with forward_progress(bundle.lm, passes, tqdm_progress("drawing")):
+        images = text_to_image(bundle, args.prompt, args.n, cfg=args.cfg, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, generator=gen, steps=args.steps,
+                               sampler=args.sampler).cpu()
     out = Path(args.out)
     # Everything is generated before the first write, and each PNG is written atomically.
     for i in range(len(args.prompt)):

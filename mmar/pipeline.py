@@ -16,7 +16,6 @@ so `caption(images, seed=s)[i] == caption([images[i]], seed=s + i)[0]`.
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -116,25 +115,8 @@ class Pipeline:
         return self.bundle.image_channels
 
     # ---- drawing ---------------------------------------------------------------------------------
-    @contextmanager
     def _counting(self, progress: Progress | None, total: int):
-        """Report LM forward passes to `progress` (one per decoding step; prompts with guidance are
-        one batch, so one pass)."""
-        if progress is None:
-            yield
-            return
-        done = [0]
-
-        def hook(*_):
-            done[0] = min(done[0] + 1, total)
-            progress(done[0], total)
-
-        handle = self.bundle.lm.register_forward_hook(hook)
-        try:
-            progress(0, total)
-            yield
-        finally:
-            handle.remove()
+        return core.forward_progress(self.bundle.lm, total, progress)
 
     def _draw(self, fn, prompts, n, cfg, temperature, top_k, top_p, seed, progress, batch_size=None,
               **kw) -> list[torch.Tensor]:
