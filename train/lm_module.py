@@ -7,7 +7,6 @@ links from the data module's `spec`), never by reaching into the trainer.
 """
 from __future__ import annotations
 
-import lightning as L
 import torch
 
 from models.bundle import Bundle
@@ -19,7 +18,24 @@ from train.resume import ResumableModule
 from train.schedule import adamw_cosine
 
 
-class MultimodalLMModule(ResumableModule):
+class ObjectiveSteps(ResumableModule):
+    """Training and validation steps of an LM module whose `_run(batch)` returns the objective's outputs
+    ({"loss", "nll", figures...}): logs them all; val/loss is the plain per-token mean (objective weights
+    aside), so runs with other weights compare."""
+
+    def training_step(self, batch, batch_idx):
+        out = self._run(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self._run(batch)
+        self.log_dict({"val/loss": out["nll"], **{f"val/{k}": v for k, v in out.items() if k not in ("loss", "nll")}},
+                      prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
+
+
+class MultimodalLMModule(ObjectiveSteps):
     """`preset` picks an LMConfig preset (models/config.py); dim/n_layers/... override it. The vocabulary
     size and maximum length come from `data`. With `hf_init` (a Hugging Face Llama/Qwen2/Mistral folder)
     the backbone starts from those weights instead, its vocabulary extended by our special and image
@@ -91,18 +107,6 @@ class MultimodalLMModule(ResumableModule):
     # ---- steps -------------------------------------------------------------------------------
     def _run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.objective.loss(self.lm, batch)
-
-    def training_step(self, batch, batch_idx):
-        out = self._run(batch)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        out = self._run(batch)
-        # val/loss is the plain per-token mean (objective weights aside), so runs with other weights compare
-        self.log_dict({"val/loss": out["nll"], **{f"val/{k}": v for k, v in out.items() if k not in ("loss", "nll")}},
-                      prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
 
     def configure_optimizers(self):
         params = torch.nn.ModuleList([self.lm, self.objective])

@@ -26,7 +26,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.transformer import Transformer
 from models.weights import load_state_strict
 from train.datamodules import DataSpec
-from train.resume import ResumableModule
+from train.lm_module import ObjectiveSteps
 from train.schedule import adamw_cosine
 from vision_tokenizers.projectors import (CodebookInput, CodebookInputConfig, ViTPoolInput, ViTPoolInputConfig,
                                           WithEmbeds)
@@ -34,7 +34,7 @@ from vision_tokenizers.projectors import (CodebookInput, CodebookInputConfig, Vi
 INPUTS = ("codes", "codebook", "vit_pool")
 
 
-class UnderstandingLMModule(ResumableModule):
+class UnderstandingLMModule(ObjectiveSteps):
     """See the module docstring. `vit` overrides ViTPoolInputConfig fields (vit_dim, vit_depth, vit_heads,
     patch_size, counts, default_tokens); `projector_hidden` is the projector's hidden width. `vq_images` (stage 2):
     the tokenizer's reconstruction loss on only the batch's first k images (the decoder is the costly part on a
@@ -153,17 +153,6 @@ class UnderstandingLMModule(ResumableModule):
             out["cap_loss"] = out["loss"].detach()
             out["loss"] = out["loss"] + self.vq_weight * l_vq
         return {**out, **figures}
-
-    def training_step(self, batch, batch_idx):
-        out = self._run(batch)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"})
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        out = self._run(batch)
-        self.log_dict({"val/loss": out["nll"], **{f"val/{k}": v for k, v in out.items() if k not in ("loss", "nll")}},
-                      prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
 
     def configure_optimizers(self):
         params = nn.ModuleList([m for m in self.parts().values() if m is not None])
