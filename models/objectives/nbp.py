@@ -33,7 +33,13 @@ FIRST_BLOCK = ("condition", "tokens")
 
 
 class NextBlockPrediction(Objective):
-    """Block-causal mask, one-block-shifted targets, one KV-cached forward per block when sampling."""
+    """Block-causal mask, one-block-shifted targets, one KV-cached forward per block when sampling.
+
+    Args:
+        block_size: tokens predicted together (a block; e.g. one frame's codes), >= 1.
+        first_block: condition (a block of <boi> copies predicts block 0 in one step) | tokens (block 0 token
+            by token, then bridge blocks; the paper's hybrid scheme). See the module docstring.
+    """
 
     @dataclass
     class Config:

@@ -20,6 +20,10 @@ class NextTokenPrediction(Objective):
     of the gradient. `prior` (models.prior.PriorWeighting, training only: not stored with the model)
     further weights each caption token of image->text samples by how much it needs the image. The
     reported `nll` is always the plain per-token mean, so runs compare.
+
+    Args:
+        text_weight: weight of text tokens relative to image tokens (> 0; 1 = all equal).
+        prior: a models.prior.PriorWeighting (PRIOR's per-token caption weights from a text-only reference LM).
     """
 
     @dataclass

@@ -97,7 +97,24 @@ def flow_sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torc
 
 class XARFlowMatching(Objective):
     """xAR objective (see the module docstring). `dim` must be the backbone's width; `latent_channels` and
-    `grid` the KL tokenizer's latent shape (checked on the first batch)."""
+    `grid` the KL tokenizer's latent shape (checked on the first batch).
+
+    Args:
+        dim: the backbone's width.
+        latent_channels: channels of the KL tokenizer's latents.
+        grid: side of the latent grid.
+        entity: token | cell | subsample | image: what is predicted at once (xAR's entity).
+        entity_size: the cell side (cell) or the stride (subsample).
+        noisy_context: train on noisy previous entities (xAR's noisy context) instead of clean ones.
+        t_mean: mean of the logit-normal time distribution.
+        t_std: standard deviation of the logit-normal time distribution.
+        predictor: backbone | mlp: velocity read from the backbone, or a MAR-style MLP head on it.
+        head_width: width of the MLP head.
+        head_depth: residual blocks of the MLP head.
+        sampler: euler | em (Euler-Maruyama): the checkpoint's default sampler.
+        steps: flow steps per entity when sampling.
+        t_end: time at which sampling stops (the last step jumps to the clean estimate).
+    """
 
     @dataclass
     class Config:
