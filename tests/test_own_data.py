@@ -39,6 +39,7 @@ def test_recipes_train_tokenizer_and_lm_on_jsonl(tmp_path, capsys):
     cli_main(["fit", "--config", "configs/shapes_vq.yaml", "--data.init_args.path", str(data),
               "--trainer.default_root_dir", str(tmp_path / "vq"), "--trainer.logger", "false",
               "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+              "--trainer.check_val_every_n_epoch", "1",
               "--data.init_args.batch_size", "8", "--model.init_args.export_path", str(vq)])
     grids = sorted((tmp_path / "vq" / "reconstructions").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_000002.png", "step_000004.png"]
