@@ -19,7 +19,7 @@ slot accuracy (share of the 4 cells named right; a per-caption figure), scene ac
 Wilson 95% interval), CIDEr-D and BLEU-4; model differences with paired bootstrap 95% intervals over the same
 test scenes. Writes benchmarks/results/understanding.json and understanding.png.
 
-    python -m benchmarks.understanding                 # the default run (~30 minutes on 2 cores)
+    python -m benchmarks.understanding                 # the default run (about an hour on 2 idle cores)
     python -m benchmarks.understanding --parts ett     # only ETT (the JSON keeps the last TokenFLEX figures)
     python -m benchmarks.understanding --reuse         # models already trained in --work are not retrained
 """
@@ -61,8 +61,9 @@ def _fit(config: str, root: Path, extra: list[str]) -> float:
     done.unlink(missing_ok=True)
     t = time.time()
     cli_main(cmd)
-    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": time.time() - t}))
-    return time.time() - t
+    seconds = time.time() - t
+    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": seconds}))
+    return seconds
 
 
 def _last(root: Path) -> str:

@@ -57,7 +57,7 @@ PRESETS: dict[str, LMConfig] = {
     "tiny": LMConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128, max_len=512),
     # The MNIST demo (a few million parameters; trains in minutes on 2 CPU cores).
     "demo": LMConfig(vocab_size=1024, dim=256, n_layers=4, n_heads=8, mlp_dim=688, max_len=256),
-    # Scenes understanding recipes (configs/scenes_*.yaml, docs/understanding.md): ~0.9M parameters, CPU-sized.
+    # Scenes understanding recipes (configs/scenes_*.yaml, docs/understanding.md): 1.05M parameters, CPU-sized.
     "scenes": LMConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, mlp_dim=344, max_len=128),
     # SEED-LLaMA's 7B backbone (Vicuna-7B / LLaMA-7B): 6.74B parameters.
     "vicuna-7b": LMConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, mlp_dim=11008,
