@@ -128,7 +128,8 @@ def test_scene_recipes_parse(config, scene_vq, tmp_path):
     from train.cli import main
 
     args = ["--config", config, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-            "--data.init_args.n_train", "16", "--model.init_args.preset", "tiny"]
+            "--data.init_args.n_train", "16", "--model.init_args.preset", "tiny",
+            "--data.init_args.max_len", "160"]  # a BPE of 16 scenes' captions splits them into more tokens
     if "tokenizer" in config:
         args = ["--config", config, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
                 "--model.init_args.tokenizer.channels", "[8, 16, 16, 16]"]

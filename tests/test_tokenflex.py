@@ -114,3 +114,15 @@ def test_fixed_count_model_trains(tmp_path):
     before = module.visual.encoder.patch_embed.proj.weight.clone()
     make_trainer(tmp_path, 2).fit(module, dm)
     assert not torch.equal(before, module.visual.encoder.patch_embed.proj.weight)  # the ViT is trained here
+
+
+def test_max_len_is_checked_against_the_longest_possible_caption():
+    from train.understanding.data import longest_caption
+
+    dm = _data()
+    longest = longest_caption(dm.tokenizer)
+    seen = max(len(dm.tokenizer.encode(c)) for i in range(len(dm.train_scenes)) for c in dm.train_scenes.captions(i))
+    assert longest >= seen  # a bound over every scene, not a sample of them
+    with pytest.raises(ValueError, match="too short"):
+        ScenesDataModule(None, n_train=64, n_val=8, batch_size=8, max_len=longest + 36 + 5, p_caption_first=0.0,
+                         token_mix={16: 0.3, 36: 0.7})  # the caption + 36 slots + 5 specials: refused (1 spare asked)

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
-from train.datamodules import DataSpec
+from train.datamodules import DataSpec, ImageDataset
 from train.resume import resumable_loader, visit_rng
-from train.scenes import ItemPools, Scenes
+from train.scenes import NAMES, ItemPools, Scenes, all_captions
 from train.sources import ImageTextSet
 from vision_tokenizers import registry
 from vision_tokenizers.image_io import array_to_tensor
@@ -79,6 +79,12 @@ def scenes_tokenizer(train: Scenes, text_tokenizer: str | None, vocab_size: int)
     return TextTokenizer.train_bpe((c for i in range(min(2000, len(train))) for c in train.captions(i)), vocab_size)
 
 
+def longest_caption(tokenizer: TextTokenizer) -> int:
+    """Tokens of the longest caption any scene can have: four items of one class, every phrasing and filler,
+    every class (a caption's parts are separated by words, so its length adds up over its items)."""
+    return max(len(tokenizer.encode(c)) for k in range(len(NAMES)) for c in all_captions([k] * 4))
+
+
 class ScenesDataModule(L.LightningDataModule):
     """Scenes (train/scenes.py) for captioning and text-to-image with continuous or discrete image inputs.
 
@@ -129,7 +135,7 @@ class ScenesDataModule(L.LightningDataModule):
         self.layout = VocabLayout(self.tokenizer.vocab_size, codes)
         self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len, p_caption_first, p_drop_caption))
         self.spec = DataSpec(self.tokenizer, self.layout, self.vision, max_len, self.train_scenes.as_set().class_names)
-        longest = max(len(self.tokenizer.encode(c)) for i in range(min(50, n_train)) for c in self.train_scenes.captions(i))
+        longest = longest_caption(self.tokenizer)
         if longest + max([*(self.token_mix or {}), self.tokens or 0, self.val_tokens or 0]) + 6 > max_len:
             raise ValueError(f"max_len {max_len} is too short for {longest}-token captions and the image tokens")
 
@@ -146,17 +152,6 @@ class ScenesDataModule(L.LightningDataModule):
                           collate_fn=SceneCollate(self.format, self.val_tokens, None))
 
 
-class SceneImages(Dataset):
-    def __init__(self, scenes: Scenes, channels: int, size: int):
-        self.scenes, self.channels, self.size = scenes, channels, size
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, item) -> torch.Tensor:
-        return array_to_tensor(self.scenes.image(visit_rng(item)[0]), self.channels, self.size)
-
-
 class ScenesImageDataModule(L.LightningDataModule):
     """Scene images only, for training an image tokenizer on them (configs/scenes_tokenizer.yaml); the same
     training / validation scenes (same seeds) as ScenesDataModule, so test items stay unseen."""
@@ -169,8 +164,9 @@ class ScenesImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         pools = ItemPools.load(self.pool_seed)
-        self.train_set = SceneImages(Scenes(pools, "train", self.n_train, self.seed), self.channels, self.image_size)
-        self.val_set = SceneImages(Scenes(pools, "val", self.n_val, self.seed), self.channels, self.image_size)
+        self.train_set = ImageDataset(Scenes(pools, "train", self.n_train, self.seed).as_set(), self.channels,
+                                      self.image_size)
+        self.val_set = ImageDataset(Scenes(pools, "val", self.n_val, self.seed).as_set(), self.channels, self.image_size)
 
     def train_dataloader(self):
         return resumable_loader(self, self.train_set, num_workers=self.num_workers)
