@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,3 +20,29 @@ def write_report(report: dict, out: str | Path, plot: Callable[[dict, Path], Non
         except ImportError:
             print("matplotlib not installed: no plot (pip install -e '.[bench]')")
     print(f"wrote {out}")
+
+
+def last_ckpt(root: Path) -> str:
+    return str(Path(root) / "checkpoints" / "last.ckpt")
+
+
+def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -> float:
+    """One LightningCLI run of a recipe (logger, validation and the recipe's callbacks off; last.ckpt kept; `extra`
+    may add callbacks back); its seconds. With `reuse`, a finished run with the same command line (recorded in
+    root/bench_args.json) is kept as is."""
+    from models.io import write_text_atomic
+    from train.cli import main as cli_main
+
+    cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+           "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
+    done = Path(root) / "bench_args.json"
+    if reuse and done.exists() and Path(last_ckpt(root)).exists() and json.loads(done.read_text())["cmd"] == cmd:
+        print(f"reusing {last_ckpt(root)}", flush=True)
+        return json.loads(done.read_text())["seconds"]
+    done.unlink(missing_ok=True)
+    t = time.time()
+    cli_main(cmd)
+    seconds = time.time() - t
+    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": seconds}))
+    return seconds

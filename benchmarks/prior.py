@@ -1,5 +1,6 @@
-"""PRIOR vs plain next-token prediction on the same model, data and steps (discrete image codes).
+"""PRIOR vs plain next-token prediction on the same model, data and steps.
 
+Part `mnist` (discrete image codes, one-word captions):
 1. trains PRIOR's text-only reference LM on the training captions (configs/mnist_prior_ref.yaml);
 2. trains the demo's multimodal LM twice from the same seed, NTP (configs/mnist_lm.yaml) and PRIOR
    (configs/mnist_prior.yaml), keeping checkpoints at several points of training;
@@ -8,32 +9,32 @@
    (the caption is one of the digit's caption templates), with 95% Wilson intervals, and the relative
    improvement of PRIOR over NTP with a paired bootstrap 95% interval over the test images.
 
-    python -m benchmarks.prior        # -> benchmarks/results/prior.json + prior.png (needs results/demo/vq.safetensors)
+Part `scenes` (train/scenes.py: 1-4 items named with their places, plus image-independent filler text), both of
+the paper's settings: `codes` (the LM reads the frozen scenes tokenizer's code ids: no visual encoder,
+configs/scenes_lm_codes.yaml) and `vit` (a ViT encoder trained with the LM, its grid pooled to 36 tokens:
+configs/scenes_tokenflex.yaml at one count). One reference LM (configs/scenes_prior_ref.yaml) serves both. Scores
+on `--scenes-test` held-out scenes at several points of training: slot accuracy, scene accuracy, exact match,
+CIDEr-D (bootstrap / Wilson 95% intervals) and PRIOR's relative improvement with paired bootstrap intervals. It
+also times the reference model per training batch: on the fly against a cache hit (PriorWeighting's in-memory
+cache), beside one training step of the model.
 
-Only the discrete setting runs here: the continuous-input setting needs the projector path of the
-"Understanding" issue, and the scenes data that issue builds.
+    python -m benchmarks.prior                  # both parts -> benchmarks/results/prior.json + prior.png
+    python -m benchmarks.prior --parts scenes   # one part (the JSON keeps the other part's last figures)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks import write_report
+from benchmarks import fit_recipe, last_ckpt, write_report
 
 RESULTS = Path("benchmarks/results")
 VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the test set here
-
-
-def _fit(config: str, root: Path, extra: list[str]) -> None:
-    from train.cli import main as cli_main
-
-    cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.callbacks", "[]", *extra])
 
 
 def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
@@ -65,34 +66,36 @@ def plot(report: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("slot_accuracy", "exact_match")):
+    panels = []  # (title, curves {variant: points}, metric)
+    if "curves" in report:
+        panels += [(f"MNIST codes: {m.replace('_', ' ')}", report["curves"], m) for m in ("slot_accuracy", "exact_match")]
+    for name, setting in report.get("scenes", {}).get("settings", {}).items():
+        panels += [(f"scenes {name}: {m.replace('_', ' ')}", setting["curves"], m) for m in ("slot_accuracy", "cider")]
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(9, 3.3 * rows), squeeze=False)
+    for ax, (title, curves, metric) in zip(axes.flat, panels):
         for variant in ("ntp", "prior"):
-            pts = report["curves"][variant]
+            pts = curves[variant]
             ax.errorbar([p["step"] for p in pts], [p[metric] for p in pts],
                         yerr=np.array([[p[metric] - p[metric + "_ci95"][0], p[metric + "_ci95"][1] - p[metric]]
                                        for p in pts]).T, marker="o", capsize=3, label=variant.upper())
         ax.set_xlabel("training step")
-        ax.set_title(f"{metric.replace('_', ' ')} ({report['test_images']} test digits)")
+        ax.set_title(title, fontsize=9)
         ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vq", default="results/demo/vq.safetensors", help="the demo's VQ tokenizer (make demo)")
-    p.add_argument("--work", default="results/bench_prior")
-    p.add_argument("--points", type=int, default=4, help="checkpoints evaluated along training (656 steps / points)")
-    p.add_argument("--out", default=str(RESULTS / "prior.json"))
-    args = p.parse_args(argv)
+def run_mnist(args, work: Path, report: dict) -> None:
     if not Path(args.vq).is_file():
         raise SystemExit(f"error: {args.vq}: not found; run `make demo` first (it trains the VQ tokenizer)")
     from train.demo import HOLDOUT, SEED
     from train.evaluation import wilson_interval
     from train.sources import load_mnist_set, split_indices
 
-    t0, work = time.time(), Path(args.work)
     data = load_mnist_set()
     _, held = split_indices(len(data), HOLDOUT, SEED)
     test = held[VAL:]
@@ -100,28 +103,21 @@ def main(argv=None) -> None:
     labels = data.labels[test]
     common = ["--data.init_args.vision_tokenizer", args.vq]
     print("== reference LM ==", flush=True)
-    _fit("configs/mnist_prior_ref.yaml", work / "ref", common)
-    ref = work / "ref" / "checkpoints" / "last.ckpt"
+    fit_recipe("configs/mnist_prior_ref.yaml", work / "ref", common)
+    ref = last_ckpt(work / "ref")
     steps = 656  # configs/mnist_lm.yaml: 2 epochs of 3,500 digits x 6 copies at batch 64
-    every = steps // args.points
     curves, raw, seconds = {}, {}, {}
     for variant, config in (("ntp", "configs/mnist_lm.yaml"), ("prior", "configs/mnist_prior.yaml")):
         print(f"== {variant} ==", flush=True)
         root = work / variant
         extra = [*common, "--data.init_args.cache_dir", str(work / "cache"), "--data.init_args.val_size", str(VAL),
-                 "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                 "--trainer.callbacks.every_n_train_steps", str(every), "--trainer.callbacks.save_top_k", "-1",
-                 "--trainer.callbacks.filename", "{step}"]
+                 *_checkpoints_every(steps // args.points)]
         if variant == "prior":
-            extra += ["--model.init_args.objective.init_args.prior.init_args.reference", str(ref)]
-        t = time.time()
+            extra += ["--model.init_args.objective.init_args.prior.init_args.reference", ref]
         torch.manual_seed(SEED)
-        _fit(config, root, extra)
-        seconds[variant] = time.time() - t
-        ckpts = sorted((root / "checkpoints").glob("step=*.ckpt"), key=lambda c: int(c.stem.split("=")[1]))
+        seconds[variant] = fit_recipe(config, root, extra)
         curves[variant], raw[variant] = [], {}
-        for c in ckpts:
-            step = int(c.stem.split("=")[1])
+        for step, c in _step_checkpoints(root):
             s = _score(c, images, labels)
             raw[variant][step] = s
             curves[variant].append({
@@ -134,14 +130,150 @@ def main(argv=None) -> None:
             print(f"{variant:5s} step {step:4d}: slot {s['slot'].mean():.4f}  exact {s['exact'].mean():.4f}", flush=True)
     rng = np.random.default_rng(0)
     last = {v: raw[v][max(raw[v])] for v in raw}
-    report = {"setting": "discrete VQ codes (MNIST digits, the demo's VQ tokenizer and LM recipe)",
-              "test_images": len(test), "steps": steps, "train_seconds": seconds, "curves": curves,
-              "paper_relative_improvement": {"without_visual_encoder": 0.08, "with_visual_encoder": 0.19}}
+    report.update({"setting": "discrete VQ codes (MNIST digits, the demo's VQ tokenizer and LM recipe)",
+                   "test_images": len(test), "steps": steps, "train_seconds": seconds, "curves": curves})
     for metric in ("slot", "exact"):
         rel, ci = _relative(last["ntp"][metric].astype(float), last["prior"][metric].astype(float), rng)
         report[f"relative_improvement_{metric}"] = rel
         report[f"relative_improvement_{metric}_ci95"] = ci
         print(f"PRIOR vs NTP ({metric}): {rel:+.4f} relative, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
+
+
+def _checkpoints_every(steps: int) -> list[str]:
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps", str(steps), "--trainer.callbacks.save_top_k", "-1",
+            "--trainer.callbacks.filename", "{step}"]
+
+
+def _step_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    ckpts = [(int(c.stem.split("=")[1]), c) for c in (root / "checkpoints").glob("step=*.ckpt")]
+    return sorted(ckpts)
+
+
+SCENES_SETTINGS = {  # name: (recipe, extra arguments, visual tokens at inference)
+    "codes": ("configs/scenes_lm_codes.yaml", [], None),
+    "vit": ("configs/scenes_tokenflex.yaml", ["--data.init_args.token_mix", "{36: 1.0}"], 36),
+}
+
+
+def run_scenes(args, work: Path, report: dict) -> None:
+    from benchmarks.understanding import _bootstrap_mean, _captions, _score as score_scenes
+    from models.bundle import load_bundle
+    from train.scenes import ItemPools, Scenes
+
+    vq = Path(args.scenes_vq)
+    seconds = {}
+    if not vq.is_file():
+        print("== scenes tokenizer ==", flush=True)
+        seconds["tokenizer"] = fit_recipe("configs/scenes_tokenizer.yaml", work / "tokenizer",
+                                          ["--trainer.max_steps", "300", "--data.init_args.batch_size", "32",
+                                           "--data.init_args.n_train", str(args.n_train),
+                                           "--model.init_args.export_path", str(vq)], reuse=args.reuse)
+    test = Scenes(ItemPools.load(0), "test", args.scenes_test, seed=0)
+    images = test.images()
+    truths = [test.truth(i) for i in range(len(test))]
+    refs = [test.captions(i) for i in range(len(test))]
+    n_train = ["--data.init_args.n_train", str(args.n_train)]
+    print("== scenes reference LM ==", flush=True)
+    seconds["reference"] = fit_recipe("configs/scenes_prior_ref.yaml", work / "ref",
+                                      [*n_train, "--data.init_args.vision_tokenizer", str(vq),
+                                       "--trainer.max_steps", str(args.ref_steps)], reuse=args.reuse)
+    ref = last_ckpt(work / "ref")
+    prior_args = ["--model.init_args.objective.init_args.prior", "models.prior.PriorWeighting",
+                  "--model.init_args.objective.init_args.prior.init_args.reference", ref]
+    settings = {}
+    for name, (recipe, extra, tokens) in SCENES_SETTINGS.items():
+        if name == "codes":
+            extra = [*extra, "--data.init_args.vision_tokenizer", str(vq)]
+        curves, last = {}, {}
+        for variant in ("ntp", "prior"):
+            print(f"== scenes {name}: {variant} ==", flush=True)
+            root = work / f"{name}_{variant}"
+            seconds[f"{name}_{variant}"] = fit_recipe(
+                recipe, root, [*n_train, *extra, "--trainer.max_steps", str(args.scenes_steps),
+                               "--model.init_args.export_path", "null",
+                               *_checkpoints_every(args.scenes_steps // args.points),
+                               *(prior_args if variant == "prior" else [])], reuse=args.reuse)
+            curves[variant] = []
+            for step, ckpt in _step_checkpoints(root):
+                s = score_scenes(_captions(load_bundle(ckpt), images, tokens=tokens), truths, refs)
+                last[variant] = s
+                curves[variant].append({"step": step, **{k: v for k, v in s.items() if not k.startswith("_")},
+                                        "exact_match_ci95": _bootstrap_mean(s["_exact"].astype(float))})
+                print(f"{name} {variant:5s} step {step:4d}: slot {s['slot_accuracy']:.4f}  scene "
+                      f"{s['scene_accuracy']:.4f}  exact {s['exact_match']:.4f}  CIDEr {s['cider']:.3f}", flush=True)
+        rng = np.random.default_rng(0)
+        rel = {}
+        for metric, key in (("slot_accuracy", "_slot"), ("exact_match", "_exact"), ("cider", "_cider")):
+            r, ci = _relative(last["ntp"][key].astype(float), last["prior"][key].astype(float), rng)
+            rel[metric] = {"relative": r, "ci95": ci}
+            print(f"scenes {name}: PRIOR vs NTP ({metric}): {r:+.4f} relative, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
+        settings[name] = {"recipe": recipe, "tokens": tokens, "curves": curves, "prior_vs_ntp_at_end": rel}
+    report["scenes"] = {"test_scenes": len(test), "steps": args.scenes_steps, "reference_steps": args.ref_steps,
+                        "n_train": args.n_train, "tokenizer": str(vq), "settings": settings,
+                        "reference_timing": _time_reference(ref, vq, args.n_train), "seconds": seconds}
+
+
+def _time_reference(ref: str, vq: Path, n_train: int, repeats: int = 5) -> dict:
+    """Seconds per training batch (32 scenes, half image->text) of PRIOR's reference on the fly and from the
+    in-memory cache, beside one training step (forward + backward) of the codes model's size."""
+    from models.config import LMConfig
+    from models.objectives import NextTokenPrediction
+    from models.prior import PriorWeighting
+    from models.transformer import Transformer
+    from train.understanding.data import ScenesDataModule
+
+    dm = ScenesDataModule(str(vq), n_train=n_train, batch_size=32, max_len=112)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    prior = PriorWeighting(ref)
+    ids, flag, modality = batch["ids"], batch["loss"], batch["modality"]
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t) / repeats
+
+    prior.use_cache = False
+    on_the_fly = timed(lambda: prior(ids, flag, modality))
+    prior.use_cache = True
+    prior(ids, flag, modality)  # fills the cache
+    cached = timed(lambda: prior(ids, flag, modality))
+    lm = Transformer(LMConfig.from_preset("scenes", vocab_size=dm.layout.size, max_len=112))
+    objective = NextTokenPrediction(text_weight=2.0)
+    step = timed(lambda: objective.loss(lm, batch)["loss"].backward())
+    return {"batch": 32, "reference_on_the_fly_s": on_the_fly, "reference_cached_s": cached,
+            "train_step_s": step, "on_the_fly_share_of_step": on_the_fly / (on_the_fly + step),
+            "note": "scenes captions rarely repeat (20,000 scenes x 30 captions), so the cache hits little here"}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["mnist", "scenes"], choices=["mnist", "scenes"])
+    p.add_argument("--vq", default="results/demo/vq.safetensors", help="mnist: the demo's VQ tokenizer (make demo)")
+    p.add_argument("--work", default="results/bench_prior")
+    p.add_argument("--points", type=int, default=4, help="checkpoints evaluated along each training run")
+    p.add_argument("--scenes-vq", default="results/bench_prior/scenes/vq.safetensors",
+                   help="scenes: the scenes tokenizer (trained here, 300 steps, when the file is missing)")
+    p.add_argument("--n-train", type=int, default=20_000, help="scenes: training scenes")
+    p.add_argument("--scenes-test", type=int, default=1000, help="scenes: held-out test scenes captioned")
+    p.add_argument("--scenes-steps", type=int, default=400, help="scenes: steps of every model (batch 32)")
+    p.add_argument("--ref-steps", type=int, default=400, help="scenes: steps of the reference LM (batch 64)")
+    p.add_argument("--reuse", action="store_true", help="scenes: keep models whose run already finished in --work")
+    p.add_argument("--out", default=str(RESULTS / "prior.json"))
+    args = p.parse_args(argv)
+    t0, work = time.time(), Path(args.work)
+    report = {"paper_relative_improvement": {"without_visual_encoder": 0.08, "with_visual_encoder": 0.19}}
+    out = Path(args.out)
+    if "mnist" not in args.parts and out.exists():  # keep the MNIST part's last figures
+        report.update({k: v for k, v in json.loads(out.read_text()).items() if k != "scenes"})
+    if "scenes" not in args.parts and out.exists():
+        report.update({k: v for k, v in json.loads(out.read_text()).items() if k == "scenes"})
+    if "mnist" in args.parts:
+        run_mnist(args, work, report)
+    if "scenes" in args.parts:
+        run_scenes(args, work / "scenes", report)
     report["seconds"] = time.time() - t0
     report["torch"] = torch.__version__
     write_report(report, args.out, plot)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import write_report
+from benchmarks import fit_recipe, last_ckpt as _last, write_report
 
 RESULTS = Path("benchmarks/results")
 COUNTS_TRAINED = (16, 36, 64)
@@ -46,28 +46,7 @@ REUSE = False  # --reuse: a model whose run (same recipe and arguments) already 
 
 
 def _fit(config: str, root: Path, extra: list[str]) -> float:
-    """One LightningCLI run of a recipe (validation and step checkpoints off; last.ckpt kept); its seconds.
-    With --reuse, a finished run with the same command line (recorded in root/bench_args.json) is kept as is."""
-    from models.io import write_text_atomic
-    from train.cli import main as cli_main
-
-    cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
-    done = root / "bench_args.json"
-    if REUSE and done.exists() and Path(_last(root)).exists() and json.loads(done.read_text())["cmd"] == cmd:
-        print(f"reusing {_last(root)}", flush=True)
-        return json.loads(done.read_text())["seconds"]
-    done.unlink(missing_ok=True)
-    t = time.time()
-    cli_main(cmd)
-    seconds = time.time() - t
-    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": seconds}))
-    return seconds
-
-
-def _last(root: Path) -> str:
-    return str(root / "checkpoints" / "last.ckpt")
+    return fit_recipe(config, root, extra, reuse=REUSE)
 
 
 @torch.inference_mode()
@@ -91,7 +70,7 @@ def _score(caps: list[str], truths, refs) -> dict:
             "scene_accuracy_ci95": list(wilson_interval(int(s["scene"].sum()), len(caps))),
             "exact_match": float(s["exact"].mean()), "cider": s["cider"],
             "cider_ci95": _bootstrap_mean(s["cider_each"]), "bleu4": s["bleu4"], "n": len(caps),
-            "examples": caps[:4], "_slot": s["slot"], "_cider": s["cider_each"]}
+            "examples": caps[:4], "_slot": s["slot"], "_cider": s["cider_each"], "_exact": s["exact"]}
 
 
 def _bootstrap_mean(x: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:

@@ -144,3 +144,34 @@ def test_recipes_train_a_reference_then_a_prior_weighted_model(tmp_path, tiny_vq
     assert "train/prior_w_mean" in logged and logged["train/prior_w_max"] > 1.0
     b = load_bundle(tmp_path / "lm" / "checkpoints" / "last.ckpt")  # a plain NTP model: no reference inside
     assert not any("prior" in k for k in b.lm.state_dict()) and b.objective.prior is None
+
+
+def test_continuous_input_samples_weight_the_same_caption_tokens(caption_tokenizer, tiny_vq_config):
+    """An image->text sample with embedding slots (ETT / TokenFLEX inputs) selects exactly its caption, as with codes."""
+    layout = VocabLayout(caption_tokenizer.vocab_size, 0)
+    fmt = SequenceFormat(caption_tokenizer, layout, SequenceConfig(max_len=48))
+    b = fmt.collate([fmt.i2t_slots_sample(9, "a handwritten 7")])
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], caption_tokenizer.i2t_id)
+    assert b["ids"][0, 1:][sel[0]].tolist() == caption_tokenizer.encode("a handwritten 7") + [caption_tokenizer.eos_id]
+
+
+def test_scenes_reference_recipe_then_prior_on_a_vit_model(tmp_path, tiny_vq_path):
+    """configs/scenes_prior_ref.yaml, then PRIOR added to the continuous-input recipe (configs/scenes_tokenflex.yaml:
+    a ViT whose pooled grid enters through a projector), both shrunk, through the training CLI."""
+    from train.cli import main
+
+    small = ["--data.init_args.n_train", "64", "--trainer.max_steps", "3", "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
+             "--model.init_args.preset", "tiny"]
+    main(["fit", "--config", "configs/scenes_prior_ref.yaml", "--trainer.default_root_dir", str(tmp_path / "ref"),
+          "--data.init_args.vision_tokenizer", str(tiny_vq_path), "--data.init_args.batch_size", "16", *small])
+    ref = tmp_path / "ref" / "checkpoints" / "last.ckpt"
+    cli = main(["--config", "configs/scenes_tokenflex.yaml", "--trainer.default_root_dir", str(tmp_path / "lm"), *small,
+                "--data.init_args.token_mix", "{16: 1.0}", "--data.init_args.batch_size", "8",
+                "--model.init_args.export_path", "null",
+                "--model.init_args.objective.init_args.prior", "models.prior.PriorWeighting",
+                "--model.init_args.objective.init_args.prior.init_args.reference", str(ref)], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    logged = cli.trainer.callback_metrics
+    assert "train/prior_w_mean" in logged and logged["train/prior_w_max"] > 1.0
+    assert 0 < logged["train/prior_item_weight_share"] < 1

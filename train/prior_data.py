@@ -1,9 +1,10 @@
 """The caption corpus of an image-caption source, text only: what PRIOR's reference model is trained on.
 
-It splits the source and builds the text tokenizer exactly as `train.datamodules.ImageTextDataModule` does with
-the same settings (source, path, holdout, seed, text_tokenizer, bpe_vocab_size), so the reference model reads
-captions with the tokenizer of the vision-language model it will weight; `models.prior.PriorWeighting` checks it.
-Only training captions are used: the held-out images' captions stay unseen by the reference as well.
+It splits the source and builds the text tokenizer exactly as `train.datamodules.ImageTextDataModule` (or, for
+`source: scenes`, `train.understanding.data.ScenesDataModule`) does with the same settings (source, path, holdout /
+n_train, seed, text_tokenizer, bpe_vocab_size), so the reference model reads captions with the tokenizer of the
+vision-language model it will weight; `models.prior.PriorWeighting` checks it. Only training captions are used:
+the held-out images' captions stay unseen by the reference as well.
 """
 from __future__ import annotations
 
@@ -38,12 +39,15 @@ class CaptionTextDataModule(L.LightningDataModule):
 
     Args:
         vision_tokenizer: the vision tokenizer of the model PRIOR will weight; only its codebook size is used,
-            so the reference's vocabulary layout equals that model's.
-        source: digits | mnist | fashion_mnist | scenes-like sources of train.sources, or jsonl | folder | wds.
+            so the reference's vocabulary layout equals that model's (text ids come first in every layout, so a
+            reference also serves a model with another codebook, or none, that reads the same text tokenizer).
+        source: digits | mnist | fashion_mnist of train.sources, jsonl | folder | wds, or scenes (train/scenes.py:
+            `n_train` training scenes, validation on the val split's scenes).
         path: the user source's file, folder or shard glob.
         text_tokenizer: a tokenizer.json; unset: the byte-level BPE trained on the training captions.
         bpe_vocab_size: vocabulary size of that BPE.
         holdout: samples kept out (a count >= 1 or a share < 1), as in the vision-language data module.
+        n_train: training scenes (source scenes only), as in the scenes data module.
         seed: seed of the split and of the caption draws.
         batch_size: captions per step.
         val_size: held-out captions used for validation.
@@ -53,11 +57,21 @@ class CaptionTextDataModule(L.LightningDataModule):
 
     def __init__(self, vision_tokenizer: str, source: str = "mnist", path: str | None = None,
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int | float = 0.1,
-                 seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 64, num_workers: int = 0):
+                 n_train: int = 20_000, seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 64,
+                 num_workers: int = 0):
         super().__init__()
         self.seed, self.batch_size, self.val_size, self.num_workers = seed, batch_size, val_size, num_workers
-        self.train_data, self.held_data = split_source(source, path, holdout, seed)
-        self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
+        if source == "scenes":
+            from train.scenes import ItemPools, Scenes
+            from train.understanding.data import scenes_tokenizer
+
+            pools = ItemPools.load(0)
+            train = Scenes(pools, "train", n_train, seed)
+            self.train_data, self.held_data = train.as_set(), Scenes(pools, "val", val_size, seed).as_set()
+            self.tokenizer = scenes_tokenizer(train, text_tokenizer, bpe_vocab_size)
+        else:
+            self.train_data, self.held_data = split_source(source, path, holdout, seed)
+            self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
         vision = registry.load(vision_tokenizer)
         self.layout = VocabLayout(self.tokenizer.vocab_size, vision.config.codebook_size)
         self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len=max_len))
