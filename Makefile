@@ -71,8 +71,9 @@ bench-streaming: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.streaming
 
-# PRIOR vs NTP on the demo's recipe (discrete codes; reference LM + two LM runs, about 30 minutes on 2 cores; needs
-# the demo's VQ tokenizer: make demo) -> benchmarks/results/prior.json + prior.png.
+# PRIOR vs NTP -> benchmarks/results/prior.json + prior.png. Part mnist: the demo's recipe (discrete codes; reference
+# LM + two LM runs, about 30 minutes on 2 cores; needs the demo's VQ tokenizer: make demo). Part scenes: code ids and
+# a ViT through a projector (a scenes tokenizer, a reference LM, four LM runs). `--parts scenes` runs one part.
 bench-prior: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -f results/demo/vq.safetensors || $(MAKE) demo
