@@ -108,7 +108,8 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
     if args.tokenizer:
         import shutil
 
-        shutil.copyfile(args.tokenizer, vq)  # a tokenizer trained before (e.g. by the default run): not retrained
+        if Path(args.tokenizer).resolve() != vq.resolve():  # a tokenizer trained before (e.g. by the default run)
+            shutil.copyfile(args.tokenizer, vq)
     else:
         print("== ETT: tokenizer ==", flush=True)
         seconds["tokenizer"] = _fit("configs/scenes_tokenizer.yaml", work / "tokenizer",
