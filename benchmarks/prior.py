@@ -166,7 +166,7 @@ def run_scenes(args, work: Path, report: dict) -> None:
     if not vq.is_file():
         print("== scenes tokenizer ==", flush=True)
         seconds["tokenizer"] = fit_recipe("configs/scenes_tokenizer.yaml", work / "tokenizer",
-                                          ["--trainer.max_steps", "300", "--data.init_args.batch_size", "32",
+                                          ["--trainer.max_steps", str(args.tokenizer_steps), "--data.init_args.batch_size", "32",
                                            "--data.init_args.n_train", str(args.n_train),
                                            "--model.init_args.export_path", str(vq)], reuse=args.reuse)
     test = Scenes(ItemPools.load(0), "test", args.scenes_test, seed=0)
@@ -255,7 +255,8 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="results/bench_prior")
     p.add_argument("--points", type=int, default=4, help="checkpoints evaluated along each training run")
     p.add_argument("--scenes-vq", default="results/bench_prior/scenes/vq.safetensors",
-                   help="scenes: the scenes tokenizer (trained here, 300 steps, when the file is missing)")
+                   help="scenes: the scenes tokenizer (trained here when the file is missing)")
+    p.add_argument("--tokenizer-steps", type=int, default=300, help="scenes: steps of that tokenizer when trained")
     p.add_argument("--n-train", type=int, default=20_000, help="scenes: training scenes")
     p.add_argument("--scenes-test", type=int, default=1000, help="scenes: held-out test scenes captioned")
     p.add_argument("--scenes-steps", type=int, default=400, help="scenes: steps of every model (batch 32)")
