@@ -29,20 +29,24 @@ def last_ckpt(root: Path) -> str:
 def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -> float:
     """One LightningCLI run of a recipe (logger, validation and the recipe's callbacks off; last.ckpt kept; `extra`
     may add callbacks back); its seconds. With `reuse`, a finished run with the same command line (recorded in
-    root/bench_args.json) is kept as is."""
+    root/bench_args.json, with the size and modification time of every file it names: a run started from an
+    earlier stage's checkpoint is redone when that checkpoint changed) is kept as is."""
     from models.io import write_text_atomic
     from train.cli import main as cli_main
 
     cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
            "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
+    inputs = {a: [Path(a).stat().st_size, Path(a).stat().st_mtime_ns] for a in cmd if Path(a).is_file()}
     done = Path(root) / "bench_args.json"
-    if reuse and done.exists() and Path(last_ckpt(root)).exists() and json.loads(done.read_text())["cmd"] == cmd:
-        print(f"reusing {last_ckpt(root)}", flush=True)
-        return json.loads(done.read_text())["seconds"]
+    if reuse and done.exists() and Path(last_ckpt(root)).exists():
+        old = json.loads(done.read_text())
+        if old["cmd"] == cmd and old.get("inputs") == inputs:
+            print(f"reusing {last_ckpt(root)}", flush=True)
+            return old["seconds"]
     done.unlink(missing_ok=True)
     t = time.time()
     cli_main(cmd)
     seconds = time.time() - t
-    write_text_atomic(done, json.dumps({"cmd": cmd, "seconds": seconds}))
+    write_text_atomic(done, json.dumps({"cmd": cmd, "inputs": inputs, "seconds": seconds}))
     return seconds
