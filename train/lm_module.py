@@ -19,9 +19,17 @@ from train.schedule import adamw_cosine
 
 
 class ObjectiveSteps(ResumableModule):
-    """Training and validation steps of an LM module whose `_run(batch)` returns the objective's outputs
-    ({"loss", "nll", figures...}): logs them all; val/loss is the plain per-token mean (objective weights
-    aside), so runs with other weights compare."""
+    """What every LM module shares: the objective and the LM config from the data's spec (`_setup`), training
+    and validation steps over `_run(batch)` (the objective's outputs {"loss", "nll", figures...}, all logged;
+    val/loss is the plain per-token mean, objective weights aside, so runs with other weights compare), and
+    self-describing checkpoints from `bundle()`."""
+
+    def _setup(self, data: DataSpec, objective: Objective | None, preset: str, **overrides: int | None) -> None:
+        self.data = data
+        self.objective = objective if objective is not None else NextTokenPrediction()
+        self.objective.bind(data.tokenizer, data.class_names)
+        self.cfg = LMConfig.from_preset(preset, **{k: v for k, v in overrides.items() if v is not None},
+                                        vocab_size=data.layout.size, max_len=data.max_len)
 
     def training_step(self, batch, batch_idx):
         out = self._run(batch)
@@ -33,6 +41,11 @@ class ObjectiveSteps(ResumableModule):
         out = self._run(batch)
         self.log_dict({"val/loss": out["nll"], **{f"val/{k}": v for k, v in out.items() if k not in ("loss", "nll")}},
                       prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Make the .ckpt self-describing: generate/ scripts rebuild everything from it."""
+        super().on_save_checkpoint(checkpoint)  # RNG states (exact resume)
+        checkpoint["mmar"] = {**self.bundle().meta(), "tokenizer_json": self.data.tokenizer.to_json()}
 
 
 class MultimodalLMModule(ObjectiveSteps):
@@ -69,12 +82,9 @@ class MultimodalLMModule(ObjectiveSteps):
         super().__init__()
         if data is None:
             raise ValueError("MultimodalLMModule needs `data` (the data module's spec; the CLI links it)")
-        self.data, self.hf_init, self.compile_lm = data, hf_init, compile
-        self.objective = objective if objective is not None else NextTokenPrediction()
-        self.objective.bind(data.tokenizer, data.class_names)
-        overrides = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_dim=mlp_dim)
-        self.cfg = LMConfig.from_preset(preset, **{k: v for k, v in overrides.items() if v is not None},
-                                        vocab_size=data.layout.size, max_len=data.max_len)
+        self.hf_init, self.compile_lm = hf_init, compile
+        self._setup(data, objective, preset, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                    mlp_dim=mlp_dim)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.vision = data.vision.eval().requires_grad_(False)  # frozen; saved in the .ckpt for generation
         self.lm: Transformer | None = None
@@ -113,10 +123,3 @@ class MultimodalLMModule(ObjectiveSteps):
         opt, sched = adamw_cosine(params, self.lr, self.weight_decay, self.betas, self.warmup_steps,
                                   self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": sched}
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Make the .ckpt self-describing: generate/ scripts rebuild everything from it."""
-        super().on_save_checkpoint(checkpoint)  # RNG states (exact resume)
-        checkpoint["mmar"] = {**self.bundle().meta(), "tokenizer_json": self.data.tokenizer.to_json()}
-

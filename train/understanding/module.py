@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bundle import Bundle
-from models.config import LMConfig
-from models.objectives import NextTokenPrediction, Objective
+from models.objectives import Objective
 from models.sequence import SequenceConfig, SequenceFormat
 from models.transformer import Transformer
 from models.weights import load_state_strict
@@ -57,13 +56,10 @@ class UnderstandingLMModule(ObjectiveSteps):
             raise ValueError(f"inputs {inputs!r} need the data's vision_tokenizer")
         if train_tokenizer and inputs != "codebook":
             raise ValueError("train_tokenizer (ETT stage 2) needs inputs: codebook")
-        self.data, self.inputs, self.export_path = data, inputs, export_path
+        self.inputs, self.export_path = inputs, export_path
         self.format = SequenceFormat(data.tokenizer, data.layout, SequenceConfig(max_len=data.max_len))
-        self.objective = objective if objective is not None else NextTokenPrediction()
-        self.objective.bind(data.tokenizer, data.class_names)
-        overrides = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_dim=mlp_dim)
-        self.cfg = LMConfig.from_preset(preset, **{k: v for k, v in overrides.items() if v is not None},
-                                        vocab_size=data.layout.size, max_len=data.max_len)
+        self._setup(data, objective, preset, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                    mlp_dim=mlp_dim)
         self.lm = Transformer(self.cfg)
         self.vision = data.vision
         if inputs == "codebook":
@@ -166,12 +162,7 @@ class UnderstandingLMModule(ObjectiveSteps):
 
             reset_restarted_codes(self, optimizer)
 
-    # ---- checkpoints and export ---------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Self-describing .ckpt: generate/ scripts rebuild the model (visual input included) from it."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["mmar"] = {**self.bundle().meta(), "tokenizer_json": self.data.tokenizer.to_json()}
-
+    # ---- export (the .ckpt describes itself: ObjectiveSteps.on_save_checkpoint, visual input included) --------
     def on_train_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
             self.bundle().save(self.export_path)
