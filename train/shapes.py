@@ -7,7 +7,7 @@ colours, random size, place, rotation and background) and writes
     data/shapes/shapes.jsonl          one {"image": "images/00000.png", "caption": "a red circle"} per line
 
 which `--data.init_args.source jsonl --data.init_args.path data/shapes/shapes.jsonl` reads (configs/shapes_*.yaml).
-Everything is a function of `--seed`. The folder appears whole or not at all (written beside, then renamed).
+Everything is a function of `--seed`. The folder appears whole or not at all (models.weights.atomic_dir).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -67,19 +66,19 @@ def write_shapes(out: str | Path, n: int = 600, seed: int = 0, size: int = 32) -
         raise FileExistsError(f"{out}: already exists (remove it or choose another --out)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    from models.weights import atomic_dir
+
     rng = random.Random(seed)
     classes = [(s, c) for s in SHAPES for c in COLOURS]
     lines = []
-    for i in range(n):
-        shape, colour = classes[i % len(classes)] if i < len(classes) else rng.choice(classes)
-        name = f"images/{i:05d}.png"
-        draw_shape(shape, colour, rng, size).save(tmp / name)
-        lines.append(json.dumps({"image": name, "caption": caption_of(shape, colour)}))
-    (tmp / "shapes.jsonl").write_text("\n".join(lines) + "\n")
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # removed on error: no half-written dataset
+        (tmp / "images").mkdir()
+        for i in range(n):
+            shape, colour = classes[i % len(classes)] if i < len(classes) else rng.choice(classes)
+            name = f"images/{i:05d}.png"
+            draw_shape(shape, colour, rng, size).save(tmp / name)
+            lines.append(json.dumps({"image": name, "caption": caption_of(shape, colour)}))
+        (tmp / "shapes.jsonl").write_text("\n".join(lines) + "\n")
     return out / "shapes.jsonl"
 
 
