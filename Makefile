@@ -79,10 +79,11 @@ bench-prior: $(STAMP)
 	test -f results/demo/vq.safetensors || $(MAKE) demo
 	$(BIN)/python -m benchmarks.prior
 
-# int8 vs fp32 inference on the demo model (a few minutes; needs results/demo/lm: make demo) -> results/int8.json.
+# parameters, checkpoint size and peak memory per preset (measured toy presets, computed real sizes) -> memory.json
 bench-memory: $(STAMP)
 	$(BIN)/python -m benchmarks.memory
 
+# int8 vs fp32 inference on the demo model (a few minutes; needs results/demo/lm: make demo) -> results/int8.json.
 bench-int8: $(STAMP)
 	test -d results/demo/lm || $(MAKE) demo
 	$(BIN)/python -m benchmarks.int8

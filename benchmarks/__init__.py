@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import Callable
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (plots are PNGs beside the JSON; no display needed). Raises
+    ImportError without matplotlib, which write_report turns into a message."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_report(report: dict, out: str | Path, plot: Callable[[dict, Path], None] | None = None) -> None:
     """The report as JSON (written atomically) and, when matplotlib is installed, its plot as a PNG beside it."""
     from models.io import write_text_atomic

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import write_report
+from benchmarks import pyplot, write_report
 
 RESULTS = Path("benchmarks/results")
 
@@ -107,10 +107,7 @@ def main(argv=None) -> None:
 
 def plot(report: dict, png: Path) -> None:
     """Speed-ups and accuracies (95% intervals) of int8 against fp32."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
     a1.bar(["captioning", "text-to-image"], [report["speedup_caption"], report["speedup_t2i"]], color="#69c")

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import write_report
+from benchmarks import pyplot, write_report
 from generate.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.config import LMConfig
 from models.transformer import Transformer
@@ -440,10 +440,7 @@ def main() -> None:
 
 def plot(res: dict, png: Path) -> None:
     """Ours / theirs throughput ratios (eager and compiled) per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [("train", "training"), ("decode", "KV-cached sampling"), ("product", "guided text-to-image")]
     fig, ax = plt.subplots(figsize=(7, 3.8))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_report
+from benchmarks import pyplot, write_report
 from models.config import PRESETS, LMConfig
 
 TOY = ("tiny", "demo", "scenes", "xar-demo")
@@ -105,10 +105,7 @@ def count_params(cfg: LMConfig) -> int:
 
 
 def plot(report: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["presets"]
     names = list(rows)

@@ -334,10 +334,9 @@ def main(argv=None) -> None:
 
 
 def plot(res: dict, names: list[str], path: Path) -> None:
-    import matplotlib
+    from benchmarks import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
     for name in names:

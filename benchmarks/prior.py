@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import fit_recipe, last_ckpt, write_report
+from benchmarks import fit_recipe, last_ckpt, pyplot, write_report
 
 RESULTS = Path("benchmarks/results")
 VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the test set here
@@ -61,10 +61,7 @@ def _relative(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int = 2
 
 
 def plot(report: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = []  # (title, curves {variant: points}, metric)
     if "curves" in report:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import write_report
+from benchmarks import pyplot, write_report
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed.json"
@@ -309,10 +309,7 @@ def main(argv=None) -> None:
 
 def plot(res: dict, png: Path) -> None:
     """SEED's 1D tokens against the VQ grid, per dataset: accuracies and FID of the same-size LMs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = sorted({k.split("_")[0] for k in res if k.endswith("_seed_t2i_accuracy")})
     fig, axes = plt.subplots(len(sets), 2, figsize=(9, 3.4 * len(sets)), squeeze=False)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks import write_report
+from benchmarks import pyplot, write_report
 
 RESULTS = Path("benchmarks/results")
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "grey"]
@@ -145,10 +145,7 @@ def tiny_vq(path: Path) -> str:
 
 
 def plot(report: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for source in ("jsonl", "wds"):

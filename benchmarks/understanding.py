@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import fit_recipe, last_ckpt as _last, write_report
+from benchmarks import fit_recipe, last_ckpt as _last, pyplot, write_report
 
 RESULTS = Path("benchmarks/results")
 COUNTS_TRAINED = (16, 36, 64)
@@ -223,10 +223,7 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 
 
 def plot(report: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [p for p in ("ett", "tokenflex") if p in report]
     fig, axes = plt.subplots(1, 2 * len(panels), figsize=(5.5 * 2 * len(panels), 4))

@@ -189,10 +189,9 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
 
 
 def plot(res: dict, datasets: list[str], path: Path) -> None:
-    import matplotlib
+    from benchmarks import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "accuracy", "classifier accuracy")):
