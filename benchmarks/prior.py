@@ -154,7 +154,7 @@ SCENES_SETTINGS = {  # name: (recipe, extra arguments, visual tokens at inferenc
 
 
 def run_scenes(args, work: Path, report: dict) -> None:
-    from benchmarks.understanding import _bootstrap_mean, _captions, _score as score_scenes
+    from benchmarks.understanding import bootstrap_mean, captions_of, score_scene_captions
     from models.bundle import load_bundle
     from train.scenes import ItemPools, Scenes
 
@@ -193,10 +193,10 @@ def run_scenes(args, work: Path, report: dict) -> None:
                                *(prior_args if variant == "prior" else [])], reuse=args.reuse)
             curves[variant] = []
             for step, ckpt in _step_checkpoints(root):
-                s = score_scenes(_captions(load_bundle(ckpt), images, tokens=tokens), truths, refs)
+                s = score_scene_captions(captions_of(load_bundle(ckpt), images, tokens=tokens), truths, refs)
                 last[variant] = s
                 curves[variant].append({"step": step, **{k: v for k, v in s.items() if not k.startswith("_")},
-                                        "exact_match_ci95": _bootstrap_mean(s["_exact"].astype(float))})
+                                        "exact_match_ci95": bootstrap_mean(s["_exact"].astype(float))})
                 print(f"{name} {variant:5s} step {step:4d}: slot {s['slot_accuracy']:.4f}  scene "
                       f"{s['scene_accuracy']:.4f}  exact {s['exact_match']:.4f}  CIDEr {s['cider']:.3f}", flush=True)
         rng = np.random.default_rng(0)

@@ -50,7 +50,7 @@ def _fit(config: str, root: Path, extra: list[str]) -> float:
 
 
 @torch.inference_mode()
-def _captions(bundle, images: torch.Tensor, tokens: int | None = None, batch: int = 250) -> list[str]:
+def captions_of(bundle, images: torch.Tensor, tokens: int | None = None, batch: int = 250) -> list[str]:
     from generate.pipeline import caption
 
     out = []
@@ -59,21 +59,21 @@ def _captions(bundle, images: torch.Tensor, tokens: int | None = None, batch: in
     return out
 
 
-def _score(caps: list[str], truths, refs) -> dict:
+def score_scene_captions(caps: list[str], truths, refs) -> dict:
     from train.evaluation import wilson_interval
     from train.scenes import score_captions
 
     s = score_captions(caps, truths, refs)
-    boot = _bootstrap_mean(s["slot"])
+    boot = bootstrap_mean(s["slot"])
     return {"slot_accuracy": float(s["slot"].mean()), "slot_accuracy_ci95": boot,
             "scene_accuracy": float(s["scene"].mean()),
             "scene_accuracy_ci95": list(wilson_interval(int(s["scene"].sum()), len(caps))),
             "exact_match": float(s["exact"].mean()), "cider": s["cider"],
-            "cider_ci95": _bootstrap_mean(s["cider_each"]), "bleu4": s["bleu4"], "n": len(caps),
+            "cider_ci95": bootstrap_mean(s["cider_each"]), "bleu4": s["bleu4"], "n": len(caps),
             "examples": caps[:4], "_slot": s["slot"], "_cider": s["cider_each"], "_exact": s["exact"]}
 
 
-def _bootstrap_mean(x: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
+def bootstrap_mean(x: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
     idx = np.random.default_rng(seed).integers(0, len(x), (n, len(x)))
     m = x[idx].mean(1)
     return [float(np.quantile(m, 0.025)), float(np.quantile(m, 0.975))]
@@ -121,7 +121,7 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
     def evaluate(name: str, root: Path) -> None:  # right after training, so a long run reports as it goes
         t = time.time()
         models[name] = b = load_bundle(_last(root))
-        scores[name] = s = _score(_captions(b, images), truths, refs)
+        scores[name] = s = score_scene_captions(captions_of(b, images), truths, refs)
         seconds[f"caption_{name}"] = time.time() - t
         print(f"{name:13s} slot {s['slot_accuracy']:.4f}  scene {s['scene_accuracy']:.4f}  CIDEr {s['cider']:.3f}  "
               f"BLEU-4 {s['bleu4']:.3f}  e.g. {s['examples'][0]!r}", flush=True)
@@ -171,7 +171,7 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
                                         generator=g) for i in range(0, n_t2i, 100)])
         acc = reader.accuracy(imgs, truths[:n_t2i])
         drawn[name] = acc
-        t2i[name] = {"cell_accuracy": float(acc.mean()), "cell_accuracy_ci95": _bootstrap_mean(acc),
+        t2i[name] = {"cell_accuracy": float(acc.mean()), "cell_accuracy_ci95": bootstrap_mean(acc),
                      "tokenizer": "tuned (stage 2)" if name == "c_ett" else "untuned"}
         _save_grid(imgs[:16], work / f"t2i_{name}.png")
         print(f"t2i {name:13s} cell accuracy {acc.mean():.4f}", flush=True)
@@ -201,7 +201,7 @@ def run_tokenflex(args, work: Path, images: torch.Tensor, truths, refs, report: 
         b = load_bundle(_last(work / f"tf_{name}"))
         table[name], raw[name] = {}, {}
         for n in COUNTS_EVAL:
-            s = _score(_captions(b, images, tokens=n), truths, refs)
+            s = score_scene_captions(captions_of(b, images, tokens=n), truths, refs)
             table[name][str(n)] = _public(s)
             raw[name][n] = s["_slot"]
             print(f"{name:9s} at {n:2d} tokens: slot {s['slot_accuracy']:.4f}  scene {s['scene_accuracy']:.4f}  "
