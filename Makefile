@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first: pip takes this exact build from the machine's disk
+	# torch first: pip takes this exact build from the machine's disk (uv would download it)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	# the rest through uv: the same packages as pip (compared once), in ~5 s instead of ~65 s
+	$(BIN)/pip install -q uv==0.13.9
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

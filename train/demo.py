@@ -1,8 +1,10 @@
 """The MNIST demo (`make demo`): tokenizer -> language model -> text-to-image and captioning -> report.
 
 1. trains the VQ tokenizer (configs/mnist_vq.yaml) on the 3,500 training digits;
-2. trains the multimodal LM (configs/mnist_lm.yaml) on codes + template captions, both orders;
-3. draws 20 images per digit from "a handwritten <d>" and reads them with an independent classifier
+2. trains PRIOR's text-only reference LM on the training captions (configs/mnist_prior_ref.yaml, ~10 s), then
+   the multimodal LM (configs/mnist_prior.yaml: configs/mnist_lm.yaml with caption tokens weighted by PRIOR)
+   on codes + template captions, both orders;
+3. draws 20 images per digit from "a handwritten <d>" (CFG 3, temperature 0.6) and reads them with an independent classifier
    (an SVM on deskewed pixels, trained on 750 real held-out digits the generator never saw, plus their
    one-pixel shifts; see train/evaluation.py);
 4. captions the 500 final-test digits and checks that each caption names the right digit;
@@ -31,7 +33,6 @@ from models.io import write_text_atomic
 from train.cli import main as cli_main
 from train.evaluation import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from train.sources import load_mnist_set, split_indices
-from vision_tokenizers import registry
 from vision_tokenizers.image_io import grid, save_png
 
 HOLDOUT, SEED = 1500, 0
@@ -43,9 +44,8 @@ def heldout_splits(held) -> dict:
     return {"validation": held[:VAL], "tuning": held[VAL:TUNE], "test": held[TUNE:]}
 
 
-def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: float,
-        temperature: float, split: str) -> dict:
-    t0 = time.time()
+def train_models(out: Path, vq_args: list[str], lm_args: list[str]) -> Path:
+    """Stages 1-2: the tokenizer and the LM; returns the exported inference folder (`out/lm`)."""
     out.mkdir(parents=True, exist_ok=True)
     trainer_flags = ["--trainer.enable_model_summary", "false"]
     vq_file = str(out / "vq.safetensors")
@@ -57,18 +57,25 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
 
     print("== 1/4 VQ tokenizer ==", flush=True)
     cli_main(["fit", "--config", "configs/mnist_vq.yaml", *trainer_flags, *vq_args])
-    vq = registry.load(vq_file)
 
-    print("== 2/4 language model ==", flush=True)
-    lm_cli = cli_main(["fit", "--config", "configs/mnist_lm.yaml", *trainer_flags, *lm_args])
+    print("== 2/4 language model (PRIOR's text-only reference, then the LM) ==", flush=True)
+    ref_dir = str(out / "prior_ref")
+    cli_main(["fit", "--config", "configs/mnist_prior_ref.yaml", *trainer_flags, "--trainer.default_root_dir", ref_dir,
+              "--trainer.logger.init_args.save_dir", ref_dir, "--data.init_args.vision_tokenizer", vq_file])
+    lm_args = ["--model.init_args.objective.init_args.prior.init_args.reference",
+               str(out / "prior_ref" / "checkpoints" / "last.ckpt"), *lm_args]
+    lm_cli = cli_main(["fit", "--config", "configs/mnist_prior.yaml", *trainer_flags, *lm_args])
     trainer = lm_cli.trainer
     ckpt = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
     shutil.copyfile(ckpt, out / "lm.ckpt")
     lm_cli.model.bundle().save(out / "lm")
-    bundle = load_bundle(out / "lm")  # evaluate exactly what was exported
-    train_seconds = time.time() - t0
+    return out / "lm"
 
-    print("== 3/4 evaluation ==", flush=True)
+
+def evaluate(bundle, out: Path, per_digit: int, cfg: float, temperature: float, split: str) -> dict:
+    """Stage 3: text-to-image and captioning figures of one model (its own tokenizer) on a held-out split."""
+    out.mkdir(parents=True, exist_ok=True)
+    vq = bundle.vision
     data = load_mnist_set()
     _, held = split_indices(len(data), HOLDOUT, SEED)
     parts = heldout_splits(held)
@@ -98,7 +105,7 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
     cap_acc = float(np.mean(correct))
     write_text_atomic(out / "captions.tsv", "".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))
 
-    report = {
+    return {
         "t2i_accuracy": t2i_acc,
         "t2i_accuracy_ci95": wilson_interval(t2i_ok, len(want)),
         "t2i_images": len(want),
@@ -106,8 +113,6 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
         "caption_accuracy_ci95": wilson_interval(sum(correct), len(correct)),
         "caption_split": split,
         "tokenizer_psnr": tok_psnr,
-        "seconds": time.time() - t0,
-        "train_seconds": train_seconds,
         "classifier_accuracy_on_real": clf_acc,
         "images_per_digit": per_digit,
         "cfg": cfg,
@@ -116,7 +121,6 @@ def run(out: Path, vq_args: list[str], lm_args: list[str], per_digit: int, cfg: 
         "lm_parameters": bundle.lm.num_params(),
         "tokens_per_image": bundle.vision.num_tokens,
     }
-    return report
 
 
 def main(argv=None) -> None:
@@ -126,19 +130,33 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("test", "tuning"), default="test",
                    help="held-out part the captions are scored on: tune recipes on 'tuning', report 'test'")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for text-to-image")
-    p.add_argument("--temperature", type=float, default=0.8, help="text-to-image sampling temperature")
+    p.add_argument("--temperature", type=float, default=0.6, help="text-to-image sampling temperature")
     p.add_argument("--vq-arg", action="append", default=[], help="extra LightningCLI flag for the tokenizer stage")
     p.add_argument("--lm-arg", action="append", default=[], help="extra LightningCLI flag for the LM stage")
+    p.add_argument("--ckpt", help="score this trained model (inference folder or .ckpt) instead of training one; "
+                   "the report goes to <out>/report_<split>.json")
     args = p.parse_args(argv)
     torch.manual_seed(SEED)
-    report = run(Path(args.out), args.vq_arg, args.lm_arg, args.per_digit, args.cfg, args.temperature, args.split)
+    out, t0 = Path(args.out), time.time()
+    if args.ckpt:
+        bundle = load_bundle(args.ckpt)  # a missing or malformed file is a one-line error there
+        train_seconds = None
+        path = out / f"report_{args.split}.json"
+    else:
+        bundle = load_bundle(train_models(out, args.vq_arg, args.lm_arg))  # evaluate exactly what was exported
+        train_seconds = time.time() - t0
+        path = out.parent / "demo.json"
+    print("== 3/4 evaluation ==", flush=True)
+    report = evaluate(bundle, out, args.per_digit, args.cfg, args.temperature, args.split)
+    report["seconds"] = time.time() - t0
+    if train_seconds is not None:
+        report["train_seconds"] = train_seconds
     print("== 4/4 report ==")
     width = max(map(len, report))
     for k, v in report.items():
         if isinstance(v, tuple):
             v = f"[{v[0]:.4f}, {v[1]:.4f}]"
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    path = Path(args.out).parent / "demo.json"
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
