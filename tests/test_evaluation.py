@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from train.evaluation import HeldOutClassifier, caption_correct, deskew, named_classes, psnr, shifted
@@ -66,3 +67,12 @@ def test_wilson_interval_known_values():
     assert abs(lo - 0.8882) < 1e-3 and abs(hi - 0.9785) < 1e-3
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and abs(hi - 0.2775) < 1e-3
+
+
+def test_demo_ckpt_missing_is_one_line(tmp_path, capsys):
+    from train.demo import main
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.endswith(f"{tmp_path / 'nope.ckpt'}: checkpoint not found")
+    assert not (tmp_path / "out").exists()

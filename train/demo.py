@@ -139,7 +139,10 @@ def main(argv=None) -> None:
     torch.manual_seed(SEED)
     out, t0 = Path(args.out), time.time()
     if args.ckpt:
-        bundle = load_bundle(args.ckpt)  # a missing or malformed file is a one-line error there
+        try:
+            bundle = load_bundle(args.ckpt)
+        except (OSError, ValueError, KeyError) as e:  # missing, truncated or foreign file
+            p.error(str(e))
         train_seconds = None
         path = out / f"report_{args.split}.json"
     else:
