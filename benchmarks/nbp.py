@@ -91,6 +91,12 @@ def digit_crops(video: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def heldout_classifier() -> HeldOutClassifier:
+    """The independent digit classifier: trained on the held-out source digits only (never on training clips)."""
+    digits, labels = _mnist_split("heldout")
+    return HeldOutClassifier(torch.from_numpy(digits).float().div(127.5).sub(1).unsqueeze(1), labels)
+
+
 def quality(videos: torch.Tensor, labels: np.ndarray, dirs: np.ndarray, clf: HeldOutClassifier, fid=None) -> dict:
     b, _, t = videos.shape[:3]
     pred = clf.predict(digit_crops(videos)).reshape(b, t)
@@ -261,9 +267,7 @@ def main(argv=None) -> None:
     lm_cfg = LMConfig.from_preset("tiny", vocab_size=layout.size, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
                                   n_kv_heads=a.dim // 32, mlp_dim=(a.dim * 8 // 3 + 7) // 8 * 8, max_len=fmt.cfg.max_len + 64)
     # ---- evaluation tools
-    held_digits, held_labels = _mnist_split("heldout")
-    clf_x = torch.from_numpy(held_digits).float().div(127.5).sub(1).unsqueeze(1)
-    clf = HeldOutClassifier(clf_x, held_labels)
+    clf = heldout_classifier()
     from benchmarks.seed import FID, inception_path
 
     fid_path = inception_path()

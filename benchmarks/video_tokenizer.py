@@ -1,0 +1,102 @@
+"""What limits the video tokenizer (`make bench-video-tokenizer`): a compression ablation.
+
+The recipe's tokenizer (17x64x64 -> 5x8x8 FSQ codes) reconstructs moving digits as blobs, so no LM trained on
+its codes can draw a recognisable digit. This trains variants that change one thing each — spatial or temporal
+compression, width, FSQ levels — for the same number of steps on the same batches (`benchmarks.nbp`'s training
+loop, seed 0) and reports, on held-out clips (source digits never trained on):
+
+  digit_acc   per-frame accuracy of the independent classifier (`benchmarks.nbp.quality`) on reconstructions,
+              with a 95% interval clustered by video
+  psnr        reconstruction PSNR (dB)
+  codes       codes per 17-frame video (what the LM must generate)
+  sec_per_step  training time per step of 8 clips (compare within one run only)
+
+Writes benchmarks/results/video_tokenizer.json. `--variants` picks a subset (results merge into the JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from benchmarks.nbp import heldout_classifier, quality, train_tokenizer
+from models.io import write_text_atomic
+from train.video.data import moving_digits
+from vision_tokenizers.video import VideoTokenizerConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "video_tokenizer.json"
+
+# name -> VideoTokenizerConfig fields that differ from the recipe's (configs/video_tokenizer.yaml)
+RECIPE = dict(channels=[16, 32, 64], spatial_down=[True, False], time_down=[True, True], levels=[8, 5, 5, 5])
+VARIANTS: dict[str, dict] = {
+    "recipe_s8_t4": {},
+    "s8_t2": dict(time_down=[True, False]),
+    "s8_t1": dict(time_down=[False, False]),
+    "s8_t4_wide": dict(channels=[32, 64, 128]),
+    "s8_t4_fsq64k": dict(levels=[8, 8, 8, 5, 5, 5]),
+    "s4_t4": dict(spatial_down=[False, False]),
+}
+
+
+def config(name: str) -> VideoTokenizerConfig:
+    return VideoTokenizerConfig(**{**RECIPE, **VARIANTS[name]})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-eval", type=int, default=48)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    train, held = moving_digits(a.n_train, "train"), moving_digits(a.n_eval, "heldout")
+    clf = heldout_classifier()
+    res: dict = {}
+    for name in a.variants:
+        cfg = config(name)
+        t0 = time.time()
+        tok = train_tokenizer(train.clips, cfg, a.steps, 8, 1e-3)
+        secs = time.time() - t0
+        with torch.no_grad():
+            recon = torch.cat([tok.decode(tok.encode(held.clips[i:i + 8])) for i in range(0, a.n_eval, 8)])
+        psnr = PeakSignalNoiseRatio(data_range=1.0)
+        psnr.update(((recon + 1) / 2).transpose(1, 2).flatten(0, 1), ((held.clips + 1) / 2).transpose(1, 2).flatten(0, 1))
+        q = quality(recon, held.labels[:, 0], held.directions[:, 0], clf)
+        t, h, w = tok.code_shape
+        res[name] = {"config": {k: getattr(cfg, k) for k in RECIPE}, "codes": t * h * w, "code_shape": [t, h, w],
+                     "steps": a.steps, "train_clips": a.n_train, "eval_clips": a.n_eval, "sec_per_step": secs / a.steps,
+                     "psnr": float(psnr.compute()), **{k: q[k] for k in ("digit_acc", "digit_acc_lo", "digit_acc_hi")},
+                     "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+        print(f"{name}: {res[name]['codes']} codes, digit acc {q['digit_acc']:.3f} "
+              f"[{q['digit_acc_lo']:.3f}, {q['digit_acc_hi']:.3f}], PSNR {res[name]['psnr']:.2f} dB, "
+              f"{secs / a.steps:.2f} s/step", flush=True)
+        res = {**load(a.results), name: res[name]}  # re-read: runs of other variants may have written since
+        a.results.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(a.results, json.dumps(res, indent=1) + "\n")
+    print(table(res))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def table(res: dict) -> str:
+    rows = ["| variant | codes / video | digit acc on reconstructions [95%] | PSNR dB | s / step | steps |",
+            "|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        rows.append(f"| {name} | {r['codes']} ({'x'.join(map(str, r['code_shape']))}) | {r['digit_acc']:.3f} "
+                    f"[{r['digit_acc_lo']:.3f}, {r['digit_acc_hi']:.3f}] | {r['psnr']:.2f} | {r['sec_per_step']:.2f} | {r['steps']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
