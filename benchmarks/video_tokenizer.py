@@ -92,7 +92,8 @@ def load(path: Path) -> dict:
 def table(res: dict) -> str:
     rows = ["| variant | codes / video | digit acc on reconstructions [95%] | PSNR dB | s / step | steps |",
             "|---|---|---|---|---|---|"]
-    for name, r in res.items():
+    order = list(VARIANTS)
+    for name, r in sorted(res.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         rows.append(f"| {name} | {r['codes']} ({'x'.join(map(str, r['code_shape']))}) | {r['digit_acc']:.3f} "
                     f"[{r['digit_acc_lo']:.3f}, {r['digit_acc_hi']:.3f}] | {r['psnr']:.2f} | {r['sec_per_step']:.2f} | {r['steps']} |")
     return "\n".join(rows)
