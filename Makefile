@@ -111,6 +111,6 @@ bench-nbp: $(STAMP)
 	$(BIN)/python -m benchmarks.nbp
 
 # What limits the video tokenizer: spatial/temporal compression, width and FSQ levels changed one at a time,
-# 300 steps each (~25 minutes on 2 cores) -> benchmarks/results/video_tokenizer.json and a table.
+# 300 steps each (about 30 minutes on 2 cores) -> benchmarks/results/video_tokenizer.json and a table.
 bench-video-tokenizer: $(STAMP)
 	$(BIN)/python -m benchmarks.video_tokenizer
