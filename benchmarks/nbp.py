@@ -91,6 +91,18 @@ def digit_crops(video: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def reconstruct(tok: VideoTokenizer, clips: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """clips [N, C, T, H, W] -> the tokenizer's round trip (encode, decode), same shape, in [-1, 1]."""
+    return torch.cat([tok.decode(tok.encode(clips[i:i + batch])) for i in range(0, len(clips), batch)])
+
+
+def psnr_db(recon: torch.Tensor, clips: torch.Tensor) -> float:
+    """PSNR over all frames of [N, C, T, H, W] videos in [-1, 1]."""
+    frames = lambda v: ((v + 1) / 2).transpose(1, 2).flatten(0, 1)  # noqa: E731
+    return float(PeakSignalNoiseRatio(data_range=1.0)(frames(recon), frames(clips)))
+
+
 def heldout_classifier() -> HeldOutClassifier:
     """The independent digit classifier: trained on the held-out source digits only (never on training clips)."""
     digits, labels = _mnist_split("heldout")
@@ -246,18 +258,12 @@ def main(argv=None) -> None:
     t0 = time.time()
     tok = train_tokenizer(train.clips, tcfg, a.tok_steps, 8, a.tok_lr)
     res["tokenizer_train_s"] = time.time() - t0
-    for name, clips in (("heldout", held.clips), ("real", real.clips)):
-        psnr = PeakSignalNoiseRatio(data_range=1.0)
-        for i in range(0, len(clips), 8):
-            x = clips[i:i + 8]
-            r = tok.decode(tok.encode(x))
-            psnr.update(((r + 1) / 2).transpose(1, 2).flatten(0, 1), ((x + 1) / 2).transpose(1, 2).flatten(0, 1))
-        res[f"tokenizer_psnr_{name}"] = float(psnr.compute())
+    recon = reconstruct(tok, held.clips)
+    for name, clips, rec in (("heldout", held.clips, recon), ("real", real.clips, reconstruct(tok, real.clips))):
+        res[f"tokenizer_psnr_{name}"] = psnr_db(rec, clips)
         res[f"tokenizer_psnr_{name}_clips"] = len(clips)
     print(f"tokenizer PSNR held-out {res['tokenizer_psnr_heldout']:.2f} dB, real {res['tokenizer_psnr_real']:.2f} dB")
     codes = encode_clips(tok, train.clips)
-    held_codes = encode_clips(tok, held.clips)
-    recon = torch.cat([tok.decode(held_codes[i:i + 8].long()) for i in range(0, len(held_codes), 8)])
     # ---- sequences
     text = TextTokenizer.train_bpe([c for cs in train.captions for c in cs], 256)
     layout = VocabLayout(text.vocab_size, tcfg.codebook_size)

@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio
 
-from benchmarks.nbp import heldout_classifier, quality, train_tokenizer
+from benchmarks.nbp import heldout_classifier, psnr_db, quality, reconstruct, train_tokenizer
 from models.io import write_text_atomic
 from train.video.data import moving_digits
 from vision_tokenizers.video import VideoTokenizerConfig
@@ -65,15 +64,12 @@ def main(argv=None) -> None:
         t0 = time.time()
         tok = train_tokenizer(train.clips, cfg, a.steps, 8, 1e-3)
         secs = time.time() - t0
-        with torch.no_grad():
-            recon = torch.cat([tok.decode(tok.encode(held.clips[i:i + 8])) for i in range(0, a.n_eval, 8)])
-        psnr = PeakSignalNoiseRatio(data_range=1.0)
-        psnr.update(((recon + 1) / 2).transpose(1, 2).flatten(0, 1), ((held.clips + 1) / 2).transpose(1, 2).flatten(0, 1))
+        recon = reconstruct(tok, held.clips)
         q = quality(recon, held.labels[:, 0], held.directions[:, 0], clf)
         t, h, w = tok.code_shape
         res[name] = {"config": {k: getattr(cfg, k) for k in RECIPE}, "codes": t * h * w, "code_shape": [t, h, w],
                      "steps": a.steps, "train_clips": a.n_train, "eval_clips": a.n_eval, "sec_per_step": secs / a.steps,
-                     "psnr": float(psnr.compute()), **{k: q[k] for k in ("digit_acc", "digit_acc_lo", "digit_acc_hi")},
+                     "psnr": psnr_db(recon, held.clips), **{k: q[k] for k in ("digit_acc", "digit_acc_lo", "digit_acc_hi")},
                      "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
         print(f"{name}: {res[name]['codes']} codes, digit acc {q['digit_acc']:.3f} "
