@@ -22,11 +22,14 @@ The held-out prompts are the captions of held-out clips (source digits the LM ne
 real held-out clips and on their tokenizer reconstructions bound what the LMs can reach.
 Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). Also:
 `python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
-prints their parameter counts.
+prints their parameter counts; `python -m benchmarks.nbp --score CKPT` scores one trained text->video model
+(e.g. the README recipe's checkpoint) the same way, through `generate.pipeline.text_to_video`, and writes
+benchmarks/results/video_recipe.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -208,6 +211,39 @@ def sample_codes(lm, objective, fmt, layout, captions, n_codes, cfg, temperature
     return out - lo
 
 
+def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | None, results: Path) -> dict:
+    """Quality of one trained text->video model on `n_eval` held-out prompts (one video each, batches of 8),
+    drawn the way `generate.text_to_video` draws them."""
+    from generate.pipeline import text_to_video
+    from models.bundle import load_bundle
+
+    b = load_bundle(ckpt)
+    vc = b.vision.config
+    held = moving_digits(n_eval, "heldout", frames=vc.frames, size=vc.image_size)
+    captions = [c[0] for c in held.captions]
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    videos = torch.cat([text_to_video(b, captions[i:i + 8], 1, cfg=cfg, temperature=temperature, top_k=top_k,
+                                      generator=gen) for i in range(0, n_eval, 8)])
+    secs = (time.perf_counter() - t0) / n_eval
+    labels, dirs, clf = held.labels[:, 0], held.directions[:, 0], heldout_classifier()
+    recon = reconstruct(b.vision, held.clips)  # what the tokenizer alone keeps: a bound for the LM
+    bound = {f"tokenizer_recon_{k}": v for k, v in quality(recon, labels, dirs, clf).items()}
+    res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **(dataclasses.asdict(b.objective.config) if hasattr(b.objective, "config") else {}),
+           "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
+           "tokenizer_psnr_heldout": psnr_db(recon, held.clips),
+           "sec_per_video_b8": secs, "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
+           "cfg": cfg, "temperature": temperature, "top_k": top_k, "torch_version": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results, json.dumps(res, indent=2) + "\n")
+    print(f"{ckpt}: per-frame digit acc {res['digit_acc']:.3f} [{res['digit_acc_lo']:.3f}, {res['digit_acc_hi']:.3f}], "
+          f"direction acc {res['direction_acc']:.3f} [{res['direction_acc_lo']:.3f}, {res['direction_acc_hi']:.3f}] "
+          f"on {n_eval} held-out prompts ({secs:.2f} s/video); the tokenizer's reconstructions of the same clips: "
+          f"digit acc {res['tokenizer_recon_digit_acc']:.3f}, PSNR {res['tokenizer_psnr_heldout']:.2f} dB; wrote {results}")
+    return res
+
+
 def presets() -> dict:
     """Paper-size tokenizer (17x128x128 -> 5x16x16, FSQ 64,000 codes) and the 700M LM, built on the meta device."""
     with torch.device("meta"):
@@ -243,9 +279,15 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--save", type=Path, default=Path("results/video/bench"),
                    help="inference folders of the three LMs go to <save>/<objective> (for generate.text_to_video)")
+    p.add_argument("--score", type=Path, default=None, metavar="CKPT",
+                   help="only score this trained text->video checkpoint or model folder on --n-eval held-out prompts")
+    p.add_argument("--score-results", type=Path, default=RESULTS.with_name("video_recipe.json"))
     a = p.parse_args(argv)
     if a.presets:
         presets()
+        return
+    if a.score is not None:
+        score(a.score, a.n_eval, a.cfg, a.temperature, a.top_k, a.score_results)
         return
     t_start, load0 = time.time(), os.getloadavg()[0]
     torch.manual_seed(0)
