@@ -229,8 +229,8 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
     labels, dirs, clf = held.labels[:, 0], held.directions[:, 0], heldout_classifier()
     recon = reconstruct(b.vision, held.clips)  # what the tokenizer alone keeps: a bound for the LM
     bound = {f"tokenizer_recon_{k}": v for k, v in quality(recon, labels, dirs, clf).items()}
-    res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **(dataclasses.asdict(b.objective.config) if hasattr(b.objective, "config") else {}),
-           "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
+    obj_cfg = dataclasses.asdict(b.objective.config) if hasattr(b.objective, "config") else {}
+    res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **obj_cfg, "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
            "tokenizer_psnr_heldout": psnr_db(recon, held.clips),
            "sec_per_video_b8": secs, "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
            "cfg": cfg, "temperature": temperature, "top_k": top_k, "torch_version": torch.__version__,
@@ -411,4 +411,6 @@ def plot(res: dict, names: list[str], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from generate.common import run_main
+
+    raise SystemExit(run_main(main))  # a missing or wrong checkpoint (--score) is one line, not a traceback

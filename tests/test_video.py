@@ -164,11 +164,12 @@ def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     ckpt = tmp_path / "l" / "checkpoints" / "last.ckpt"
     b = load_bundle(ckpt)
     assert isinstance(b.objective, NextBlockPrediction) and b.objective.config.block_size == 16
-    from benchmarks.nbp import score  # the README's held-out score of a recipe checkpoint
+    from benchmarks.nbp import main as bench, score  # the README's held-out score of a recipe checkpoint
 
     res = score(ckpt, 8, 3.0, 1.0, None, tmp_path / "score.json")
     assert json.loads((tmp_path / "score.json").read_text()) == res and res["block_size"] == 16
     assert res["n_eval_frames"] == 8 * 5 and 0 <= res["digit_acc"] <= 1 and 0 <= res["tokenizer_recon_digit_acc"] <= 1
+    assert run_main(bench, ["--score", str(tmp_path / "missing.ckpt")]) == 2
     out = tmp_path / "videos"
     assert run_main(t2v, ["--ckpt", str(ckpt), "--prompt", "a 3 moving up", "--n", "2", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
