@@ -230,9 +230,10 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
     recon = reconstruct(b.vision, held.clips)  # what the tokenizer alone keeps: a bound for the LM
     bound = {f"tokenizer_recon_{k}": v for k, v in quality(recon, labels, dirs, clf).items()}
     obj_cfg = dataclasses.asdict(b.objective.config) if hasattr(b.objective, "config") else {}
-    res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **obj_cfg, "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
-           "tokenizer_psnr_heldout": psnr_db(recon, held.clips),
-           "sec_per_video_b8": secs, "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
+    res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **obj_cfg,
+           "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
+           "tokenizer_psnr_heldout": psnr_db(recon, held.clips), "sec_per_video_b8": secs,
+           "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
            "cfg": cfg, "temperature": temperature, "top_k": top_k, "torch_version": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     results.parent.mkdir(parents=True, exist_ok=True)
