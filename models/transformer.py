@@ -54,6 +54,10 @@ class RotaryEmbedding(nn.Module):
                 self._cos, self._sin = emb.cos().float(), emb.sin().float()
         return self._cos, self._sin
 
+    def reserve(self, n: int, device) -> None:
+        """Grow the table to n positions now (eagerly): a compiled forward then only reads it."""
+        self._table(n, device)
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T], all < `limit` -> cos, sin [B, 1, T, E] in `dtype`."""
         cos, sin = self._table(limit, position_ids.device)

@@ -59,3 +59,13 @@ def test_compiled_training_loss_equals_eager(fitted_lm):
     for a, b in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert compiled._compiled_loss is not None
+
+
+def test_compiled_decode_does_not_recompile_per_call(model):
+    """Once the prompt graph and the one-token graph exist, another call (new prompt length, longer
+    cache, a prompt made outside inference mode) reuses them: no recompile storm."""
+    step = make_step_fn(model, compile=True)
+    gen = lambda n, new: generate(model, torch.randint(0, 256, (2, n)), new, step_fn=step, top_k=20)
+    gen(5, 6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert gen(7, 30).shape == (2, 30)
