@@ -369,7 +369,8 @@ def main() -> None:
     if args.compile:
         oc = tokens / statistics.median(tr["ours_compiled"])
         res.update(train_compiled_tokens_per_s_ratio=ratio(tr, "ours_compiled"), train_compiled_tokens_per_s_ours=oc)
-        rows.append(("  ... our loss step (backbone+head+CE) through torch.compile", oc, t, res["train_compiled_tokens_per_s_ratio"]))
+        rows.append(("  ... our loss step (backbone+head+CE) through torch.compile", oc, t,
+                     res["train_compiled_tokens_per_s_ratio"]))
     print(f"training done ({time.perf_counter() - t_start:.0f} s)")
 
     compiled, compile_s = None, {}
