@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar video bench-nbp bench-video-tokenizer bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
+.PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar video bench-nbp bench-video-tokenizer \
+	bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -418,7 +418,8 @@ def main() -> None:
     peak = max(peak, peak_end)  # the better of the two measurements (start and end) is the peak
     res.update(train_peak_share_ours=res["train_gflops_ours"] / peak,
                train_peak_share_theirs=res["train_gflops_theirs"] / peak)
-    rows.insert(2 + args.compile, ("train share of the matmul peak", res["train_peak_share_ours"], res["train_peak_share_theirs"], None))
+    rows.insert(2 + args.compile, ("train share of the matmul peak", res["train_peak_share_ours"],
+                                   res["train_peak_share_theirs"], None))
     wall = time.perf_counter() - t_start
     res.update(
         matmul_peak_gflops=peak, matmul_peak_gflops_start=res_peak_start, matmul_peak_gflops_end=peak_end,

@@ -241,7 +241,8 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
     print(f"{ckpt}: per-frame digit acc {res['digit_acc']:.3f} [{res['digit_acc_lo']:.3f}, {res['digit_acc_hi']:.3f}], "
           f"direction acc {res['direction_acc']:.3f} [{res['direction_acc_lo']:.3f}, {res['direction_acc_hi']:.3f}] "
           f"on {n_eval} held-out prompts ({secs:.2f} s/video); the tokenizer's reconstructions of the same clips: "
-          f"digit acc {res['tokenizer_recon_digit_acc']:.3f}, PSNR {res['tokenizer_psnr_heldout']:.2f} dB; wrote {results}")
+          f"digit acc {res['tokenizer_recon_digit_acc']:.3f}, PSNR {res['tokenizer_psnr_heldout']:.2f} dB; "
+          f"wrote {results}")
     return res
 
 

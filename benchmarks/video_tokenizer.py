@@ -71,7 +71,8 @@ def main(argv=None) -> None:
         t, h, w = tok.code_shape
         res[name] = {"config": {k: getattr(cfg, k) for k in BASE}, "codes": t * h * w, "code_shape": [t, h, w],
                      "steps": a.steps, "train_clips": a.n_train, "eval_clips": a.n_eval, "sec_per_step": secs / a.steps,
-                     "psnr": psnr_db(recon, held.clips), **{k: q[k] for k in ("digit_acc", "digit_acc_lo", "digit_acc_hi")},
+                     "psnr": psnr_db(recon, held.clips),
+                     **{k: q[k] for k in ("digit_acc", "digit_acc_lo", "digit_acc_hi")},
                      "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
         print(f"{name}: {res[name]['codes']} codes, digit acc {q['digit_acc']:.3f} "
@@ -93,7 +94,8 @@ def table(res: dict) -> str:
     order = list(VARIANTS)
     for name, r in sorted(res.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         rows.append(f"| {name} | {r['codes']} ({'x'.join(map(str, r['code_shape']))}) | {r['digit_acc']:.3f} "
-                    f"[{r['digit_acc_lo']:.3f}, {r['digit_acc_hi']:.3f}] | {r['psnr']:.2f} | {r['sec_per_step']:.2f} | {r['steps']} |")
+                    f"[{r['digit_acc_lo']:.3f}, {r['digit_acc_hi']:.3f}] | {r['psnr']:.2f} | "
+                    f"{r['sec_per_step']:.2f} | {r['steps']} |")
     return "\n".join(rows)
 
 
