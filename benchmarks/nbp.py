@@ -162,6 +162,12 @@ def train_tokenizer(clips: torch.Tensor, cfg: VideoTokenizerConfig, steps: int, 
     return tok.eval().requires_grad_(False)
 
 
+def bench_lm_config(vocab_size: int, dim: int, layers: int, max_len: int) -> LMConfig:
+    """The benchmark's LM: the README recipe's shape (heads of 32, SwiGLU width ~8/3 dim)."""
+    return LMConfig.from_preset("tiny", vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=dim // 32,
+                                n_kv_heads=dim // 32, mlp_dim=(dim * 8 // 3 + 7) // 8 * 8, max_len=max_len)
+
+
 def train_lm(objective, fmt: SequenceFormat, data: VideoCaptionDataset, lm_cfg: LMConfig, steps: int, batch: int,
              lr: float) -> tuple[Transformer, float]:
     """Same initial weights and the same batches for every objective (seeded identically)."""
@@ -246,6 +252,52 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
     return res
 
 
+def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int, layers: int, n_eval: int,
+                 cfg: float, temperature: float, results: Path) -> dict:
+    """Can the LM learn the digit's shape at all? A text->image probe on the first latent frame only (a one-frame
+    video: the causal tokenizer encodes frame 0 alone), trained token by token, so neither the block scheme nor
+    motion is involved; scored by the held-out classifier on the decoded frames. Results are kept per tokenizer and
+    training budget."""
+    from vision_tokenizers import registry
+
+    tok = registry.load(tokenizer).eval()
+    if not isinstance(tok, VideoTokenizer):
+        raise ValueError(f"{tokenizer}: not a video tokenizer")
+    c = tok.config
+    train = moving_digits(n_train, "train", frames=1, size=c.image_size)
+    held = moving_digits(n_eval, "heldout", frames=1, size=c.image_size)
+    codes = encode_clips(tok, train.clips)  # [N, 1, h, w]
+    n_codes = codes[0].numel()
+    text = TextTokenizer.train_bpe([x for cs in train.captions for x in cs], 256)
+    layout = VocabLayout(text.vocab_size, c.codebook_size)
+    fmt = SequenceFormat(text, layout, SequenceConfig(n_codes + 40, 1.0, 0.1))
+    lm_cfg = bench_lm_config(layout.size, dim, layers, fmt.cfg.max_len)
+    obj = NextTokenPrediction()
+    lm, secs = train_lm(obj, fmt, VideoCaptionDataset(codes, train, fmt), lm_cfg, steps, batch, 2e-3)
+    captions = [cs[0] for cs in held.captions]
+    out = torch.cat([sample_codes(lm, obj, fmt, layout, captions[i:i + 16], n_codes, cfg, temperature, None, i)
+                     for i in range(0, n_eval, 16)])
+    frames = tok.decode(out.view(-1, *codes.shape[1:]))  # [n_eval, 1, 1, H, W]
+    clf = heldout_classifier()
+    correct = clf.predict(digit_crops(frames)) == held.labels[:, 0]
+    recon_ok = clf.predict(digit_crops(reconstruct(tok, held.clips))) == held.labels[:, 0]
+    lo, hi = wilson_interval(int(correct.sum()), n_eval)
+    row = {"codebook_size": c.codebook_size, "codes_per_frame": n_codes, "lm_parameters": sum(
+        p.numel() for p in lm.parameters()), "steps": steps, "batch": batch, "train_frames_seen": steps * batch,
+        "train_seconds": secs, "first_frame_digit_acc": float(correct.mean()),
+        "first_frame_digit_acc_ci95": [lo, hi], "tokenizer_recon_digit_acc": float(recon_ok.mean()),
+        "n_eval": n_eval, "cfg": cfg, "temperature": temperature,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    res = json.loads(results.read_text()) if results.is_file() else {}
+    res[f"{tokenizer} | {steps} x {batch}"] = row
+    results.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results, json.dumps(res, indent=2) + "\n")
+    print(f"{tokenizer}: first-frame digit acc {row['first_frame_digit_acc']:.3f} [{lo:.3f}, {hi:.3f}] on {n_eval} "
+          f"held-out prompts after {steps} steps of {batch} frames ({secs:.0f} s); the tokenizer's reconstructions: "
+          f"{row['tokenizer_recon_digit_acc']:.3f}; wrote {results}")
+    return row
+
+
 def presets() -> dict:
     """Paper-size tokenizer (17x128x128 -> 5x16x16, FSQ 64,000 codes) and the 700M LM, built on the meta device."""
     with torch.device("meta"):
@@ -284,7 +336,15 @@ def main(argv=None) -> None:
     p.add_argument("--score", type=Path, default=None, metavar="CKPT",
                    help="only score this trained text->video checkpoint or model folder on --n-eval held-out prompts")
     p.add_argument("--score-results", type=Path, default=RESULTS.with_name("video_recipe.json"))
+    p.add_argument("--first-frames", type=Path, default=None, metavar="TOKENIZER",
+                   help="only run the first-frame probe: a text->image LM on this video tokenizer's first latent "
+                        "frames (--lm-steps steps of --lm-batch), scored on --n-eval held-out prompts")
+    p.add_argument("--first-frames-results", type=Path, default=RESULTS.with_name("nbp_first_frames.json"))
     a = p.parse_args(argv)
+    if a.first_frames is not None:
+        first_frames(a.first_frames, a.n_train, a.lm_steps, a.lm_batch, a.dim, a.layers, a.n_eval, a.cfg,
+                     a.temperature, a.first_frames_results)
+        return
     if a.presets:
         presets()
         return
@@ -314,8 +374,7 @@ def main(argv=None) -> None:
     n_codes = codes[0].numel()
     fmt = SequenceFormat(text, layout, SequenceConfig(n_codes + 40, 1.0, 0.1))
     data = VideoCaptionDataset(codes, train, fmt)
-    lm_cfg = LMConfig.from_preset("tiny", vocab_size=layout.size, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
-                                  n_kv_heads=a.dim // 32, mlp_dim=(a.dim * 8 // 3 + 7) // 8 * 8, max_len=fmt.cfg.max_len + 64)
+    lm_cfg = bench_lm_config(layout.size, a.dim, a.layers, fmt.cfg.max_len + 64)
     # ---- evaluation tools
     clf = heldout_classifier()
     from benchmarks.seed import FID, inception_path

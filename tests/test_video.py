@@ -164,12 +164,17 @@ def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     ckpt = tmp_path / "l" / "checkpoints" / "last.ckpt"
     b = load_bundle(ckpt)
     assert isinstance(b.objective, NextBlockPrediction) and b.objective.config.block_size == 16
-    from benchmarks.nbp import main as bench, score  # the README's held-out score of a recipe checkpoint
+    from benchmarks.nbp import first_frames, main as bench, score  # the README's held-out score of a recipe checkpoint
 
     res = score(ckpt, 8, 3.0, 1.0, None, tmp_path / "score.json")
     assert json.loads((tmp_path / "score.json").read_text()) == res and res["block_size"] == 16
     assert res["n_eval_frames"] == 8 * 5 and 0 <= res["digit_acc"] <= 1 and 0 <= res["tokenizer_recon_digit_acc"] <= 1
     assert run_main(bench, ["--score", str(tmp_path / "missing.ckpt")]) == 2
+    # the first-frame probe: a text->image LM on the tokenizer's first latent frames, results kept per tokenizer
+    ff = first_frames(tok_path, 8, 2, 2, 64, 1, 8, 3.0, 1.0, tmp_path / "ff.json")
+    assert json.loads((tmp_path / "ff.json").read_text()) == {f"{tok_path} | 2 x 2": ff}
+    assert ff["codes_per_frame"] == 16 and ff["train_frames_seen"] == 4 and 0 <= ff["first_frame_digit_acc"] <= 1
+    assert run_main(bench, ["--first-frames", str(tmp_path / "missing.safetensors")]) == 2
     out = tmp_path / "videos"
     assert run_main(t2v, ["--ckpt", str(ckpt), "--prompt", "a 3 moving up", "--n", "2", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
