@@ -24,7 +24,9 @@ Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). 
 `python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
 prints their parameter counts; `python -m benchmarks.nbp --score CKPT` scores one trained text->video model
 (e.g. the README recipe's checkpoint) the same way, through `generate.pipeline.text_to_video`, and writes
-benchmarks/results/video_recipe.json.
+benchmarks/results/video_recipe.json; `python -m benchmarks.nbp --first-frames TOKENIZER` trains the LM on the
+tokenizer's first latent frames only (text->image, token by token) and scores the drawn frames' digits ->
+benchmarks/results/nbp_first_frames.json (does the LM learn digit shapes at all at this budget?).
 """
 from __future__ import annotations
 
