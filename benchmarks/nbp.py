@@ -164,6 +164,15 @@ def train_tokenizer(clips: torch.Tensor, cfg: VideoTokenizerConfig, steps: int, 
     return tok.eval().requires_grad_(False)
 
 
+def caption_sequences(codes: torch.Tensor, clips, codebook_size: int):
+    """(layout, format, dataset) of caption -> codes sequences: a BPE over the clips' captions, room for the
+    codes [N, ...] plus 40 text tokens, guidance drop 0.1."""
+    text = TextTokenizer.train_bpe([c for cs in clips.captions for c in cs], 256)
+    layout = VocabLayout(text.vocab_size, codebook_size)
+    fmt = SequenceFormat(text, layout, SequenceConfig(codes[0].numel() + 40, 1.0, 0.1))
+    return layout, fmt, VideoCaptionDataset(codes, clips, fmt)
+
+
 def bench_lm_config(vocab_size: int, dim: int, layers: int, max_len: int) -> LMConfig:
     """The benchmark's LM: the README recipe's shape (heads of 32, SwiGLU width ~8/3 dim)."""
     return LMConfig.from_preset("tiny", vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=dim // 32,
@@ -270,12 +279,9 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
     held = moving_digits(n_eval, "heldout", frames=1, size=c.image_size)
     codes = encode_clips(tok, train.clips)  # [N, 1, h, w]
     n_codes = codes[0].numel()
-    text = TextTokenizer.train_bpe([x for cs in train.captions for x in cs], 256)
-    layout = VocabLayout(text.vocab_size, c.codebook_size)
-    fmt = SequenceFormat(text, layout, SequenceConfig(n_codes + 40, 1.0, 0.1))
-    lm_cfg = bench_lm_config(layout.size, dim, layers, fmt.cfg.max_len)
+    layout, fmt, data = caption_sequences(codes, train, c.codebook_size)
     obj = NextTokenPrediction()
-    lm, secs = train_lm(obj, fmt, VideoCaptionDataset(codes, train, fmt), lm_cfg, steps, batch, 2e-3)
+    lm, secs = train_lm(obj, fmt, data, bench_lm_config(layout.size, dim, layers, fmt.cfg.max_len), steps, batch, 2e-3)
     captions = [cs[0] for cs in held.captions]
     out = torch.cat([sample_codes(lm, obj, fmt, layout, captions[i:i + 16], n_codes, cfg, temperature, None, i)
                      for i in range(0, n_eval, 16)])
@@ -371,11 +377,8 @@ def main(argv=None) -> None:
     print(f"tokenizer PSNR held-out {res['tokenizer_psnr_heldout']:.2f} dB, real {res['tokenizer_psnr_real']:.2f} dB")
     codes = encode_clips(tok, train.clips)
     # ---- sequences
-    text = TextTokenizer.train_bpe([c for cs in train.captions for c in cs], 256)
-    layout = VocabLayout(text.vocab_size, tcfg.codebook_size)
+    layout, fmt, data = caption_sequences(codes, train, tcfg.codebook_size)
     n_codes = codes[0].numel()
-    fmt = SequenceFormat(text, layout, SequenceConfig(n_codes + 40, 1.0, 0.1))
-    data = VideoCaptionDataset(codes, train, fmt)
     lm_cfg = bench_lm_config(layout.size, a.dim, a.layers, fmt.cfg.max_len + 64)
     # ---- evaluation tools
     clf = heldout_classifier()
@@ -399,7 +402,7 @@ def main(argv=None) -> None:
         lm, secs = train_lm(obj, fmt, data, lm_cfg, a.lm_steps, a.lm_batch, 2e-3)
         res[f"{name}_train_s"] = secs
         if a.save:
-            Bundle(lm, text, layout, tok, fmt.cfg.max_len, obj).save(a.save / name)
+            Bundle(lm, fmt.tok, layout, tok, fmt.cfg.max_len, obj).save(a.save / name)
         calls = []
         hook = lm.register_forward_hook(lambda *_: calls.append(1))
         sample_codes(lm, obj, fmt, layout, captions[:1], n_codes, a.cfg, a.temperature, a.top_k, 0)

@@ -115,3 +115,26 @@ def test_video_tokenizer_ablation_runs_and_has_the_recipe_as_a_row(tmp_path, mon
     assert res["s8_t4"]["codes"] == 5 * 8 * 8 and res["s4_t4"]["codes"] == 5 * 16 * 16
     for r in res.values():
         assert 0 <= r["digit_acc_lo"] <= r["digit_acc"] <= r["digit_acc_hi"] <= 1 and math.isfinite(r["psnr"])
+
+
+def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
+    """`make bench-nbp` at toy size: tokenizer, three LMs on the same batches, their inference folders and the
+    JSON rows (FID off and a small classifier, for speed)."""
+    import benchmarks.nbp as nbp
+    import benchmarks.seed as seed_bench
+    from models.bundle import load_bundle
+    from train.evaluation import HeldOutClassifier
+    from train.video.data import _mnist_split
+
+    digits, labels = _mnist_split("heldout")
+    small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
+                              augment=False)
+    monkeypatch.setattr(nbp, "heldout_classifier", lambda: small)
+    monkeypatch.setattr(seed_bench, "inception_path", lambda: None)
+    out = tmp_path / "nbp.json"
+    nbp.main(["--n-train", "16", "--n-eval", "8", "--tok-steps", "2", "--lm-steps", "2", "--lm-batch", "2",
+              "--timing-videos", "1", "--results", str(out), "--save", str(tmp_path / "save")])
+    res = json.loads(out.read_text())
+    assert res["ntp_forwards_per_video"] == 320 and res["nbp_frame64_forwards_per_video"] == 5
+    assert 0 <= res["nbp_frame64_digit_acc"] <= 1 and res["nbp_frame64_speedup_b1"] > 0
+    assert load_bundle(tmp_path / "save" / "nbp_frame64").objective.config.block_size == 64
