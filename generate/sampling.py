@@ -96,11 +96,8 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Step:
     forward = torch.compile(model, dynamic=True, **compile_kwargs) if compile else model
 
     def step(ids: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if compile:
-            # Same tensor kind on every call (a prompt made outside inference mode would recompile), and the
-            # RoPE table grown eagerly (growing it inside the graph would swap in the graph's output tensor).
+        if compile:  # same tensor kind on every call (a prompt made outside inference mode would recompile)
             ids, valid = ids.clone(), None if valid is None else valid.clone()
-            model.rope.reserve(max(model.cfg.max_len, cache.max_len), ids.device)
         return model.head(forward(ids, valid=valid, cache=cache)[:, -1])
 
     return step

@@ -155,8 +155,9 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         w = self.tok_emb.weight
         c = self.cfg
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, batch, max_len or c.max_len,
-                       dtype or w.dtype, device or w.device)
+        max_len, device = max_len or c.max_len, device or w.device
+        self.rope.reserve(max(c.max_len, max_len), device)  # grown here, eagerly: a compiled forward only reads it
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, batch, max_len, dtype or w.dtype, device)
 
     def embed(self, ids: torch.Tensor, embeds: torch.Tensor | None = None,
               embed_mask: torch.Tensor | None = None) -> torch.Tensor:
