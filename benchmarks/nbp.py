@@ -264,19 +264,20 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
 
 
 def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int, layers: int, n_eval: int,
-                 cfg: float, temperature: float, results: Path) -> dict:
+                 cfg: float, temperature: float, results: Path, grid: int = 1) -> dict:
     """Can the LM learn the digit's shape at all? A text->image probe on the first latent frame only (a one-frame
     video: the causal tokenizer encodes frame 0 alone), trained token by token, so neither the block scheme nor
     motion is involved; scored by the held-out classifier on the decoded frames. Results are kept per tokenizer and
-    training budget."""
+    training budget. `grid` > 1 snaps the digits' positions to that many pixels (the tokenizer's patch), so a digit's
+    codes no longer depend on its sub-patch offset."""
     from vision_tokenizers import registry
 
     tok = registry.load(tokenizer).eval()
     if not isinstance(tok, VideoTokenizer):
         raise ValueError(f"{tokenizer}: not a video tokenizer")
     c = tok.config
-    train = moving_digits(n_train, "train", frames=1, size=c.image_size)
-    held = moving_digits(n_eval, "heldout", frames=1, size=c.image_size)
+    train = moving_digits(n_train, "train", frames=1, size=c.image_size, grid=grid)
+    held = moving_digits(n_eval, "heldout", frames=1, size=c.image_size, grid=grid)
     codes = encode_clips(tok, train.clips)  # [N, 1, h, w]
     n_codes = codes[0].numel()
     layout, fmt, data = caption_sequences(codes, train, c.codebook_size)
@@ -294,10 +295,10 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
         p.numel() for p in lm.parameters()), "steps": steps, "batch": batch, "train_frames_seen": steps * batch,
         "train_seconds": secs, "first_frame_digit_acc": float(correct.mean()),
         "first_frame_digit_acc_ci95": [lo, hi], "tokenizer_recon_digit_acc": float(recon_ok.mean()),
-        "n_eval": n_eval, "cfg": cfg, "temperature": temperature,
+        "n_eval": n_eval, "cfg": cfg, "temperature": temperature, "grid": grid,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     res = json.loads(results.read_text()) if results.is_file() else {}
-    res[f"{tokenizer} | {steps} x {batch}"] = row
+    res[f"{tokenizer} | {steps} x {batch}" + (f" | grid {grid}" if grid > 1 else "")] = row
     results.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results, json.dumps(res, indent=2) + "\n")
     print(f"{tokenizer}: first-frame digit acc {row['first_frame_digit_acc']:.3f} [{lo:.3f}, {hi:.3f}] on {n_eval} "
@@ -347,11 +348,12 @@ def main(argv=None) -> None:
     p.add_argument("--first-frames", type=Path, default=None, metavar="TOKENIZER",
                    help="only run the first-frame probe: a text->image LM on this video tokenizer's first latent "
                         "frames (--lm-steps steps of --lm-batch), scored on --n-eval held-out prompts")
+    p.add_argument("--grid", type=int, default=1, help="first-frame probe: snap digit positions to this many pixels")
     p.add_argument("--first-frames-results", type=Path, default=RESULTS.with_name("nbp_first_frames.json"))
     a = p.parse_args(argv)
     if a.first_frames is not None:
         first_frames(a.first_frames, a.n_train, a.lm_steps, a.lm_batch, a.dim, a.layers, a.n_eval, a.cfg,
-                     a.temperature, a.first_frames_results)
+                     a.temperature, a.first_frames_results, a.grid)
         return
     if a.presets:
         presets()

