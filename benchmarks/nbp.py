@@ -295,10 +295,11 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
         p.numel() for p in lm.parameters()), "steps": steps, "batch": batch, "train_frames_seen": steps * batch,
         "train_seconds": secs, "first_frame_digit_acc": float(correct.mean()),
         "first_frame_digit_acc_ci95": [lo, hi], "tokenizer_recon_digit_acc": float(recon_ok.mean()),
-        "n_eval": n_eval, "cfg": cfg, "temperature": temperature, "grid": grid,
+        "n_eval": n_eval, "cfg": cfg, "temperature": temperature, "grid": grid, "dim": dim, "layers": layers,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     res = json.loads(results.read_text()) if results.is_file() else {}
-    res[f"{tokenizer} | {steps} x {batch}" + (f" | grid {grid}" if grid > 1 else "")] = row
+    extra = [f"dim {dim}" if dim != 128 else "", f"{layers} layers" if layers != 4 else "", f"grid {grid}" if grid > 1 else ""]
+    res[" | ".join([f"{tokenizer}", f"{steps} x {batch}", *filter(None, extra)])] = row  # the default LM: no suffix
     results.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results, json.dumps(res, indent=2) + "\n")
     print(f"{tokenizer}: first-frame digit acc {row['first_frame_digit_acc']:.3f} [{lo:.3f}, {hi:.3f}] on {n_eval} "
