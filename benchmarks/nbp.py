@@ -59,6 +59,7 @@ from train.video.modules import VideoCaptionDataset, encode_clips
 from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer, VideoTokenizerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "nbp.json"
+LM_DIM, LM_LAYERS = 128, 4  # the benchmark's (and the README video recipe's) LM width and depth
 
 
 # ---- reading generated videos ---------------------------------------------------------------------
@@ -253,7 +254,6 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
            "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
            "cfg": cfg, "temperature": temperature, "top_k": top_k, "torch_version": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    results.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results, json.dumps(res, indent=2) + "\n")
     print(f"{ckpt}: per-frame digit acc {res['digit_acc']:.3f} [{res['digit_acc_lo']:.3f}, {res['digit_acc_hi']:.3f}], "
           f"direction acc {res['direction_acc']:.3f} [{res['direction_acc_lo']:.3f}, {res['direction_acc_hi']:.3f}] "
@@ -298,9 +298,10 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
         "n_eval": n_eval, "cfg": cfg, "temperature": temperature, "grid": grid, "dim": dim, "layers": layers,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     res = json.loads(results.read_text()) if results.is_file() else {}
-    extra = [f"dim {dim}" if dim != 128 else "", f"{layers} layers" if layers != 4 else "", f"grid {grid}" if grid > 1 else ""]
-    res[" | ".join([f"{tokenizer}", f"{steps} x {batch}", *filter(None, extra)])] = row  # the default LM: no suffix
-    results.parent.mkdir(parents=True, exist_ok=True)
+    key = [str(tokenizer), f"{steps} x {batch}"]  # plus whatever differs from the default probe
+    key += [f"dim {dim}"] * (dim != LM_DIM) + [f"{layers} layers"] * (layers != LM_LAYERS)
+    key += [f"grid {grid}"] * (grid > 1)
+    res[" | ".join(key)] = row
     write_text_atomic(results, json.dumps(res, indent=2) + "\n")
     print(f"{tokenizer}: first-frame digit acc {row['first_frame_digit_acc']:.3f} [{lo:.3f}, {hi:.3f}] on {n_eval} "
           f"held-out prompts after {steps} steps of {batch} frames ({secs:.0f} s); the tokenizer's reconstructions: "
@@ -334,8 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--lm-steps", type=int, default=120)
     p.add_argument("--lm-batch", type=int, default=16)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=LM_DIM)
+    p.add_argument("--layers", type=int, default=LM_LAYERS)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
