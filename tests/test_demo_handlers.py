@@ -2,8 +2,6 @@
 turned into a one-line message for the page."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,7 +110,6 @@ def test_unexpected_failures_show_one_line_not_a_traceback(caplog):
     assert "Traceback" in caplog.text  # the server log keeps it
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed (make demo-deps)")
 def test_the_page_has_the_tabs_of_the_checkpoint(pipe):
     from mmar.demo.app import build
 

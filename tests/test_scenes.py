@@ -9,7 +9,6 @@ import pytest
 from train.caption_metrics import bleu4, cider_d
 from train.scenes import (CANVAS, FILLERS, NAMES, PHRASINGS, PLACES, SPLITS, CellReader, ItemPools, Scenes,
                           all_captions, compose_caption, parse_caption, score_captions)
-from train.sources import FASHION_DIR
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,6 @@ def test_splits_never_share_a_source_item(fake_pools):
         assert used[s] <= set(pools[s])
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_pools_are_disjoint_and_cover_both_sources():
     pools = ItemPools.load(0)
     assert len(pools.images) == 75_000
@@ -128,7 +126,6 @@ def test_scorer_edge_cases():
         bleu4(["a"], [])
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_cell_reader_reads_real_test_scenes():
     pools = ItemPools.load(0)
     reader = CellReader(pools, "val", per_class=25)
