@@ -180,7 +180,7 @@ class Transformer(nn.Module):
         block_ids: torch.Tensor | None = None,  # [B, T] mask structure (None = causal), see models/masks.py
         valid: torch.Tensor | None = None,  # [B, T] False on padding (never attended to)
         cache: KVCache | None = None,
-        cond: torch.Tensor | None = None,  # [B, T, D] adaLN condition (needs cfg.adaln; zeros = none)
+        cond: torch.Tensor | None = None,  # [B, T, D] adaLN condition (needs cfg.adaln; None = the plain path)
         attn_mask: torch.Tensor | None = None,  # [B, 1, T, T] bool, replaces the block-id mask (no cache)
     ) -> torch.Tensor:
         x = self.embed(ids, embeds, embed_mask)  # [B, T, D]

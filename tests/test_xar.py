@@ -184,6 +184,24 @@ def test_cached_sampling_equals_uncached(entity, predictor, guided):
         assert a.shape == (3, 4, 4, 4) and torch.allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.parametrize("entity", ["token", "cell", "subsample", "image"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_cached_sampling_equals_uncached_with_every_weight_nonzero(entity, guided):
+    """Every parameter random, adaLN biases included: the cached prefill must give the prompt the same adaLN
+    condition (cond = 0 -> the bias path) that training and the uncached forward give it."""
+    lm, obj = _lm(), _obj(entity=entity, predictor="backbone", entity_size=2)
+    torch.manual_seed(3)
+    for p in [*lm.parameters(), *obj.parameters()]:
+        torch.nn.init.normal_(p, std=0.05)
+    b = _batch()
+    ids, valid, kw = b["ids"], b["valid"], {}
+    if guided:
+        ids, valid, kw = torch.cat([ids, ids.flip(0)]), torch.cat([valid, valid.flip(0)]), {"cfg_scale": 2.5}
+    a = obj.generate(lm, ids, valid=valid, steps=2, generator=torch.Generator().manual_seed(1), **kw)
+    c = obj.generate(lm, ids, valid=valid, steps=2, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
+
+
 def test_guidance_ramps_linearly_across_entities(monkeypatch):
     import models.objectives.xar as xar
 

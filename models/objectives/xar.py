@@ -276,7 +276,8 @@ class XARFlowMatching(Objective):
         cache = None
         if use_cache:
             cache = lm.new_cache(rows, p + self.n_tokens, device=dev)
-            lm(prompt, valid=valid, cache=cache)  # prompt: causal, left padding masked
+            # prompt: causal, left padding masked; cond 0 as in training (the adaLN bias path, not the plain one)
+            lm(prompt, valid=valid, cache=cache, cond=torch.zeros(rows, p, self.config.dim, dtype=dtype, device=dev))
         start = valid.sum(1, keepdim=True)  # [rows, 1]
         fill = torch.full((rows, g), int(prompt[0, -1]), dtype=prompt.dtype, device=dev)
         emask = torch.ones(rows, g, dtype=torch.bool, device=dev)
