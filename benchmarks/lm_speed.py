@@ -10,7 +10,7 @@ gradients before anything is timed. Measured, with ours and theirs alternating i
 the per-repeat ratios ours/theirs:
 1. training tokens/s: forward + cross-entropy + backward + AdamW step, batch 16 x 256 tokens;
 2. KV-cached sampling tokens/s: batch 8, 16-token prompt, 256 new tokens, top-k 100, temperature 1;
-   ours is generate.sampling.generate, theirs is model.generate with whichever of its dynamic and
+   ours is models.sampling.generate, theirs is model.generate with whichever of its dynamic and
    static caches is faster here (both are timed first);
 3. the product path: what generate.text_to_image runs, a guided batch with left padding (4 conditional
    prompts of 6-16 tokens + 4 unconditional ones of 3, cfg 3, only "image" ids allowed), 256 new tokens;
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import pyplot, write_report
-from generate.sampling import generate, id_range_mask, left_pad, make_step_fn
+from models.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.config import LMConfig
 from models.transformer import Transformer
 

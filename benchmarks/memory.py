@@ -8,7 +8,7 @@ built. Before that, the same workload runs once on the tiny preset (a warm-up: t
 pools on first use, memory that is not the model's); the peak is reset after it (/proc/self/clear_refs).
 - training: one full step (forward, cross-entropy, backward, AdamW step, so the optimiser's states exist) on a
   batch of 32 sequences of min(max_len, 128) tokens;
-- inference: KV-cached sampling (generate.sampling.generate) of batch 8, 16-token prompt, up to
+- inference: KV-cached sampling (models.sampling.generate) of batch 8, 16-token prompt, up to
   min(max_len, 128) tokens in all.
 The backbone alone (xar-demo's flow head and any tokenizer come on top; they are small at these sizes).
 
@@ -66,7 +66,7 @@ def _workload(model, cfg: LMConfig, mode: str, t: int) -> None:
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         opt.step()
     else:
-        from generate.sampling import generate
+        from models.sampling import generate
 
         with torch.inference_mode():
             generate(model.eval(), torch.randint(0, cfg.vocab_size, (8, 16)), t - 16, temperature=1.0)

@@ -208,7 +208,7 @@ def train_lm(objective, fmt: SequenceFormat, data: VideoCaptionDataset, lm_cfg: 
 
 # ---- sampling -----------------------------------------------------------------------------------
 def prompts_batch(fmt: SequenceFormat, captions: list[str], cfg: float):
-    from generate.sampling import left_pad
+    from models.sampling import left_pad
 
     rows = [fmt.t2i_prompt(c) for c in captions]
     if cfg != 1.0:
@@ -218,7 +218,7 @@ def prompts_batch(fmt: SequenceFormat, captions: list[str], cfg: float):
 
 @torch.inference_mode()
 def sample_codes(lm, objective, fmt, layout, captions, n_codes, cfg, temperature, top_k, seed):
-    from generate.sampling import id_range_mask
+    from models.sampling import id_range_mask
 
     ids, valid = prompts_batch(fmt, captions, cfg)
     lo = layout.image_offset

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from generate.sampling import id_range_mask, left_pad
+from models.sampling import id_range_mask, left_pad
 from models.bundle import Bundle
 
 

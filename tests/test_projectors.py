@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generate.sampling import generate
+from models.sampling import generate
 from models.bundle import Bundle, load_bundle
 from models.config import LMConfig
 from models.objectives import NextTokenPrediction

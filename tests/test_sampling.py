@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from generate.sampling import cfg_combine, generate, id_range_mask, left_pad, sample, top_p_filter
+from models.sampling import cfg_combine, generate, id_range_mask, left_pad, sample, top_p_filter
 from models.config import LMConfig
 from models.transformer import Transformer
 

@@ -1,10 +1,10 @@
-"""The decode loop through torch.compile (generate.sampling.make_step_fn(compile=True)) against eager,
+"""The decode loop through torch.compile (models.sampling.make_step_fn(compile=True)) against eager,
 on every path: plain, left padding, guidance. Slow (Inductor compiles a few graphs): `make test-slow`.
 """
 import pytest
 import torch
 
-from generate.sampling import generate, left_pad, make_step_fn
+from models.sampling import generate, left_pad, make_step_fn
 from models.config import LMConfig
 from models.transformer import Transformer
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from generate.sampling import left_pad
+from models.sampling import left_pad
 from models.sequence import SequenceConfig, SequenceFormat
 from models.vocab import VocabLayout
 from models.weights import atomic_save_file

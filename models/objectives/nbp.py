@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generate.sampling import cfg_combine, sample
+from models.sampling import cfg_combine, sample
 from models.objectives.base import Objective
 from models.sequence import IMAGE
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from generate.sampling import generate
+from models.sampling import generate
 from models.objectives.base import Objective, token_mean
 from models.prior import PriorWeighting
 from models.sequence import IMAGE, TEXT
@@ -62,5 +62,5 @@ class NextTokenPrediction(Objective):
         return out
 
     def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """Token by token through the KV cache (generate.sampling.generate takes the sampling options)."""
+        """Token by token through the KV cache (models.sampling.generate takes the sampling options)."""
         return generate(lm, prompt, max_new_tokens, **sampling)

@@ -1,6 +1,6 @@
 """Token sampling: temperature, top-k, top-p, allowed-id masks, classifier-free guidance, and the
-KV-cached token loop (models.objectives.ntp uses it; generation scripts reach it through the objective).
-No Lightning and no training code here."""
+KV-cached token loop. The objectives' sampling steps are built from these, so they live beside the model;
+generate/ reaches them through the objectives. No Lightning and no training code here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
