@@ -20,7 +20,7 @@ def pyplot():
 
 def write_report(report: dict, out: str | Path, plot: Callable[[dict, Path], None] | None = None) -> None:
     """The report as JSON (written atomically) and, when matplotlib is installed, its plot as a PNG beside it."""
-    from models.io import write_text_atomic
+    from common.io import write_text_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -
     may add callbacks back); its seconds. With `reuse`, a finished run with the same command line (recorded in
     root/bench_args.json, with the size and modification time of every file it names: a run started from an
     earlier stage's checkpoint is redone when that checkpoint changed) is kept as is."""
-    from models.io import write_text_atomic
+    from common.io import write_text_atomic
     from train.cli import main as cli_main
 
     cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",

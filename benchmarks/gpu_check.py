@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import LMConfig
-from models.io import write_text_atomic
+from common.io import write_text_atomic
 from models.transformer import Block, Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"

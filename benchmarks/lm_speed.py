@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import pyplot, write_report
-from models.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.config import LMConfig
+from models.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.transformer import Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_speed.json"

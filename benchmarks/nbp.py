@@ -47,7 +47,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from models.bundle import Bundle
 from models.config import PRESETS, LMConfig
-from models.io import atomic_write, write_text_atomic
+from common.io import atomic_write, write_text_atomic
 from models.objectives import NextBlockPrediction, NextTokenPrediction
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.nbp import heldout_classifier, psnr_db, quality, reconstruct, train_tokenizer
-from models.io import write_text_atomic
+from common.io import write_text_atomic
 from train.video.data import moving_digits
 from vision_tokenizers.video import VideoTokenizerConfig
 

@@ -37,7 +37,7 @@ import torch
 
 from benchmarks import pyplot
 from benchmarks.seed import InceptionFeatures, images_of, inception_path, train_stage
-from models.io import write_text_atomic
+from common.io import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
 HOLDOUT, SEED = 1500, 0

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from models.sampling import id_range_mask, left_pad
 from models.bundle import Bundle
+from models.sampling import id_range_mask, left_pad
 
 
 @contextmanager

@@ -168,7 +168,7 @@ def main(argv=None) -> None:
             ci = report.get(f"{k}_ci95")
             print(f"{k}: {v:.3f}" + (f"  [{ci[0]:.3f}, {ci[1]:.3f}]  n={report[f'{k}_n']}" if ci else ""))
     if a.out:
-        from models.io import write_text_atomic
+        from common.io import write_text_atomic
 
         write_text_atomic(Path(a.out), json.dumps(report, indent=2, default=float) + "\n")
         print(f"wrote {a.out}")

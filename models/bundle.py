@@ -28,7 +28,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from models.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
+from common.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
 from vision_tokenizers import projectors, registry
 
 FORMAT = "mmar-bundle/2"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 
 
 @dataclass

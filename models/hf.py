@@ -22,7 +22,7 @@ from torch import nn
 
 from models.config import LMConfig
 from models.transformer import RotaryEmbedding, Transformer
-from models.weights import atomic_dir
+from common.weights import atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

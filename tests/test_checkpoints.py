@@ -56,7 +56,7 @@ def test_failed_export_keeps_the_previous_folder(tiny_bundle, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise OSError("injected failure while writing weights")
 
-    monkeypatch.setattr("models.weights.save_file", broken)
+    monkeypatch.setattr("common.weights.save_file", broken)
     with pytest.raises(OSError, match="injected"):
         tiny_bundle.save(folder)
     monkeypatch.undo()

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.sampling import generate
 from models.bundle import Bundle, load_bundle
 from models.config import LMConfig
 from models.objectives import NextTokenPrediction
+from models.sampling import generate
 from models.sequence import SequenceFormat
 from models.transformer import Transformer
 from models.vocab import VocabLayout

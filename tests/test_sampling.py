@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from models.sampling import cfg_combine, generate, id_range_mask, left_pad, sample, top_p_filter
 from models.config import LMConfig
+from models.sampling import cfg_combine, generate, id_range_mask, left_pad, sample, top_p_filter
 from models.transformer import Transformer
 
 

@@ -4,8 +4,8 @@ on every path: plain, left padding, guidance. Slow (Inductor compiles a few grap
 import pytest
 import torch
 
-from models.sampling import generate, left_pad, make_step_fn
 from models.config import LMConfig
+from models.sampling import generate, left_pad, make_step_fn
 from models.transformer import Transformer
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from generate.pipeline import caption, text_to_image
-from models.io import write_text_atomic
+from common.io import write_text_atomic
 from vision_tokenizers.image_io import grid, save_png
 
 

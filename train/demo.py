@@ -29,7 +29,7 @@ import torch
 
 from generate.pipeline import caption, text_to_image
 from models.bundle import load_bundle
-from models.io import write_text_atomic
+from common.io import write_text_atomic
 from train.cli import main as cli_main
 from train.evaluation import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from train.sources import load_mnist_set, split_indices

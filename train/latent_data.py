@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.sampling import left_pad
 from models.sequence import SequenceConfig, SequenceFormat
 from models.vocab import VocabLayout
-from models.weights import atomic_save_file
+from common.weights import atomic_save_file
 from train.datamodules import DataSpec, caption_tokenizer, split_source
 from train.resume import resumable_loader, visit_rng
 from train.sources import ImageTextSet

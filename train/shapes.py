@@ -7,7 +7,7 @@ colours, random size, place, rotation and background) and writes
     data/shapes/shapes.jsonl          one {"image": "images/00000.png", "caption": "a red circle"} per line
 
 which `--data.init_args.source jsonl --data.init_args.path data/shapes/shapes.jsonl` reads (configs/shapes_*.yaml).
-Everything is a function of `--seed`. The folder appears whole or not at all (models.weights.atomic_dir).
+Everything is a function of `--seed`. The folder appears whole or not at all (common.weights.atomic_dir).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def write_shapes(out: str | Path, n: int = 600, seed: int = 0, size: int = 32) -
         raise FileExistsError(f"{out}: already exists (remove it or choose another --out)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    from models.weights import atomic_dir
+    from common.weights import atomic_dir
 
     rng = random.Random(seed)
     classes = [(s, c) for s in SHAPES for c in COLOURS]

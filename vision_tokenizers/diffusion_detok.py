@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 
 SAMPLERS = ("ddim", "dpm")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 
 
 # ---- projectors -----------------------------------------------------------------------------------

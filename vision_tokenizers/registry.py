@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from models.io import atomic_write, dataclass_from_dict
-from models.weights import load_state_strict, plain_state
+from common.io import atomic_write, dataclass_from_dict
+from common.weights import load_state_strict, plain_state
 
 # kind -> (module, config class, model class); the module exports both classes
 KINDS = {

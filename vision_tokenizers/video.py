@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 
 
 class FSQ(nn.Module):

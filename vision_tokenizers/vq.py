@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from torch import Tensor, nn
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 
 from .quantizers import QuantizerOutput, build_quantizer
 

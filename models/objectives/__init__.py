@@ -6,7 +6,7 @@ one. Adding an objective adds a file and a line in OBJECTIVES, not a branch in t
 """
 from __future__ import annotations
 
-from models.io import dataclass_from_dict
+from common.io import dataclass_from_dict
 from models.objectives.base import Objective
 from models.objectives.nbp import NextBlockPrediction
 from models.objectives.ntp import NextTokenPrediction

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.sampling import cfg_combine, sample
 from models.objectives.base import Objective
+from models.sampling import cfg_combine, sample
 from models.sequence import IMAGE
 
 FIRST_BLOCK = ("condition", "tokens")

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.sampling import generate
 from models.objectives.base import Objective, token_mean
 from models.prior import PriorWeighting
+from models.sampling import generate
 from models.sequence import IMAGE, TEXT
 
 

@@ -23,7 +23,7 @@ from models.bundle import Bundle
 from models.objectives import Objective
 from models.sequence import SequenceConfig, SequenceFormat
 from models.transformer import Transformer
-from models.weights import load_state_strict
+from common.weights import load_state_strict
 from train.datamodules import DataSpec
 from train.lm_module import ObjectiveSteps
 from train.schedule import adamw_cosine

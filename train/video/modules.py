@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
-from models.weights import atomic_save_file
+from common.weights import atomic_save_file
 from train.datamodules import DataSpec
 from train.resume import resumable_loader, visit, visit_rng
 from train.tokenizer_module import ReconstructionTokenizerModule

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.io import atomic_write
+from common.io import atomic_write
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -47,7 +47,7 @@ def plain_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Ten
 
 
 def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors `save_file`, atomically (models.io.atomic_write)."""
+    """safetensors `save_file`, atomically (common.io.atomic_write)."""
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
