@@ -1,6 +1,6 @@
 """`mmar`: one command for training, generation, evaluation, export and the web demo.
 
-Every subcommand either delegates to an existing entry point with the same flags (fit/validate/test ->
+Every subcommand either delegates to an existing entry point with the same flags (fit/validate ->
 the LightningCLI of `python -m train`; t2i/t2v/caption -> the `generate.*` scripts) or is defined here
 (eval, export, demo). Errors are one line on stderr and a non-zero exit code, never a traceback
 (MMAR_DEBUG=1 shows it).
@@ -23,8 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         mmar fit --config configs/mnist_lm.yaml --print_config       # the full resolved recipe"""),
     "validate": ("run the validation loop on a checkpoint (LightningCLI)", """\
         mmar validate --config configs/mnist_lm.yaml --ckpt_path results/demo/lm.ckpt"""),
-    "test": ("run the test loop on a checkpoint (LightningCLI)", """\
-        mmar test --config configs/mnist_lm.yaml --ckpt_path results/demo/lm.ckpt"""),
     "t2i": ("text -> image: PNGs + grid.png (same flags as `python -m generate.text_to_image`)", """\
         mmar t2i --ckpt results/demo/lm --prompt "a handwritten 7" --n 8 --out results/t2i
         mmar t2i --ckpt results/demo/lm.ckpt --prompts-file prompts.txt --cfg 3 --temperature 0.8 --seed 1"""),
@@ -240,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose from {', '.join(COMMANDS)} (mmar --help)", file=sys.stderr)
         return 2
-    if cmd in ("fit", "validate", "test"):
+    if cmd in ("fit", "validate"):
         return _lightning(cmd, rest)
     if cmd in ("t2i", "t2v", "caption"):
         return _generate(cmd, rest)
     if cmd == "eval":
         from mmar.evaluate import main as eval_main
 
-        return _own(eval_main, rest)
+        return _own(lambda argv: eval_main(argv, epilog=_examples("eval")), rest)
     return _own(export_main if cmd == "export" else demo_main, rest)
 
 

@@ -25,10 +25,19 @@ def run(argv, capsys):
 def test_top_help_lists_every_command(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0
-    for name in ("fit", "validate", "test", "t2i", "t2v", "caption", "eval", "export", "demo"):
+    for name in ("fit", "validate", "t2i", "t2v", "caption", "eval", "export", "demo"):
         assert f"\n  {name} " in out
     assert "from mmar import Pipeline" in out
-    assert set(COMMANDS) == {"fit", "validate", "test", "t2i", "t2v", "caption", "eval", "export", "demo"}
+    assert set(COMMANDS) == {"fit", "validate", "t2i", "t2v", "caption", "eval", "export", "demo"}
+
+
+def test_test_and_predict_are_not_commands(capsys):
+    """No module has a test or predict loop: neither `mmar` nor the LightningCLI offers them."""
+    from train.cli import MMARCLI
+
+    assert set(MMARCLI.subcommands()) == {"fit", "validate"}
+    code, _, err = run(["test", "--config", "configs/mnist_lm.yaml"], capsys)
+    assert code == 2 and "unknown command 'test'" in err
 
 
 @pytest.mark.parametrize("cmd", ["t2i", "t2v", "caption", "eval", "export", "demo"])

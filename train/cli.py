@@ -1,4 +1,4 @@
-"""`python -m train fit --config configs/<recipe>.yaml`: LightningCLI over every module and data module.
+"""`python -m train fit|validate --config configs/<recipe>.yaml`: LightningCLI over every module and data module.
 
 The configs name their classes (class_path), so one entry point trains tokenizers and LMs. A model
 that needs facts about its data (vocabulary, tokenizer, vision tokenizer) declares a `data` argument,
@@ -28,6 +28,12 @@ from train.resume import LastCheckpoint
 
 
 class MMARCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate only: no module here has a test or predict loop, so those are not offered."""
+        full = LightningCLI.subcommands()
+        return {k: full[k] for k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.init_args.data", compute_fn=_spec_of, apply_on="instantiate")
 
