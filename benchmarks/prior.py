@@ -176,7 +176,7 @@ def run_scenes(args, work: Path, report: dict) -> None:
                                       [*n_train, "--data.init_args.vision_tokenizer", str(vq),
                                        "--trainer.max_steps", str(args.ref_steps)], reuse=args.reuse)
     ref = last_ckpt(work / "ref")
-    prior_args = ["--model.init_args.objective.init_args.prior", "models.prior.PriorWeighting",
+    prior_args = ["--model.init_args.objective.init_args.prior", "train.prior.PriorWeighting",
                   "--model.init_args.objective.init_args.prior.init_args.reference", ref]
     settings = {}
     for name, (recipe, extra, tokens) in SCENES_SETTINGS.items():
@@ -216,7 +216,7 @@ def _time_reference(ref: str, vq: Path, n_train: int, repeats: int = 5) -> dict:
     in-memory cache, beside one training step (forward + backward) of the codes model's size."""
     from models.config import LMConfig
     from models.objectives import NextTokenPrediction
-    from models.prior import PriorWeighting
+    from train.prior import PriorWeighting
     from models.transformer import Transformer
     from train.understanding.data import ScenesDataModule
 

@@ -114,7 +114,7 @@ class SequenceFormat:
         return self._sample(prompt + rest, modality, "i2t", True, where)
 
     def text_sample(self, caption: str, where: str = "sample") -> Sample:
-        """`<bos> caption <eos>`, text only: what PRIOR's reference model learns (models/prior.py reads its
+        """`<bos> caption <eos>`, text only: what PRIOR's reference model learns (train/prior.py reads its
         probabilities for a caption's tokens from `<bos> c_1 .. c_k-1` the same way)."""
         ids = [self.tok.bos_id, *self.caption_ids(caption, where), self.tok.eos_id]
         s = self._sample(ids, [TEXT] * len(ids), "text", True, where)

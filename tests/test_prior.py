@@ -1,4 +1,4 @@
-"""PRIOR: caption-token weights from a frozen text-only reference model (models/prior.py)."""
+"""PRIOR: caption-token weights from a frozen text-only reference model (train/prior.py)."""
 from __future__ import annotations
 
 import random
@@ -9,7 +9,7 @@ import torch
 from models.bundle import Bundle
 from models.config import LMConfig
 from models.objectives import NextTokenPrediction
-from models.prior import PriorWeighting, caption_targets, prior_weights
+from train.prior import PriorWeighting, caption_targets, prior_weights
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
@@ -169,7 +169,7 @@ def test_scenes_reference_recipe_then_prior_on_a_vit_model(tmp_path, tiny_vq_pat
     cli = main(["--config", "configs/scenes_tokenflex.yaml", "--trainer.default_root_dir", str(tmp_path / "lm"), *small,
                 "--data.init_args.token_mix", "{16: 1.0}", "--data.init_args.batch_size", "8",
                 "--model.init_args.export_path", "null",
-                "--model.init_args.objective.init_args.prior", "models.prior.PriorWeighting",
+                "--model.init_args.objective.init_args.prior", "train.prior.PriorWeighting",
                 "--model.init_args.objective.init_args.prior.init_args.reference", str(ref)], run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     logged = cli.trainer.callback_metrics

@@ -3,7 +3,7 @@
 It splits the source and builds the text tokenizer exactly as `train.datamodules.ImageTextDataModule` (or, for
 `source: scenes`, `train.understanding.data.ScenesDataModule`) does with the same settings (source, path, holdout /
 n_train, seed, text_tokenizer, bpe_vocab_size), so the reference model reads captions with the tokenizer of the
-vision-language model it will weight; `models.prior.PriorWeighting` checks it. Only training captions are used:
+vision-language model it will weight; `train.prior.PriorWeighting` checks it. Only training captions are used:
 the held-out images' captions stay unseen by the reference as well.
 """
 from __future__ import annotations

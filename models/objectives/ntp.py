@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.objectives.base import Objective, token_mean
-from models.prior import PriorWeighting
 from models.sampling import generate
 from models.sequence import IMAGE, TEXT
 
@@ -17,20 +17,21 @@ class NextTokenPrediction(Objective):
 
     `text_weight` scales text tokens against image tokens in the loss (1 = every token counts the
     same): a caption has ~6 tokens against an image's 49, so captioning otherwise gets a small share
-    of the gradient. `prior` (models.prior.PriorWeighting, training only: not stored with the model)
+    of the gradient. `prior` (train.prior.PriorWeighting, training only: not stored with the model)
     further weights each caption token of image->text samples by how much it needs the image. The
     reported `nll` is always the plain per-token mean, so runs compare.
 
     Args:
         text_weight: weight of text tokens relative to image tokens (> 0; 1 = all equal).
-        prior: a models.prior.PriorWeighting (PRIOR's per-token caption weights from a text-only reference LM).
+        prior: a caption-token weighting module, e.g. train.prior.PriorWeighting (PRIOR's weights from a text-only
+            reference LM): `bind(tokenizer, class_names)`, then `(ids, flag, modality) -> (weights [B, T-1], figures)`.
     """
 
     @dataclass
     class Config:
         text_weight: float = 1.0
 
-    def __init__(self, text_weight: float = 1.0, prior: PriorWeighting | None = None):
+    def __init__(self, text_weight: float = 1.0, prior: nn.Module | None = None):
         super().__init__()
         if not text_weight > 0:
             raise ValueError(f"text_weight must be > 0, got {text_weight}")
