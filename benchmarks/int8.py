@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from models.bundle import load_bundle
     from models.quantize import quantize_int8
     from train.demo import HOLDOUT, SEED, heldout_splits
-    from train.evaluation import HeldOutClassifier, caption_correct, wilson_interval
+    from evaluation.judges import HeldOutClassifier, caption_correct, wilson_interval
     from train.sources import load_mnist_set, split_indices
 
     torch.set_num_threads(1)

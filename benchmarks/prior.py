@@ -40,7 +40,7 @@ VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the tes
 def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
     from generate.pipeline import caption
     from models.bundle import load_bundle
-    from train.evaluation import caption_correct
+    from evaluation.judges import caption_correct
     from train.sources import digit_captions
 
     b = load_bundle(ckpt)
@@ -90,7 +90,7 @@ def run_mnist(args, work: Path, report: dict) -> None:
     if not Path(args.vq).is_file():
         raise SystemExit(f"error: {args.vq}: not found; run `make demo` first (it trains the VQ tokenizer)")
     from train.demo import HOLDOUT, SEED
-    from train.evaluation import wilson_interval
+    from evaluation.judges import wilson_interval
     from train.sources import load_mnist_set, split_indices
 
     data = load_mnist_set()

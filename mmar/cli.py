@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("t2i", "t2v", "caption"):
         return _generate(cmd, rest)
     if cmd == "eval":
-        from mmar.evaluate import main as eval_main
+        from evaluation.evaluate import main as eval_main
 
         return _own(lambda argv: eval_main(argv, epilog=_examples("eval")), rest)
     return _own(export_main if cmd == "export" else demo_main, rest)

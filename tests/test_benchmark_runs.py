@@ -98,7 +98,7 @@ def test_video_tokenizer_ablation_runs_and_has_the_recipe_as_a_row(tmp_path, mon
 
     import benchmarks.video_tokenizer as vt
     from benchmarks.video_tokenizer import BASE, RECIPE, VARIANTS, config, main
-    from train.evaluation import HeldOutClassifier
+    from evaluation.judges import HeldOutClassifier
     from train.video.data import _mnist_split
 
     digits, labels = _mnist_split("heldout")  # a small classifier keeps the test fast; the benchmark fits all
@@ -123,7 +123,7 @@ def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     import benchmarks.nbp as nbp
     import benchmarks.seed as seed_bench
     from models.bundle import load_bundle
-    from train.evaluation import HeldOutClassifier
+    from evaluation.judges import HeldOutClassifier
     from train.video.data import _mnist_split
 
     digits, labels = _mnist_split("heldout")

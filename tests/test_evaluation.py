@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.evaluation import HeldOutClassifier, caption_correct, deskew, named_classes, psnr, shifted
+from evaluation.judges import HeldOutClassifier, caption_correct, deskew, named_classes, psnr, shifted
 from train.sources import FASHION_CLASSES, load_digits_set
 
 
@@ -61,7 +61,7 @@ def test_psnr_falls_with_noise():
 
 
 def test_wilson_interval_known_values():
-    from train.evaluation import wilson_interval
+    from evaluation.judges import wilson_interval
 
     lo, hi = wilson_interval(95, 100)  # textbook value: 0.8882 - 0.9785
     assert abs(lo - 0.8882) < 1e-3 and abs(hi - 0.9785) < 1e-3

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from train.caption_metrics import bleu4, cider_d
+from evaluation.captions import bleu4, cider_d
 from train.scenes import (CANVAS, FILLERS, NAMES, PHRASINGS, PLACES, SPLITS, CellReader, ItemPools, Scenes,
                           all_captions, compose_caption, parse_caption, score_captions)
 

@@ -6,7 +6,7 @@
    on codes + template captions, both orders;
 3. draws 20 images per digit from "a handwritten <d>" (CFG 3, temperature 0.6) and reads them with an independent classifier
    (an SVM on deskewed pixels, trained on 750 real held-out digits the generator never saw, plus their
-   one-pixel shifts; see train/evaluation.py);
+   one-pixel shifts; see evaluation/judges.py);
 4. captions the 500 final-test digits and checks that each caption names the right digit;
 5. prints the report and writes results/demo.json (figures with 95% Wilson intervals, seconds).
 Everything it makes stays under results/demo/.
@@ -31,7 +31,7 @@ from generate.pipeline import caption, text_to_image
 from models.bundle import load_bundle
 from common.io import write_text_atomic
 from train.cli import main as cli_main
-from train.evaluation import HeldOutClassifier, caption_correct, psnr, wilson_interval
+from evaluation.judges import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from train.sources import load_mnist_set, split_indices
 from vision_tokenizers.image_io import grid, save_png
 

@@ -14,7 +14,7 @@ digits (named by their numeral, "a 7"), 10-19 the Fashion-MNIST classes ("a snea
 Scoring (`score_captions`): per-slot accuracy (each of the 4 cells: the caption names exactly its item, or
 nothing for an empty cell), scene accuracy (all 4 cells right and no item named without a place or twice),
 exact match (the caption is one of the scene's reference captions), BLEU-4 and CIDEr-D
-(train/caption_metrics.py). `CellReader` reads generated scenes cell by cell with a classifier trained
+(evaluation/captions.py). `CellReader` reads generated scenes cell by cell with a classifier trained
 only on real items of a held-out pool.
 """
 from __future__ import annotations
@@ -251,7 +251,7 @@ def score_captions(captions: list[str], truths: list[list[int]], references: lis
     """Per-caption arrays and corpus figures for generated captions against scene truths and references:
     slot (fraction of the 4 cells right, per caption), scene (all cells right, nothing stray), exact (the
     caption is one of its references), corpus BLEU-4 and CIDEr-D (`cider_each`: every caption's CIDEr-D)."""
-    from train.caption_metrics import bleu4, cider_d
+    from evaluation.captions import bleu4, cider_d
 
     slot, scene, exact = [], [], []
     for cap, truth, refs in zip(captions, truths, references, strict=True):
@@ -267,13 +267,13 @@ def score_captions(captions: list[str], truths: list[list[int]], references: lis
 
 # ---- reading generated scenes -------------------------------------------------------------------
 class CellReader:
-    """Class of each cell of generated scenes: an RBF SVM (train.evaluation.HeldOutClassifier) on real
+    """Class of each cell of generated scenes: an RBF SVM (evaluation.judges.HeldOutClassifier) on real
     items of one pool (never the training pool), and "empty" (-1) when a cell's mean brightness is below
     `empty_below` (real items have mean >= 0.03 in [0, 1]; an empty cell is black)."""
 
     def __init__(self, pools: ItemPools, split: str = "val", per_class: int = 150, empty_below: float = 0.02,
                  seed: int = 0):
-        from train.evaluation import HeldOutClassifier
+        from evaluation.judges import HeldOutClassifier
 
         x, y = pools.items_of(split, per_class, seed)
         images = torch.from_numpy(x).float().div(127.5).sub(1.0).unsqueeze(1)  # [N, 1, 28, 28]

@@ -5,7 +5,7 @@ modules' split), cut three ways like the demo's: the first sixth (the LM's valid
 the next half ("tuning") trains the independent classifier, the last third ("test") is captioned and is the
 real set for FID. With MNIST's defaults (holdout 1,500) these are exactly the demo's 250 / 750 / 500.
 
-Metrics (reusing train/evaluation.py and the FID of benchmarks/seed.py):
+Metrics (the judges of evaluation/judges.py and evaluation/fid.py):
 - t2i_accuracy: `--per-class` images per class from each class's first caption, read by HeldOutClassifier
   (labelled sources only);
 - caption_accuracy: captions of the test images that name exactly the right class (labelled sources), or
@@ -67,7 +67,7 @@ def heldout_parts(n: int, holdout: int | float, seed: int, source: str = "") -> 
 
 
 def _rate(name: str, ok: list[bool]) -> dict:
-    from train.evaluation import wilson_interval
+    from evaluation.judges import wilson_interval
 
     return {name: float(np.mean(ok)) if ok else float("nan"), f"{name}_ci95": wilson_interval(sum(ok), len(ok)),
             f"{name}_n": len(ok)}
@@ -79,7 +79,7 @@ def _say(msg: str) -> None:
 
 def evaluate(pipe, data, parts: dict, per_class: int, n_captions: int, cfg: float, temperature: float,
              seed: int, fid: bool) -> dict:
-    from train.evaluation import HeldOutClassifier, caption_correct
+    from evaluation.judges import HeldOutClassifier, caption_correct
     from vision_tokenizers.image_io import pil_to_tensor, tensor_to_pil
 
     if pipe.can_make_video:
@@ -131,7 +131,7 @@ def evaluate(pipe, data, parts: dict, per_class: int, n_captions: int, cfg: floa
         report["caption_examples"] = caps[:5]
 
     if drawn is not None and fid:
-        from benchmarks.seed import FID, inception_path
+        from evaluation.fid import FID, inception_path
 
         path = inception_path()
         if path is None:
