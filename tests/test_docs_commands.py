@@ -1,0 +1,76 @@
+"""Every command line in README.md and docs/*.md names something that exists and parses as written: make targets,
+`mmar` subcommands and their flags, `python -m` modules, recipe files. (Running them is the recipes' and the
+benchmarks' job; this catches a renamed flag, config, target or command the moment the docs go stale.)"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    out = []
+    for doc in DOCS:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if line and not line.startswith("#"):
+                    out.append((f"{doc.name}: {line}", shlex.split(line)))
+    return out
+
+
+COMMANDS = documented_commands()
+MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def _parse_generate(module: str, argv: list[str]) -> None:
+    importlib.import_module(module).parse(argv)
+
+
+def check(argv: list[str]) -> None:
+    from mmar.cli import COMMANDS as MMAR, demo_parser, export_parser
+
+    exe = argv[0].split("/")[-1]
+    if exe == "make":
+        assert set(argv[1:]) <= MAKE_TARGETS, f"no make target {argv[1:]}"
+        return
+    if exe.startswith("python"):
+        assert argv[1] == "-m"
+        module, argv = argv[2], argv[3:]
+        assert importlib.util.find_spec(module), f"no module {module}"
+        if module.startswith("generate."):
+            return _parse_generate(module, argv)
+        if module != "train":
+            return
+    else:
+        assert exe == "mmar", exe
+        argv = argv[1:]
+    cmd, rest = argv[0], argv[1:]
+    assert cmd in MMAR, f"mmar has no command {cmd!r}"
+    if cmd in ("fit", "validate"):
+        config = rest[rest.index("--config") + 1]
+        assert (ROOT / config).is_file(), f"no recipe {config}"
+    elif cmd in ("t2i", "t2v", "caption"):
+        _parse_generate({"t2i": "generate.text_to_image", "t2v": "generate.text_to_video",
+                         "caption": "generate.caption"}[cmd], rest)
+    elif cmd == "eval":
+        from evaluation.evaluate import parser
+
+        parser().parse_args(rest)
+    else:
+        (export_parser() if cmd == "export" else demo_parser()).parse_args(rest)
+
+
+def test_docs_have_commands():
+    assert len(COMMANDS) > 40
+
+
+@pytest.mark.parametrize("where,argv", COMMANDS, ids=[c[0][:80] for c in COMMANDS])
+def test_documented_command_parses(where, argv):
+    check(argv)
