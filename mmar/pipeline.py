@@ -79,10 +79,8 @@ class Pipeline:
         `int8=True` quantises the LM's linear layers dynamically (CPU inference; see models/quantize.py)."""
         bundle = load_bundle(path, device)
         if int8:
-            try:
-                from models.quantize import quantize_int8
-            except ImportError:
-                raise ValueError("int8 inference is not available in this version (models/quantize.py missing)") from None
+            from models.quantize import quantize_int8
+
             bundle = quantize_int8(bundle)
         return cls(bundle, device)
 
@@ -215,7 +213,9 @@ class Pipeline:
     def __repr__(self) -> str:
         b = self.bundle
         kind = "text-to-video" if self.can_make_video else "text-to-image" + (" + captioning" if self.can_caption else "")
-        n_int8 = sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in b.lm.modules())
+        from models.quantize import count_int8_linears
+
+        n_int8 = count_int8_linears(b.lm)
         size = (f"int8 LM ({n_int8} linear layers int8; {b.lm.num_params():,} fp32 parameters besides)" if n_int8
                 else f"{b.lm.num_params():,} LM parameters")
         return (f"Pipeline({kind}, {size}, {b.vision.num_tokens} tokens per "

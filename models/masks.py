@@ -13,11 +13,6 @@ from __future__ import annotations
 import torch
 
 
-def causal_block_ids(length: int, device=None) -> torch.Tensor:
-    """[T] block ids that give a plain causal mask."""
-    return torch.arange(length, device=device)
-
-
 def block_ids_from_sizes(length: int, block_size: int, first: int = 0, device=None) -> torch.Tensor:
     """[T] ids: the first `first` positions are causal (one block each), then blocks of `block_size`."""
     idx = torch.arange(length, device=device)
@@ -25,36 +20,14 @@ def block_ids_from_sizes(length: int, block_size: int, first: int = 0, device=No
     return torch.where(idx < first, idx, tail)
 
 
-def prefix_block_ids(length: int, prefix: int, device=None) -> torch.Tensor:
-    """[T] ids for a bidirectional prefix of `prefix` positions followed by causal positions."""
-    idx = torch.arange(length, device=device)
-    return torch.clamp(idx - max(prefix - 1, 0), min=0)
-
-
 def block_mask(q_block: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
     """[..., Tq] x [..., Tk] block ids -> [..., Tq, Tk] bool (block-causal)."""
     return k_block.unsqueeze(-2) <= q_block.unsqueeze(-1)
 
 
-def causal_mask(length: int, device=None) -> torch.Tensor:
-    """[T, T] lower-triangular bool."""
-    ids = causal_block_ids(length, device)
-    return block_mask(ids, ids)
-
-
 def padding_mask(key_valid: torch.Tensor) -> torch.Tensor:
     """[B, Tk] validity -> [B, 1, Tk] bool that broadcasts over queries."""
     return key_valid.unsqueeze(-2)
-
-
-def combine(*masks: torch.Tensor | None) -> torch.Tensor | None:
-    """Logical AND of masks with broadcasting; None entries are ignored."""
-    out = None
-    for m in masks:
-        if m is None:
-            continue
-        out = m if out is None else out & m
-    return out
 
 
 def attention_mask(

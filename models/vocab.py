@@ -23,12 +23,6 @@ class VocabLayout:
     def image_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return codes + self.image_offset
 
-    def ids_to_image(self, ids: torch.Tensor) -> torch.Tensor:
-        codes = ids - self.image_offset
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.image_codes):
-            raise ValueError("ids outside the image code range")
-        return codes
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

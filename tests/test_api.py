@@ -2,8 +2,6 @@
 batched calls equal one-by-one calls, save/load round trip, video checkpoints, int8, bad arguments."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -144,7 +142,6 @@ def test_text_to_video_frames_and_batching(video_pipe):
         video_pipe.caption([Image.new("L", (32, 32))])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("models.quantize") is None, reason="models/quantize.py not there yet")
 def test_int8_pipeline(tiny_bundle_dir):
     q = Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
     assert not any(type(m) is torch.nn.Linear for m in q.bundle.lm.modules())
@@ -179,25 +176,6 @@ def test_xar_checkpoint_draws_and_refuses_captions(tmp_path):
     np.testing.assert_array_equal(np.asarray(one), np.asarray(images[3]))
     with pytest.raises(ValueError, match="does not caption"):
         pipe.caption(images)
-
-
-def test_int8_flag_calls_models_quantize(tiny_bundle_dir, monkeypatch):
-    """The wiring of `int8=True`, whatever models/quantize.py does: it gets the loaded Bundle and its answer is used."""
-    import sys
-    import types
-
-    seen = []
-
-    def quantize_int8(bundle):
-        seen.append(bundle)
-        return bundle
-
-    monkeypatch.setitem(sys.modules, "models.quantize", types.SimpleNamespace(quantize_int8=quantize_int8))
-    q = Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
-    assert len(seen) == 1 and q.bundle is seen[0]
-    monkeypatch.setitem(sys.modules, "models.quantize", None)  # the module missing: a clear error
-    with pytest.raises(ValueError, match="int8 inference is not available"):
-        Pipeline.from_pretrained(tiny_bundle_dir, int8=True)
 
 
 def test_batch_size_fast_mode(pipe):

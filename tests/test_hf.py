@@ -3,14 +3,12 @@ import json
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from models.config import LMConfig  # noqa: E402
-from models.hf import config_from_hf, extend_vocab, load_hf, load_hf_tokenizer, save_hf  # noqa: E402
-from models.transformer import Transformer  # noqa: E402
+from models.config import LMConfig
+from models.hf import config_from_hf, extend_vocab, load_hf, load_hf_tokenizer, save_hf
+from models.transformer import Transformer
 
 V = 128
 SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -18,10 +18,6 @@ def brute(q_block, k_block, valid=None):
     return out
 
 
-def test_causal_matches_tril():
-    assert torch.equal(masks.causal_mask(7), torch.ones(7, 7, dtype=torch.bool).tril())
-
-
 def test_block_causal_against_bruteforce():
     ids = masks.block_ids_from_sizes(10, 3, first=1)
     assert ids.tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
@@ -37,14 +33,6 @@ def test_block_causal_against_bruteforce():
     assert m[0, 0, 1, 3] and m[0, 0, 3, 1] and not m[0, 0, 3, 4]
 
 
-def test_prefix_is_bidirectional_then_causal():
-    ids = masks.prefix_block_ids(6, prefix=3)
-    m = masks.block_mask(ids, ids)
-    assert m[:3, :3].all()  # prefix sees itself both ways
-    assert torch.equal(m[3:, :], torch.ones(3, 6, dtype=torch.bool).tril(3)[:, :])
-    assert not m[2, 3]
-
-
 def test_padding_combined_with_blocks():
     g = torch.Generator().manual_seed(0)
     ids = masks.block_ids_from_sizes(8, 2).expand(3, 8)
@@ -52,11 +40,3 @@ def test_padding_combined_with_blocks():
     m = masks.attention_mask(ids, ids, valid)
     assert torch.equal(m, brute(ids, ids, valid))
     assert m.any(-1).all()  # no query row is empty (no NaN in softmax)
-
-
-def test_combine_broadcasts():
-    a = masks.causal_mask(4)
-    p = masks.padding_mask(torch.tensor([[True, True, False, True]]))
-    c = masks.combine(a, None, p)
-    assert c.shape == (1, 4, 4)
-    assert not c[0, 3, 2] and c[0, 3, 3] and not c[0, 0, 1]

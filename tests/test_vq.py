@@ -8,7 +8,6 @@ from torch import nn
 from vision_tokenizers.losses import (
     NLayerDiscriminator,
     PerceptualLoss,
-    adaptive_gan_weight,
     hinge_d_loss,
     hinge_g_loss,
 )
@@ -131,14 +130,6 @@ def test_patchgan_shape_and_hinge_losses():
     fake = torch.zeros(3, 1, 5, 5, requires_grad=True)
     hinge_g_loss(fake).backward()
     assert (fake.grad < 0).all()
-
-
-def test_adaptive_gan_weight():
-    layer = nn.Parameter(torch.randn(4))
-    rec = (layer * 2).sum()
-    gan = (layer * 0.5).sum()
-    w = adaptive_gan_weight(rec, gan, layer)
-    assert w.item() == pytest.approx(4.0, rel=1e-3)
 
 
 def test_perceptual_loss_hook_with_random_net():

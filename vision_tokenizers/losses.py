@@ -58,13 +58,6 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
-    """Balance GAN vs reconstruction: ||grad rec|| / ||grad gan|| at the decoder's last layer (VQGAN)."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
 class PerceptualLoss(nn.Module):
     """Feature-matching loss over a frozen feature network (an LPIPS-style hook without learned weights).
 
