@@ -42,8 +42,9 @@ def parser(epilog: str | None = None) -> argparse.ArgumentParser:
                    help="images drawn per class (labelled sources); unlabelled sources draw one image from each of "
                         "the first 10 x this many test captions (default: %(default)s)")
     p.add_argument("--captions", type=int, default=500, help="test images to caption, at most (default: %(default)s)")
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for drawing (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for drawing (default: %(default)s)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale for drawing (default: the model's saved one)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature for drawing (default: the model's saved one)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--no-fid", action="store_true", help="skip FID even when the Inception file is installed")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -160,7 +161,9 @@ def main(argv=None, epilog: str | None = None) -> None:
     if a.holdout is None:
         a.holdout = 1500 if a.source in ("mnist", "fashion_mnist") else 0.1
     parts = heldout_parts(len(data), a.holdout, a.split_seed, a.source)
-    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "held_out": sum(len(v) for v in parts.values()), "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed,
+    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "held_out": sum(len(v) for v in parts.values()), "seed": a.seed,
+              "cfg": pipe.sampling.cfg if a.cfg is None else a.cfg,
+              "temperature": pipe.sampling.temperature if a.temperature is None else a.temperature,
               **evaluate(pipe, data, parts, a.per_class, a.captions, a.cfg, a.temperature, a.seed, not a.no_fid)}
     for k, v in report.items():
         if k.endswith(("accuracy", "exact_match", "fid")) and v is not None:

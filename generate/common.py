@@ -23,7 +23,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="inference folder or Lightning .ckpt of a trained LM")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (0 = greedy; default: the model's saved setting)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; off when unset")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
@@ -32,7 +33,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    if not math.isfinite(args.temperature) or args.temperature < 0:
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
@@ -43,7 +44,8 @@ def add_drawing_args(p: argparse.ArgumentParser, n: int, what: str) -> None:
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line (UTF-8)")
     p.add_argument("--n", type=int, default=n, help=f"{what} per prompt")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1 = off; default: the model's saved setting)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens; off when unset")
 
 
@@ -54,7 +56,7 @@ def check_drawing_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
+    if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
         p.error(f"--cfg must be a finite number >= 0, got {args.cfg}")
     if args.prompts_file:
         args.prompt += read_prompts_file(p, args.prompts_file)

@@ -60,8 +60,8 @@ def text_to_image(
     b: Bundle,
     prompts: list[str],
     n: int = 1,
-    cfg: float = 3.0,
-    temperature: float = 1.0,
+    cfg: float | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
@@ -70,45 +70,38 @@ def text_to_image(
 ) -> torch.Tensor:
     """Images [len(prompts) * n, C, H, W] in [-1, 1], prompt-major order.
 
-    Only image codes are sampled inside the image span; with cfg != 1 the batch is doubled with the
-    unconditional prompt (the caption-dropped form the model was trained on). A continuous-latent
-    objective (xAR) draws latents instead, with `steps` / `sampler` (default: the checkpoint's);
-    temperature, top-k and top-p then do not apply.
+    Every option left at None takes the model's saved sampling defaults (`b.sampling`). Only image codes are
+    sampled inside the image span; with cfg != 1 the batch is doubled with the unconditional prompt (the
+    caption-dropped form the model was trained on). A continuous-latent objective (xAR) draws latents with
+    `steps` / `sampler` instead, and refuses temperature, top-k and top-p, which do not apply to it.
     """
+    s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler)
+    continuous = getattr(b.objective, "continuous", False)
+    if continuous and (temperature, top_k, top_p) != (None, None, None):
+        raise ValueError("this model draws by flow matching (xAR): temperature, top-k and top-p do not apply; "
+                         "use steps and sampler")
     fmt = b.format
-    if getattr(b.objective, "continuous", False):
-        return _latent_text_to_image(b, prompts, n, cfg, steps, sampler, generator)
     rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
-    guided = cfg != 1.0
+    guided = s.cfg != 1.0
     if guided:
         rows = rows + [fmt.t2i_prompt(None)] * len(rows)
     ids, valid = left_pad(rows, b.tokenizer.pad_id)
     n_codes = b.vision.num_tokens
     if ids.shape[1] + n_codes > b.max_len:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens + {n_codes} image codes exceeds max_len {b.max_len}")
-    dev, lo = _device(b), b.layout.image_offset
+        what = "latents" if continuous else "image codes"
+        raise ValueError(f"prompt of {ids.shape[1]} tokens + {n_codes} {what} exceeds max_len {b.max_len}")
+    dev, cfg_scale = _device(b), s.cfg if guided else None
+    if continuous:
+        latents = b.objective.generate(b.lm, ids.to(dev), valid=valid.to(dev), cfg_scale=cfg_scale, steps=s.steps,
+                                       sampler=s.sampler, generator=generator)  # [B, c, h, w]
+        return b.vision.decode(latents)
+    lo = b.layout.image_offset
     allowed = id_range_mask(b.lm.cfg.vocab_size, lo, lo + b.layout.image_codes, device=dev)
     codes = b.objective.generate(
-        b.lm, ids.to(dev), n_codes, valid=valid.to(dev), temperature=temperature, top_k=top_k, top_p=top_p,
-        allowed=allowed, cfg_scale=cfg if guided else None, generator=generator,
+        b.lm, ids.to(dev), n_codes, valid=valid.to(dev), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        allowed=allowed, cfg_scale=cfg_scale, generator=generator,
     ) - lo  # [B, N]
     return b.vision.decode(codes.view(len(codes), *b.vision.code_shape))
-
-
-def _latent_text_to_image(b: Bundle, prompts, n, cfg, steps, sampler, generator) -> torch.Tensor:
-    """The xAR path: the same prompts (and guidance rows), latents from the objective, the KL decoder."""
-    fmt = b.format
-    rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
-    guided = cfg != 1.0
-    if guided:
-        rows = rows + [fmt.t2i_prompt(None)] * len(rows)
-    ids, valid = left_pad(rows, b.tokenizer.pad_id)
-    if ids.shape[1] + b.vision.num_tokens > b.max_len:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens + {b.vision.num_tokens} latents exceeds max_len {b.max_len}")
-    dev = _device(b)
-    latents = b.objective.generate(b.lm, ids.to(dev), valid=valid.to(dev), cfg_scale=cfg if guided else None,
-                                   steps=steps, sampler=sampler, generator=generator)  # [B, c, h, w]
-    return b.vision.decode(latents)
 
 
 @torch.inference_mode()
@@ -154,8 +147,8 @@ def text_to_video(
     b: Bundle,
     prompts: list[str],
     n: int = 1,
-    cfg: float = 3.0,
-    temperature: float = 1.0,
+    cfg: float | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,

@@ -112,6 +112,11 @@ class Pipeline:
     def image_channels(self) -> int:
         return self.bundle.image_channels
 
+    @property
+    def sampling(self):
+        """The drawing defaults saved with the model (models.sampling.SamplingConfig)."""
+        return self.bundle.sampling
+
     # ---- drawing ---------------------------------------------------------------------------------
     def _counting(self, progress: Progress | None, total: int):
         return core.forward_progress(self.bundle.lm, total, progress)
@@ -121,8 +126,8 @@ class Pipeline:
         prompts = _check_prompts(prompts)
         n = _check_int("n", n, 1)
         seed = _check_int("seed", seed, 0)
-        cfg = _check_number("cfg", cfg, 0)
-        temperature = _check_number("temperature", temperature, 0)
+        cfg = None if cfg is None else _check_number("cfg", cfg, 0)  # None: the model's saved default
+        temperature = None if temperature is None else _check_number("temperature", temperature, 0)
         top_k = None if top_k is None else _check_int("top_k", top_k, 1)
         if top_p is not None and not 0 < _check_number("top_p", top_p, 0, inclusive=False) <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
@@ -149,12 +154,14 @@ class Pipeline:
             progress(total, total)
         return out
 
-    def text_to_image(self, prompts: str | Sequence[str], n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
+    def text_to_image(self, prompts: str | Sequence[str], n: int = 1, cfg: float | None = None,
+                      temperature: float | None = None,
                       seed: int = 0, top_k: int | None = None, top_p: float | None = None,
                       steps: int | None = None, sampler: str | None = None,
                       progress: Progress | None = None, batch_size: int | None = None) -> list[Image.Image]:
         """`n` images per prompt, prompt-major (`len(prompts) * n` PIL images). `cfg` is the classifier-free
-        guidance scale (1 = off); `steps` / `sampler` apply to continuous-latent (xAR) checkpoints only.
+        guidance scale (1 = off); `steps` / `sampler` apply to continuous-latent (xAR) checkpoints only. Options
+        left at None take the model's saved sampling defaults (`self.sampling`).
 
         Default (`batch_size=None`): each image is drawn alone with its own seed, so results do not depend on
         what else is asked for (see the module docstring). `batch_size=k` draws k images per sampler call
@@ -166,7 +173,8 @@ class Pipeline:
                         batch_size, steps=steps, sampler=sampler)
         return [tensor_to_pil(x) for x in xs]
 
-    def text_to_video(self, prompts: str | Sequence[str], n: int = 1, cfg: float = 3.0, temperature: float = 1.0,
+    def text_to_video(self, prompts: str | Sequence[str], n: int = 1, cfg: float | None = None,
+                      temperature: float | None = None,
                       seed: int = 0, top_k: int | None = None, top_p: float | None = None,
                       progress: Progress | None = None, batch_size: int | None = None) -> list[list[Image.Image]]:
         """`n` videos per prompt, each a list of frames (PIL images). Raises ValueError when the checkpoint's

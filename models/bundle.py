@@ -15,7 +15,7 @@ vision_tokenizer.safetensors) when nothing is drawn (TokenFLEX).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +24,12 @@ from safetensors.torch import load_file
 from models import objectives
 from models.config import LMConfig
 from models.objectives import Objective
+from models.sampling import SamplingConfig
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
+from common.io import dataclass_from_dict
 from common.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
 from vision_tokenizers import projectors, registry
 
@@ -43,6 +45,7 @@ class Bundle:
     max_len: int
     objective: Objective
     visual: torch.nn.Module | None = None  # continuous image inputs (projectors.py); None: code ids
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the recipe's tuned drawing defaults
 
     @property
     def format(self) -> SequenceFormat:
@@ -66,6 +69,7 @@ class Bundle:
             "vision": registry.describe(self.vision) if self.vision is not None else None,
             "sequence": {"max_len": self.max_len},
             "objective": objectives.describe(self.objective),
+            "sampling": asdict(self.sampling),
         }
         if self.visual is not None:
             meta["visual"] = projectors.describe(self.visual)
@@ -105,6 +109,15 @@ def _from_meta(meta: dict, tokenizer: TextTokenizer, source: str):
     objective = objectives.build(meta.get("objective", {}), source)
     visual = projectors.build(meta["visual"], source) if meta.get("visual") is not None else None
     return Transformer(cfg), objective, layout, vision, meta["sequence"]["max_len"], visual
+
+
+def _sampling(meta: dict, source: str) -> SamplingConfig:
+    """The saved sampling defaults (models saved before they existed get SamplingConfig's)."""
+    try:
+        return dataclass_from_dict(SamplingConfig, meta.get("sampling") or {}, source)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -155,4 +168,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     for m in (lm, objective, vision, visual):
         if m is not None:
             m.eval().requires_grad_(False)
-    return Bundle(lm, tok, layout, vision, max_len, objective, visual).to(device)
+    sampling = _sampling(meta, str(path / "config.json") if path.is_dir() else str(path))
+    return Bundle(lm, tok, layout, vision, max_len, objective, visual, sampling).to(device)

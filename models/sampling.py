@@ -3,11 +3,45 @@ KV-cached token loop. The objectives' sampling steps are built from these, so th
 generate/ reaches them through the objectives. No Lightning and no training code here."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 Schedule = float | Sequence[float] | Callable[[int], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """A model's sampling defaults, tuned with its recipe and saved with it (config.json "sampling"): every entry
+    point (mmar t2i/t2v, Pipeline, mmar eval, the web page) draws with these unless a caller sets a field.
+    Token objectives use cfg / temperature / top_k / top_p; flow matching (xAR) uses cfg / steps / sampler."""
+
+    cfg: float = 3.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.cfg) or self.cfg < 0:
+            raise ValueError(f"sampling cfg must be a finite number >= 0, got {self.cfg}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"sampling temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sampling top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if self.sampler not in (None, "euler", "em"):
+            raise ValueError(f"sampling sampler must be euler or em, got {self.sampler!r}")
+
+    def override(self, **given) -> "SamplingConfig":
+        """These defaults with every field the caller set (not None) replaced, validated."""
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 def _at(value: Schedule | None, step: int) -> float | None:

@@ -176,6 +176,45 @@ def test_xar_checkpoint_draws_and_refuses_captions(tmp_path):
     np.testing.assert_array_equal(np.asarray(one), np.asarray(images[3]))
     with pytest.raises(ValueError, match="does not caption"):
         pipe.caption(images)
+    with pytest.raises(ValueError, match="temperature, top-k and top-p do not apply"):
+        pipe.text_to_image(["a 5"], temperature=0.5)
+
+
+def test_saved_sampling_defaults_are_what_every_entry_point_draws_with(tiny_bundle, tmp_path, capsys):
+    """The recipe's sampling settings travel with the exported model: Pipeline and `mmar t2i` draw with them when
+    no option is given, exactly as with the same options given explicitly; a bad saved value is one clear error."""
+    import dataclasses
+    import json
+
+    from mmar.cli import main
+    from models.sampling import SamplingConfig
+
+    tuned = dataclasses.replace(tiny_bundle, sampling=SamplingConfig(cfg=2.0, temperature=0.5, top_k=5))
+    tuned.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["sampling"]["temperature"] == 0.5
+    pipe = Pipeline.from_pretrained(tmp_path / "m")
+    assert pipe.sampling == tuned.sampling
+    arr = lambda ims: np.stack([np.asarray(i) for i in ims])  # noqa: E731
+    implicit = pipe.text_to_image(PROMPTS[:1], n=2, seed=3)
+    explicit = pipe.text_to_image(PROMPTS[:1], n=2, seed=3, cfg=2.0, temperature=0.5, top_k=5)
+    plain = pipe.text_to_image(PROMPTS[:1], n=2, seed=3, cfg=3.0, temperature=1.0, top_k=100)
+    np.testing.assert_array_equal(arr(implicit), arr(explicit))
+    assert not np.array_equal(arr(implicit), arr(plain))
+    for name, flags in (("cli_default", []), ("cli_explicit", ["--cfg", "2", "--temperature", "0.5", "--top-k", "5"])):
+        assert main(["t2i", "--ckpt", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--n", "2", "--seed", "3",
+                     "--out", str(tmp_path / name), *flags]) == 0
+    a, b = (tmp_path / "cli_default"), (tmp_path / "cli_explicit")
+    for f in sorted(p.name for p in a.glob("0*.png")):
+        np.testing.assert_array_equal(np.asarray(Image.open(a / f)), np.asarray(Image.open(b / f)))
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["sampling"]["top_p"] = 1.5
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config.json: sampling top_p must be in \(0, 1\], got 1.5"):
+        Pipeline.from_pretrained(tmp_path / "m")
+    meta["sampling"] = {"temprature": 0.5}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown SamplingConfig keys"):
+        Pipeline.from_pretrained(tmp_path / "m")
 
 
 def test_batch_size_fast_mode(pipe):

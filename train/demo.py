@@ -72,7 +72,7 @@ def train_models(out: Path, vq_args: list[str], lm_args: list[str]) -> Path:
     return out / "lm"
 
 
-def evaluate(bundle, out: Path, per_digit: int, cfg: float, temperature: float, split: str) -> dict:
+def evaluate(bundle, out: Path, per_digit: int, cfg: float | None, temperature: float | None, split: str) -> dict:
     """Stage 3: text-to-image and captioning figures of one model (its own tokenizer) on a held-out split."""
     out.mkdir(parents=True, exist_ok=True)
     vq = bundle.vision
@@ -116,8 +116,8 @@ def evaluate(bundle, out: Path, per_digit: int, cfg: float, temperature: float, 
         "tokenizer_psnr": tok_psnr,
         "classifier_accuracy_on_real": clf_acc,
         "images_per_digit": per_digit,
-        "cfg": cfg,
-        "temperature": temperature,
+        "cfg": bundle.sampling.cfg if cfg is None else cfg,
+        "temperature": bundle.sampling.temperature if temperature is None else temperature,
         "captions_evaluated": len(caps),
         "lm_parameters": bundle.lm.num_params(),
         "tokens_per_image": bundle.vision.num_tokens,
@@ -130,8 +130,10 @@ def main(argv=None) -> None:
     p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for text-to-image")
     p.add_argument("--split", choices=("test", "tuning"), default="test",
                    help="held-out part the captions are scored on: tune recipes on 'tuning', report 'test'")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale for text-to-image")
-    p.add_argument("--temperature", type=float, default=0.6, help="text-to-image sampling temperature")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale for text-to-image (default: the model's saved one)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="text-to-image sampling temperature (default: the model's saved one)")
     p.add_argument("--vq-arg", action="append", default=[], help="extra LightningCLI flag for the tokenizer stage")
     p.add_argument("--lm-arg", action="append", default=[], help="extra LightningCLI flag for the LM stage")
     p.add_argument("--ckpt", help="score this trained model (inference folder or .ckpt) instead of training one; "

@@ -12,6 +12,7 @@ import torch
 from models.bundle import Bundle
 from models.config import LMConfig
 from models.objectives import NextTokenPrediction, Objective
+from models.sampling import SamplingConfig
 from models.transformer import Transformer
 from train.datamodules import DataSpec
 from train.resume import ResumableModule
@@ -73,17 +74,20 @@ class MultimodalLMModule(ObjectiveSteps):
         betas: AdamW betas.
         warmup_steps: steps of linear learning-rate warm-up.
         compile: run the objective's loss (backbone + head + loss) through torch.compile while training.
+        sampling: the drawing defaults saved with the model (cfg, temperature, top_k, top_p, steps, sampler), as
+            tuned for the recipe; every entry point uses them unless a flag overrides one.
     """
 
     def __init__(self, data: DataSpec | None = None, objective: Objective | None = None, preset: str = "demo",
                  dim: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, mlp_dim: int | None = None, hf_init: str | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 100, compile: bool = False):
+                 warmup_steps: int = 100, compile: bool = False, sampling: SamplingConfig | None = None):
         super().__init__()
         if data is None:
             raise ValueError("MultimodalLMModule needs `data` (the data module's spec; the CLI links it)")
         self.hf_init, self.compile_lm = hf_init, compile
+        self.sampling = sampling or SamplingConfig()  # saved with the model: the drawing defaults of every entry point
         self._compiled_loss = None
         self._setup(data, objective, preset, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                     mlp_dim=mlp_dim)
@@ -107,7 +111,7 @@ class MultimodalLMModule(ObjectiveSteps):
 
     def bundle(self) -> Bundle:
         d = self.data
-        return Bundle(self.lm, d.tokenizer, d.layout, self.vision, d.max_len, self.objective)
+        return Bundle(self.lm, d.tokenizer, d.layout, self.vision, d.max_len, self.objective, sampling=self.sampling)
 
     def train(self, mode: bool = True):
         super().train(mode)

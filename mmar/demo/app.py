@@ -66,9 +66,9 @@ def build(pipe: Pipeline, title: str = "mmar"):
                                                 placeholder="a handwritten 7", elem_id="t2i-prompt")
                             n = gr.Slider(1, handlers.MAX_IMAGES, value=4, step=1, label="Images per prompt",
                                           elem_id="t2i-n")
-                            cfg = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance (CFG scale, 1 = off)",
+                            cfg = gr.Slider(0, 10, value=pipe.sampling.cfg, step=0.5, label="Guidance (CFG scale, 1 = off)",
                                             elem_id="t2i-cfg")
-                            temp = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature", elem_id="t2i-temperature")
+                            temp = gr.Slider(0, 2, value=pipe.sampling.temperature, step=0.05, label="Temperature", elem_id="t2i-temperature")
                             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="t2i-seed")
                             go = gr.Button("Draw", variant="primary", elem_id="t2i-draw")
                         with gr.Column():
@@ -97,8 +97,8 @@ def build(pipe: Pipeline, title: str = "mmar"):
                             vprompt = gr.Textbox(label="Prompt (one per line for several)", lines=2,
                                                  elem_id="t2v-prompt")
                             vn = gr.Slider(1, 4, value=1, step=1, label="Videos per prompt", elem_id="t2v-n")
-                            vcfg = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance (CFG scale, 1 = off)")
-                            vtemp = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature")
+                            vcfg = gr.Slider(0, 10, value=pipe.sampling.cfg, step=0.5, label="Guidance (CFG scale, 1 = off)")
+                            vtemp = gr.Slider(0, 2, value=pipe.sampling.temperature, step=0.05, label="Temperature")
                             vseed = gr.Number(value=0, precision=0, label="Seed")
                             fps = gr.Slider(1, 30, value=8, step=1, label="Frames per second")
                             go_v = gr.Button("Draw video", variant="primary", elem_id="t2v-draw")
