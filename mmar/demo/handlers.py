@@ -57,6 +57,8 @@ def draw_images(pipe: Pipeline, prompt, n, cfg, temperature, seed,
         if len(prompts) * n > MAX_IMAGES:
             raise ValueError(f"at most {MAX_IMAGES} images at once ({len(prompts)} prompts x {n})")
         seed = _as_int("seed", seed, 0, 2**31 - 1)
+        if getattr(getattr(getattr(pipe, "bundle", None), "objective", None), "continuous", False):
+            temperature = None  # flow matching (xAR) has no temperature: the page's slider does not apply
         images = pipe.text_to_image(prompts, n=n, cfg=cfg, temperature=temperature, seed=seed, progress=progress)
     except Exception as e:  # noqa: BLE001 - everything becomes a message on the page
         return [], _failure(e)
