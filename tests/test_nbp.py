@@ -29,13 +29,14 @@ def batch(codes, prefixes):
     return {"ids": ids, "modality": mod, "loss": ids > 0, "valid": ids > 0}
 
 
-@pytest.mark.parametrize("first", ["condition", "tokens"])
-def test_block_size_one_is_next_token_prediction(first):
-    """With blocks of one token, NBP's loss equals plain next-token cross-entropy on the codes."""
+@pytest.mark.parametrize("bk,first", [(1, "condition"), (1, "tokens"), (N, "tokens")])
+def test_block_size_one_is_next_token_prediction(bk, first):
+    """With blocks of one token, or one block drawn token by token (the hybrid first block and nothing after it),
+    NBP's loss equals plain next-token cross-entropy on the codes."""
     m = lm()
     codes = torch.randint(10, V, (2, N))
     prefixes = [[1, 5, 6, 7], [1, 5, 8]]
-    out = NextBlockPrediction(1, first).loss(m, batch(codes, prefixes))
+    out = NextBlockPrediction(bk, first).loss(m, batch(codes, prefixes))
     ref = []
     for p, c in zip(prefixes, codes):
         seq = torch.tensor(list(p) + [BOI] + c.tolist())[None]
@@ -63,7 +64,7 @@ def test_mask_is_block_causal_and_targets_shifted():
     assert (diff[8:] > 0).all()  # ... every position of block 2 does (bidirectional inside block 1)
 
 
-@pytest.mark.parametrize("first,bk", [("condition", 4), ("tokens", 4), ("condition", 1), ("tokens", 6)])
+@pytest.mark.parametrize("first,bk", [("condition", 4), ("tokens", 4), ("condition", 1), ("tokens", 6), ("tokens", N)])
 def test_cached_block_sampling_matches_training_forward(first, bk):
     """Greedy block sampling through the KV cache (left-padded prompts, guidance on) reproduces the
     argmax of the training forward on its own output, i.e. training and decoding see the same inputs."""

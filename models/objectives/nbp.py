@@ -79,8 +79,10 @@ class NextBlockPrediction(Objective):
             tail = torch.cat([boi_col.expand(bsz, bk), codes[:, : n - bk]], 1)
             tail_blocks = p + torch.arange(nb * bk, device=dev) // bk
         else:
-            # [prefix <boi>][z_0 .. z_{B-2} causal][z_{B-1} <boi> x (B-1)][z blocks 1..nb-2]
-            parts = [boi_col, codes[:, : bk - 1], codes[:, bk - 1: bk], boi_col.expand(bsz, bk - 1), codes[:, bk: n - bk]]
+            # [prefix <boi>][z_0 .. z_{B-2} causal][z_{B-1} <boi> x (B-1)][z blocks 1..nb-2]; one block: no bridge
+            parts = [boi_col, codes[:, : bk - 1]]
+            if nb > 1:
+                parts += [codes[:, bk - 1: bk], boi_col.expand(bsz, bk - 1), codes[:, bk: n - bk]]
             tail = torch.cat(parts, 1)
             causal = torch.arange(bk, device=dev)  # <boi> and z_0..z_{B-2}: one block each
             rest = bk + torch.arange((nb - 1) * bk, device=dev) // bk
