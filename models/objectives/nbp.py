@@ -6,7 +6,8 @@ bidirectional inside a block, causal across blocks, and the text condition is vi
 Targets are shifted by one block: the token at position p of block b predicts position p of block b+1.
 
 The first block needs inputs of its own; two ways, as in the paper's code:
-- `first_block="condition"` (default; the setting behind the paper's 48-step / 11x figure): a block of
+- `first_block="condition"` (default here; not the paper's setting: its 48-step K600 model predicts frames given
+  2 real frames, and its 95-step UCF model is the hybrid below): a block of
   `block_size` copies of `<boi>` after the caption predicts block 0 in one step. Sampling takes one
   forward per block.
 - `first_block="tokens"` (the paper's hybrid scheme): block 0 is predicted token by token (causal),
