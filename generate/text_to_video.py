@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.io import atomic_write, write_text_atomic
 from generate.common import HelpFormatter, add_common, add_drawing_args, check_drawing_args, load, run_main
 from generate.pipeline import text_to_video
-from common.io import atomic_write, write_text_atomic
 from vision_tokenizers.image_io import save_png
 from vision_tokenizers.video_io import frame_strip, write_gif, write_mp4
 

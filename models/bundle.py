@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common.io import dataclass_from_dict
+from common.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
 from models import objectives
 from models.config import LMConfig
 from models.objectives import Objective
@@ -29,8 +31,6 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from common.io import dataclass_from_dict
-from common.weights import atomic_dir, atomic_save_file, load_state_strict, plain_state
 from vision_tokenizers import projectors, registry
 
 FORMAT = "mmar-bundle/2"

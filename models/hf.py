@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from common.weights import atomic_dir
 from models.config import LMConfig
 from models.transformer import RotaryEmbedding, Transformer
-from common.weights import atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

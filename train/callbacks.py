@@ -8,8 +8,8 @@ from typing import Literal
 import lightning as L
 import torch
 
-from generate.pipeline import caption, text_to_image
 from common.io import write_text_atomic
+from generate.pipeline import caption, text_to_image
 from vision_tokenizers.image_io import grid, save_png
 
 

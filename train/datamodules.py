@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.weights import atomic_save_file
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
-from common.weights import atomic_save_file
 from train.resume import resumable_loader, visit, visit_rng
 from train.sources import STOP, BadSamples, ImageTextSet, load_source, split_indices
 from vision_tokenizers import registry

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.io import write_text_atomic
+from evaluation.judges import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from generate.pipeline import caption, text_to_image
 from models.bundle import load_bundle
-from common.io import write_text_atomic
 from train.cli import main as cli_main
-from evaluation.judges import HeldOutClassifier, caption_correct, psnr, wilson_interval
 from train.sources import load_mnist_set, split_indices
 from vision_tokenizers.image_io import grid, save_png
 

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from common.weights import atomic_save_file
 from models.sampling import left_pad
 from models.sequence import SequenceConfig, SequenceFormat
 from models.vocab import VocabLayout
-from common.weights import atomic_save_file
 from train.datamodules import DataSpec, caption_tokenizer, split_source
 from train.resume import resumable_loader, visit_rng
 from train.sources import ImageTextSet

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.weights import load_state_strict
 from models.bundle import Bundle
 from models.objectives import Objective
 from models.sequence import SequenceConfig, SequenceFormat
 from models.transformer import Transformer
-from common.weights import load_state_strict
 from train.datamodules import DataSpec
 from train.lm_module import ObjectiveSteps
 from train.schedule import adamw_cosine

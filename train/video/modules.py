@@ -14,10 +14,10 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from common.weights import atomic_save_file
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from models.vocab import VocabLayout
-from common.weights import atomic_save_file
 from train.datamodules import DataSpec
 from train.resume import resumable_loader, visit, visit_rng
 from train.tokenizer_module import ReconstructionTokenizerModule
