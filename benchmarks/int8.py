@@ -35,7 +35,7 @@ def _peak_rss(ckpt: str, int8: bool) -> float:
     code = ("import resource,torch;from mmar import Pipeline;from train.sources import load_mnist_set;"
             f"p=Pipeline.from_pretrained({ckpt!r},int8={int8});d=load_mnist_set();"
             "imgs=[d.image(i,1,28) for i in range(100)];"
-            "from generate.pipeline import caption;caption(p.bundle,torch.stack(imgs),max_new_tokens=32);"
+            "from mmar.pipeline import Pipeline;caption(p.bundle,torch.stack(imgs),max_new_tokens=32);"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not Path(args.ckpt).exists():
         raise SystemExit(f"error: {args.ckpt}: not found; run `make demo` first")
-    from generate.pipeline import caption, text_to_image
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
     from models.quantize import quantize_int8
     from train.demo import HOLDOUT, SEED, heldout_splits
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     for i in range(0, len(images), 100):
         for k, b in models.items():
             t = time.perf_counter()
-            caps[k] += caption(b, images[i:i + 100], max_new_tokens=32)
+            caps[k] += Pipeline(b).draw_captions(images[i:i + 100], max_new_tokens=32)
             secs[k]["caption"] += time.perf_counter() - t
     gen = {}
     want = np.repeat(np.arange(10), args.per_digit)
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         for k, b in models.items():
             g = torch.Generator().manual_seed(SEED + d)
             t = time.perf_counter()
-            gen[k].append(text_to_image(b, [f"a handwritten {d}"], args.per_digit, cfg=3.0, temperature=0.8,
+            gen[k].append(Pipeline(b).draw_images([f"a handwritten {d}"], args.per_digit, cfg=3.0, temperature=0.8,
                                         generator=g))
             secs[k]["t2i"] += time.perf_counter() - t
     report = {"ckpt": args.ckpt, "threads": 1, "caption_images": len(images), "t2i_images": len(want)}

@@ -23,7 +23,7 @@ real held-out clips and on their tokenizer reconstructions bound what the LMs ca
 Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). Also:
 `python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
 prints their parameter counts; `python -m benchmarks.nbp --score CKPT` scores one trained text->video model
-(e.g. the README recipe's checkpoint) the same way, through `generate.pipeline.text_to_video`, and writes
+(e.g. the README recipe's checkpoint) the same way, through `mmar.Pipeline.draw_videos`, and writes
 benchmarks/results/video_recipe.json; `python -m benchmarks.nbp --first-frames TOKENIZER` trains the LM on the
 tokenizer's first latent frames only (text->image, token by token) and scores the drawn frames' digits ->
 benchmarks/results/nbp_first_frames.json (does the LM learn digit shapes at all at this budget?).
@@ -31,6 +31,7 @@ benchmarks/results/nbp_first_frames.json (does the LM learn digit shapes at all 
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import datetime
 import json
@@ -231,8 +232,8 @@ def sample_codes(lm, objective, fmt, layout, captions, n_codes, cfg, temperature
 
 def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | None, results: Path) -> dict:
     """Quality of one trained text->video model on `n_eval` held-out prompts (one video each, batches of 8),
-    drawn the way `generate.text_to_video` draws them."""
-    from generate.pipeline import text_to_video
+    drawn the way `mmar t2v` draws them."""
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
 
     b = load_bundle(ckpt)
@@ -241,7 +242,7 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
     captions = [c[0] for c in held.captions]
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    videos = torch.cat([text_to_video(b, captions[i:i + 8], 1, cfg=cfg, temperature=temperature, top_k=top_k,
+    videos = torch.cat([Pipeline(b).draw_videos(captions[i:i + 8], 1, cfg=cfg, temperature=temperature, top_k=top_k,
                                       generator=gen) for i in range(0, n_eval, 8)])
     secs = (time.perf_counter() - t0) / n_eval
     labels, dirs, clf = held.labels[:, 0], held.directions[:, 0], heldout_classifier()
@@ -343,7 +344,7 @@ def main(argv=None) -> None:
     p.add_argument("--timing-videos", type=int, default=3, help="videos timed one by one")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--save", type=Path, default=Path("results/video/bench"),
-                   help="inference folders of the three LMs go to <save>/<objective> (for generate.text_to_video)")
+                   help="inference folders of the three LMs go to <save>/<objective> (for mmar t2v)")
     p.add_argument("--score", type=Path, default=None, metavar="CKPT",
                    help="only score this trained text->video checkpoint or model folder on --n-eval held-out prompts")
     p.add_argument("--score-results", type=Path, default=RESULTS.with_name("video_recipe.json"))
@@ -481,6 +482,6 @@ def plot(res: dict, names: list[str], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    from generate.common import run_main
+    from mmar.cli import call
 
-    raise SystemExit(run_main(main))  # a missing or wrong checkpoint (--score) is one line, not a traceback
+    raise SystemExit(call(main, sys.argv[1:], "python -m benchmarks.nbp"))  # a missing or wrong checkpoint (--score) is one line, not a traceback

@@ -38,7 +38,7 @@ VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the tes
 
 
 def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
-    from generate.pipeline import caption
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
     from evaluation.judges import caption_correct
     from train.sources import digit_captions
@@ -46,7 +46,7 @@ def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
     b = load_bundle(ckpt)
     caps = []
     for i in range(0, len(images), 125):
-        caps += caption(b, images[i:i + 125], max_new_tokens=32)  # greedy
+        caps += Pipeline(b).draw_captions(images[i:i + 125], max_new_tokens=32)  # greedy
     slot = np.array([caption_correct(c, int(y)) for c, y in zip(caps, labels)])
     exact = np.array([c.strip() in digit_captions(int(y)) for c, y in zip(caps, labels)])
     return {"slot": slot, "exact": exact, "examples": caps[:5]}

@@ -78,7 +78,7 @@ def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
 # ---- one dataset ----------------------------------------------------------------------------------
 
 def run_dataset(source: str, out: Path, a) -> dict:
-    from generate.pipeline import caption, text_to_image
+    from mmar.pipeline import Pipeline
     from models.text_tokenizer import TextTokenizer
     from evaluation.judges import HeldOutClassifier, caption_correct
     from train.seed import tokenizer_json_path
@@ -182,7 +182,7 @@ def run_dataset(source: str, out: Path, a) -> dict:
     for tag, b in bundles.items():
         t = time.time()
         g = torch.Generator().manual_seed(SEED)
-        imgs = torch.cat([text_to_image(b, [pr], a.per_class, cfg=a.cfg, temperature=a.temperature, generator=g)
+        imgs = torch.cat([Pipeline(b).draw_images([pr], a.per_class, cfg=a.cfg, temperature=a.temperature, generator=g)
                           for pr in prompts])
         res[f"{tag}_t2i_seconds"] = time.time() - t
         res[f"{tag}_t2i_accuracy"] = clf.accuracy(imgs, want)
@@ -191,7 +191,7 @@ def run_dataset(source: str, out: Path, a) -> dict:
             res[f"{tag}_t2i_fid"] = fid(imgs)
         texts = []
         for i in range(0, len(cap_x), 100):
-            texts += caption(b, cap_x[i:i + 100], max_new_tokens=32, generator=g)
+            texts += Pipeline(b).draw_captions(cap_x[i:i + 100], max_new_tokens=32, generator=g)
         res[f"{tag}_caption_accuracy"] = float(np.mean([caption_correct(tx, int(y), data.class_names)
                                                         for tx, y in zip(texts, cap_y)]))
     res["t2i_images_per_class"] = a.per_class

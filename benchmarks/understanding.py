@@ -51,11 +51,11 @@ def _fit(config: str, root: Path, extra: list[str]) -> float:
 
 @torch.inference_mode()
 def captions_of(bundle, images: torch.Tensor, tokens: int | None = None, batch: int = 250) -> list[str]:
-    from generate.pipeline import caption
+    from mmar.pipeline import Pipeline
 
     out = []
     for i in range(0, len(images), batch):
-        out += caption(bundle, images[i:i + batch], max_new_tokens=48, temperature=0.0, tokens=tokens)
+        out += Pipeline(bundle).draw_captions(images[i:i + batch], max_new_tokens=48, temperature=0.0, tokens=tokens)
     return out
 
 
@@ -92,7 +92,7 @@ def _public(d: dict) -> dict:
 
 
 def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: dict) -> None:
-    from generate.pipeline import text_to_image
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
     from evaluation.judges import psnr
     from train.scenes import CellReader, ItemPools, compose_caption
@@ -167,7 +167,7 @@ def run_ett(args, work: Path, test, images: torch.Tensor, truths, refs, report: 
     drawn = {}
     for name in ("a_codes", "b_embeddings", "c_ett"):
         g = torch.Generator().manual_seed(0)
-        imgs = torch.cat([text_to_image(models[name], prompts[i:i + 100], n=1, cfg=args.cfg, temperature=0.8,
+        imgs = torch.cat([Pipeline(models[name]).draw_images(prompts[i:i + 100], n=1, cfg=args.cfg, temperature=0.8,
                                         generator=g) for i in range(0, n_t2i, 100)])
         acc = reader.accuracy(imgs, truths[:n_t2i])
         drawn[name] = acc

@@ -190,7 +190,7 @@ def reconstructions(out: Path, x_real: torch.Tensor, labels, fid: "FeatureFID", 
 
 
 def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> dict:
-    from generate.pipeline import text_to_image
+    from mmar.pipeline import Pipeline
     from vision_tokenizers.image_io import grid, save_png
 
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,7 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
         for k, pr in enumerate(prompts):
             for i in range(0, a.per_class, a.gen_batch):
                 m = min(a.gen_batch, a.per_class - i)
-                imgs.append(text_to_image(b, [pr], m, cfg=a.cfg, temperature=a.temperature, generator=g,
+                imgs.append(Pipeline(b).draw_images([pr], m, cfg=a.cfg, temperature=a.temperature, generator=g,
                                           steps=a.steps, sampler=a.sampler))
         imgs = torch.cat(imgs)
         res[f"{name}_seconds_per_image"] = (time.time() - t) / len(imgs)

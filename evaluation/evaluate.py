@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 
-def parser(epilog: str | None = None) -> argparse.ArgumentParser:
-    """`mmar eval`'s flags; `epilog` is the examples text that mmar/cli.py shows under --help."""
-    p = argparse.ArgumentParser(prog="mmar eval", description=__doc__, epilog=epilog,
+def parser() -> argparse.ArgumentParser:
+    """`mmar eval`'s flags."""
+    p = argparse.ArgumentParser(prog="mmar eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="inference folder or Lightning .ckpt of a trained LM")
     p.add_argument("--source", default="mnist",
@@ -146,8 +146,8 @@ def evaluate(pipe, data, parts: dict, per_class: int, n_captions: int, cfg: floa
     return report
 
 
-def main(argv=None, epilog: str | None = None) -> None:
-    p = parser(epilog)
+def main(argv=None) -> None:
+    p = parser()
     a = p.parse_args(argv)
     if a.per_class < 1:
         p.error(f"--per-class must be >= 1, got {a.per_class}")

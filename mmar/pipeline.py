@@ -12,22 +12,49 @@ returns, for each prompt p in order, exactly `text_to_image([p], n, seed=s)`, an
 `text_to_image([p], n=1, seed=s + j)[0]` whatever else is in the batch. Captions are made one image
 at a time too: greedy by default (no randomness); at temperature > 0 the i-th image uses seed `seed + i`,
 so `caption(images, seed=s)[i] == caption([images[i]], seed=s + i)[0]`.
+
+Below that user level sits the tensor level the training callbacks, the demo's scoring and the
+benchmarks call: `draw_images` / `draw_videos` / `draw_captions` take and return tensors and draw a
+whole batch with one generator. Prompts come from the model's sequence format (models/sequence.py),
+the code that built its training samples; decoding is the model's objective's (models/objectives/).
 """
 from __future__ import annotations
 
 import operator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
-from generate import pipeline as core
 from models.bundle import Bundle, load_bundle
+from models.sampling import id_range_mask, left_pad
 from vision_tokenizers.image_io import load_image, pil_to_tensor, tensor_to_pil
 
 # progress(done, total): called while drawing, `done` in [0, total] (forward passes of the LM)
 Progress = Callable[[int, int], None]
+
+
+@contextmanager
+def forward_progress(lm: torch.nn.Module, total: int, progress: Callable[[int, int], None] | None):
+    """Calls progress(done, total) before the first and after each forward pass of `lm` (one per decoding step;
+    guided prompts are one batch, so one pass), `done` capped at total. No-op when progress is None."""
+    if progress is None:
+        yield
+        return
+    done = [0]
+
+    def hook(*_):
+        done[0] = min(done[0] + 1, total)
+        progress(done[0], total)
+
+    handle = lm.register_forward_hook(hook)
+    try:
+        progress(0, total)
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_number(name: str, value, low: float, *, inclusive: bool = True) -> float:
@@ -68,9 +95,9 @@ def _check_prompts(prompts) -> list[str]:
 class Pipeline:
     """A loaded model (`bundle`) with text-to-image, captioning and (for video checkpoints) text-to-video."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None):
         self.bundle = bundle
-        self.device = torch.device(device)
+        self.device = bundle.lm.tok_emb.weight.device if device is None else torch.device(device)
 
     # ---- load / save -------------------------------------------------------------------------
     @classmethod
@@ -117,10 +144,92 @@ class Pipeline:
         """The drawing defaults saved with the model (models.sampling.SamplingConfig)."""
         return self.bundle.sampling
 
-    # ---- drawing ---------------------------------------------------------------------------------
-    def _counting(self, progress: Progress | None, total: int):
-        return core.forward_progress(self.bundle.lm, total, progress)
+    # ---- tensor level: one batch, one generator ---------------------------------------------------
+    @torch.inference_mode()
+    def draw_images(self, prompts: list[str], n: int = 1, cfg: float | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                    steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
+        """A batch of images [len(prompts) * n, C, H, W] in [-1, 1], prompt-major order.
 
+        Every option left at None takes the model's saved sampling defaults (`self.sampling`). Only image codes are
+        sampled inside the image span; with cfg != 1 the batch is doubled with the unconditional prompt (the
+        caption-dropped form the model was trained on). A continuous-latent objective (xAR) draws latents with
+        `steps` / `sampler` instead, and refuses temperature, top-k and top-p, which do not apply to it.
+        """
+        b = self.bundle
+        s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler)
+        continuous = getattr(b.objective, "continuous", False)
+        if continuous and (temperature, top_k, top_p) != (None, None, None):
+            raise ValueError("this model draws by flow matching (xAR): temperature, top-k and top-p do not apply; "
+                             "use steps and sampler")
+        fmt = b.format
+        rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
+        guided = s.cfg != 1.0
+        if guided:
+            rows = rows + [fmt.t2i_prompt(None)] * len(rows)
+        ids, valid = left_pad(rows, b.tokenizer.pad_id)
+        n_codes = b.vision.num_tokens
+        if ids.shape[1] + n_codes > b.max_len:
+            what = "latents" if continuous else "image codes"
+            raise ValueError(f"prompt of {ids.shape[1]} tokens + {n_codes} {what} exceeds max_len {b.max_len}")
+        dev, cfg_scale = self.device, s.cfg if guided else None
+        if continuous:
+            latents = b.objective.generate(b.lm, ids.to(dev), valid=valid.to(dev), cfg_scale=cfg_scale, steps=s.steps,
+                                           sampler=s.sampler, generator=generator)  # [B, c, h, w]
+            return b.vision.decode(latents)
+        lo = b.layout.image_offset
+        allowed = id_range_mask(b.lm.cfg.vocab_size, lo, lo + b.layout.image_codes, device=dev)
+        codes = b.objective.generate(
+            b.lm, ids.to(dev), n_codes, valid=valid.to(dev), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            allowed=allowed, cfg_scale=cfg_scale, generator=generator,
+        ) - lo  # [B, N]
+        return b.vision.decode(codes.view(len(codes), *b.vision.code_shape))
+
+    @torch.inference_mode()
+    def draw_captions(self, images: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+                      top_p: float | None = None, generator: torch.Generator | None = None,
+                      tokens: int | None = None) -> list[str]:
+        """Captions for a batch of images [B, C, H, W] in [-1, 1] at the trained size: the captioning prompt, then
+        text until <eos>.
+
+        A model with continuous image inputs (`bundle.visual`: ETT codebook embeddings, TokenFLEX pooled features) reads
+        each image as `tokens` vectors in embedding slots (TokenFLEX: any square count; default: the model's)."""
+        b = self.bundle
+        if getattr(b.objective, "continuous", False):
+            raise ValueError("this checkpoint draws continuous latents (xAR); it does not caption images")
+        tok, fmt, dev = b.tokenizer, b.format, self.device
+        lm = b.lm
+        if b.visual is not None:
+            from vision_tokenizers.projectors import WithEmbeds
+
+            embeds = b.visual(images.to(dev), b.vision, tokens)  # [B, N, D]
+            ids = torch.tensor([fmt.caption_prompt_slots(embeds.shape[1])] * len(images), device=dev)  # [B, T]
+            lm = WithEmbeds(b.lm, embeds.flatten(0, 1), fmt.image_slots(ids))
+        elif tokens is not None and tokens != b.vision.num_tokens:
+            raise ValueError(f"this model reads images as {b.vision.num_tokens} code ids; it has no token count to choose")
+        else:
+            codes = b.vision.encode(images.to(dev))  # [B, h, w]
+            ids = torch.tensor([fmt.caption_prompt(c) for c in codes], device=dev)  # [B, T] (all the same length)
+        max_new_tokens = min(max_new_tokens, b.max_len - ids.shape[1])
+        allowed = id_range_mask(b.lm.cfg.vocab_size, 0, b.layout.text_size, device=dev)  # text ids and <eos> only
+        allowed[tok.special_ids] = False
+        allowed[tok.eos_id] = True
+        out = b.objective.generate(lm, ids, max_new_tokens, temperature=temperature, top_p=top_p, allowed=allowed,
+                                   stop_id=tok.eos_id, generator=generator)
+        return [tok.decode(t for t in row.tolist() if t != tok.eos_id) for row in out]
+
+    @torch.inference_mode()
+    def draw_videos(self, prompts: list[str], n: int = 1, cfg: float | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Videos [len(prompts) * n, C, T, H, W] in [-1, 1], prompt-major order. The same prompt and decoding as
+        draw_images (the video codes are the visual span); the model's objective decides token- or block-wise."""
+        if len(getattr(self.bundle.vision, "code_shape", ())) != 3:
+            raise ValueError("this model's vision tokenizer is not a video tokenizer; use draw_images")
+        return self.draw_images(prompts, n, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator)
+
+    # ---- user level: checked options, PIL images, one seed per image ------------------------------
     def _draw(self, fn, prompts, n, cfg, temperature, top_k, top_p, seed, progress, batch_size=None,
               **kw) -> list[torch.Tensor]:
         prompts = _check_prompts(prompts)
@@ -146,8 +255,8 @@ class Pipeline:
             gen = torch.Generator(device=self.device).manual_seed(s)
             base = c * steps_each
             sub = None if progress is None else (lambda d, _t, b=base: progress(min(b + d, total), total))
-            with self._counting(sub, steps_each):
-                x = fn(self.bundle, rows, 1, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+            with forward_progress(self.bundle.lm, steps_each, sub):
+                x = fn(rows, 1, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=gen, **kw)
             out.extend(x.cpu().unbind(0))
         if progress is not None:
@@ -169,7 +278,7 @@ class Pipeline:
         whole list, and are reproducible only for the same call."""
         if self.can_make_video:
             raise ValueError("this checkpoint draws videos; use text_to_video")
-        xs = self._draw(core.text_to_image, prompts, n, cfg, temperature, top_k, top_p, seed, progress,
+        xs = self._draw(self.draw_images, prompts, n, cfg, temperature, top_k, top_p, seed, progress,
                         batch_size, steps=steps, sampler=sampler)
         return [tensor_to_pil(x) for x in xs]
 
@@ -182,7 +291,7 @@ class Pipeline:
         if not self.can_make_video:
             raise ValueError("this checkpoint cannot make videos (its vision tokenizer is an image tokenizer); "
                              "use text_to_image, or load a text-to-video checkpoint (configs/video_lm.yaml)")
-        xs = self._draw(core.text_to_video, prompts, n, cfg, temperature, top_k, top_p, seed, progress, batch_size)
+        xs = self._draw(self.draw_videos, prompts, n, cfg, temperature, top_k, top_p, seed, progress, batch_size)
         return [[tensor_to_pil(v[:, t]) for t in range(v.shape[1])] for v in xs]  # [C, T, H, W] -> frames
 
     # ---- captioning ------------------------------------------------------------------------------
@@ -213,7 +322,7 @@ class Pipeline:
         out = []
         for k, x in enumerate(xs):
             gen = torch.Generator(device=self.device).manual_seed(seed + k)
-            out += core.caption(self.bundle, x[None], max_new_tokens, temperature, top_p, gen)
+            out += self.draw_captions(x[None], max_new_tokens, temperature, top_p, gen)
             if progress is not None:
                 progress(k + 1, len(xs))
         return out

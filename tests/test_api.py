@@ -221,12 +221,12 @@ def test_batch_size_fast_mode(pipe):
     """batch_size=k: k images per sampler call; reproducible for the same call, one generator per call."""
     import torch
 
-    from generate.pipeline import text_to_image
+    from mmar.pipeline import Pipeline
 
     fast = arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7, batch_size=3))
     assert fast.shape == (4, 8, 8)
     np.testing.assert_array_equal(fast, arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7, batch_size=3)))
-    first = text_to_image(pipe.bundle, [PROMPTS[0], PROMPTS[0], PROMPTS[1]], 1,
+    first = Pipeline(pipe.bundle).draw_images([PROMPTS[0], PROMPTS[0], PROMPTS[1]], 1,
                           generator=torch.Generator().manual_seed(7))  # chunk 0: the first three images
     np.testing.assert_array_equal(fast[:3], arr(tensor_to_pil_all(first)))
     exact = arr(pipe.text_to_image(PROMPTS[:2], n=2, seed=7))

@@ -16,9 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generate import caption as caption_script
-from generate import text_to_image as t2i_script
-from generate.common import run_main
+from mmar.cli import run
 from train.sources import load_jsonl_set
 from vision_tokenizers.image_io import pil_to_tensor
 
@@ -80,16 +78,16 @@ def test_caption_refuses_bad_image(case, tiny_bundle_dir, tmp_path, capsys):
     good, bad = tmp_path / "good.png", tmp_path / name
     _digit().save(good)
     bad.write_bytes(make())
-    assert run_main(caption_script.main, ["--ckpt", str(tiny_bundle_dir), str(good), str(bad)]) == 2
+    assert run("caption", ["--ckpt", str(tiny_bundle_dir), str(good), str(bad)]) == 2
     assert expected in _err(capsys)
 
 
 def test_caption_other_bad_paths(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
     ck = ["--ckpt", str(tiny_bundle_dir)]
-    assert run_main(caption_script.main, [*ck, str(tmp_path / "missing.png")]) == 2
+    assert run("caption", [*ck, str(tmp_path / "missing.png")]) == 2
     assert "missing.png: image file not found" in _err(capsys)
     (tmp_path / "nothing").mkdir()
-    assert run_main(caption_script.main, [*ck, str(tmp_path / "nothing")]) == 2
+    assert run("caption", [*ck, str(tmp_path / "nothing")]) == 2
     assert "nothing: no images" in _err(capsys)
     _digit().save(tmp_path / "locked.png")
 
@@ -97,7 +95,7 @@ def test_caption_other_bad_paths(tiny_bundle_dir, tmp_path, capsys, monkeypatch)
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Image, "open", denied)  # root reads any file, so unreadability is simulated
-    assert run_main(caption_script.main, [*ck, str(tmp_path / "locked.png")]) == 2
+    assert run("caption", [*ck, str(tmp_path / "locked.png")]) == 2
     assert "locked.png: cannot read image (permission denied)" in _err(capsys)
 
 
@@ -113,7 +111,7 @@ def test_unusual_images_are_converted(tiny_bundle_dir, tmp_path, capsys):
     }
     for name, img in images.items():
         img.save(tmp_path / name)
-    assert run_main(caption_script.main, ["--ckpt", str(tiny_bundle_dir), str(tmp_path)]) == 0
+    assert run("caption", ["--ckpt", str(tiny_bundle_dir), str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in out) == sorted(images)
     sixteen = pil_to_tensor(Image.open(tmp_path / "sixteen.png"), 1, 8)
@@ -134,9 +132,7 @@ T2I_FLAG_CASES = {
 @pytest.mark.parametrize("case", sorted(T2I_FLAG_CASES))
 def test_text_to_image_bad_flags(case, tiny_bundle_dir, tmp_path, capsys):
     argv, expected = T2I_FLAG_CASES[case]
-    with pytest.raises(SystemExit) as e:
-        t2i_script.main(["--ckpt", str(tiny_bundle_dir), *argv, "--out", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert run("t2i", ["--ckpt", str(tiny_bundle_dir), *argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -154,10 +150,9 @@ def test_text_to_image_bad_prompts(tiny_bundle_dir, tmp_path, capsys):
         (["--prompts-file", str(tmp_path)], "is a folder, expected a text file"),
         (["--prompts-file", str(tmp_path / "nope.txt")], "nope.txt: file not found"),
     ):
-        with pytest.raises(SystemExit):
-            t2i_script.main([*ck, *argv, *out])
+        assert run("t2i", [*ck, *argv, *out]) == 2
         assert expected in capsys.readouterr().err
-    assert run_main(t2i_script.main, [*ck, "--prompt", "seven " * 2000, *out]) == 2
+    assert run("t2i", [*ck, "--prompt", "seven " * 2000, *out]) == 2
     err = _err(capsys)
     assert "prompt of 12004 tokens" in err and "exceeds max_len 48" in err
     assert not (tmp_path / "o").exists()
@@ -180,7 +175,7 @@ def test_bad_checkpoints(tiny_bundle_dir, tiny_vq_path, tmp_path, capsys):
         (other, "vq.ckpt: not an mmar language-model checkpoint"),
         (tiny_vq_path, "vq.safetensors: not an mmar language-model checkpoint"),  # a tokenizer, not an LM
     ):
-        assert run_main(t2i_script.main, ["--ckpt", str(ckpt), *out]) == 2
+        assert run("t2i", ["--ckpt", str(ckpt), *out]) == 2
         assert expected in _err(capsys)
     assert not (tmp_path / "o").exists()
 

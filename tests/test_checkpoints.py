@@ -9,8 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from generate import caption as caption_script
-from generate.common import run_main
+from mmar.cli import run
 from models.bundle import load_bundle
 from train.callbacks import NonFiniteError, NumericalGuard
 from train.cli import prepare_trainer
@@ -80,7 +79,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "mmar": {}, "payload": _Payload(marker)}, evil)
-    assert run_main(caption_script.main, ["--ckpt", str(evil), str(evil)]) == 2
+    assert run("caption", ["--ckpt", str(evil), str(evil)]) == 2
     err = capsys.readouterr().err
     assert "evil.ckpt: cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()

@@ -29,12 +29,12 @@ COMMANDS = documented_commands()
 MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
 
 
-def _parse_generate(module: str, argv: list[str]) -> None:
-    importlib.import_module(module).parse(argv)
+ALIASES = {"generate.text_to_image": "t2i", "generate.text_to_video": "t2v", "generate.caption": "caption"}
 
 
 def check(argv: list[str]) -> None:
-    from mmar.cli import COMMANDS as MMAR, demo_parser, export_parser
+    from mmar import commands
+    from mmar.cli import COMMANDS as MMAR
 
     exe = argv[0].split("/")[-1]
     if exe == "make":
@@ -44,9 +44,9 @@ def check(argv: list[str]) -> None:
         assert argv[1] == "-m"
         module, argv = argv[2], argv[3:]
         assert importlib.util.find_spec(module), f"no module {module}"
-        if module.startswith("generate."):
-            return _parse_generate(module, argv)
-        if module != "train":
+        if module in ALIASES:
+            argv = [ALIASES[module], *argv]
+        elif module != "train":
             return
     else:
         assert exe == "mmar", exe
@@ -56,15 +56,12 @@ def check(argv: list[str]) -> None:
     if cmd in ("fit", "validate"):
         config = rest[rest.index("--config") + 1]
         assert (ROOT / config).is_file(), f"no recipe {config}"
-    elif cmd in ("t2i", "t2v", "caption"):
-        _parse_generate({"t2i": "generate.text_to_image", "t2v": "generate.text_to_video",
-                         "caption": "generate.caption"}[cmd], rest)
     elif cmd == "eval":
         from evaluation.evaluate import parser
 
         parser().parse_args(rest)
     else:
-        (export_parser() if cmd == "export" else demo_parser()).parse_args(rest)
+        getattr(commands, f"{cmd}_parser")().parse_args(rest)
 
 
 def test_docs_have_commands():

@@ -81,7 +81,7 @@ def test_stage2_loss_is_caption_plus_alpha_vq(scene_vq):
 
 
 def test_stages_chain_and_the_tuned_tokenizer_draws(scene_vq, tmp_path):
-    from generate.pipeline import caption, text_to_image
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
 
     torch.manual_seed(0)
@@ -102,9 +102,9 @@ def test_stages_chain_and_the_tuned_tokenizer_draws(scene_vq, tmp_path):
         assert torch.equal(v, stage2.vision.state_dict()[k]), k
     folder = load_bundle(tmp_path / "lm")  # the exported inference folder has the same tokenizer
     assert torch.equal(folder.vision.encoder.conv_in.weight, tuned.vision.encoder.conv_in.weight)
-    images = text_to_image(tuned, ["a 7 at the top left"], n=2, generator=torch.Generator().manual_seed(0))
+    images = Pipeline(tuned).draw_images(["a 7 at the top left"], n=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 56, 56)
-    caps = caption(folder, dm.val_scenes.images(range(2)), 8)
+    caps = Pipeline(folder).draw_captions(dm.val_scenes.images(range(2)), 8)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
 
 

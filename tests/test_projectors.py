@@ -142,7 +142,7 @@ def test_embeds_reach_the_backbone_in_training_and_decoding(caption_tokenizer):
 
 @pytest.mark.parametrize("kind", ["codebook", "vit_pool"])
 def test_bundle_with_a_visual_input_round_trips(kind, caption_tokenizer, tmp_path):
-    from generate.pipeline import caption
+    from mmar.pipeline import Pipeline
 
     torch.manual_seed(0)
     if kind == "codebook":
@@ -158,7 +158,7 @@ def test_bundle_with_a_visual_input_round_trips(kind, caption_tokenizer, tmp_pat
     assert (tmp_path / "m" / "vision_tokenizer.safetensors").exists() == (kind == "codebook")
     b2 = load_bundle(tmp_path / "m")
     images = torch.rand(3, 1, 56, 56) * 2 - 1
-    assert caption(b, images, 6) == caption(b2, images, 6)
+    assert Pipeline(b).draw_captions(images, 6) == Pipeline(b2).draw_captions(images, 6)
     for (k, v), (k2, v2) in zip(b.visual.state_dict().items(), b2.visual.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
 

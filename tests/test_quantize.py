@@ -6,9 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generate import caption as caption_script
-from generate import text_to_image as t2i_script
-from generate.common import run_main
+from mmar.cli import run
 from models.quantize import count_int8_linears, quantize_int8
 
 
@@ -31,10 +29,10 @@ def test_quantized_logits_close_to_fp32(tiny_bundle):
 
 def test_int8_flag_end_to_end(tiny_bundle_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert run_main(t2i_script.main, ["--ckpt", str(tiny_bundle_dir), "--prompt", "a handwritten 3", "--n", "2",
+    assert run("t2i", ["--ckpt", str(tiny_bundle_dir), "--prompt", "a handwritten 3", "--n", "2",
                                       "--int8", "--out", str(out)]) == 0
     assert Image.open(out / "000_00.png").size == (8, 8)
     Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
     capsys.readouterr()
-    assert run_main(caption_script.main, ["--ckpt", str(tiny_bundle_dir), "--int8", str(tmp_path / "a.png")]) == 0
+    assert run("caption", ["--ckpt", str(tiny_bundle_dir), "--int8", str(tmp_path / "a.png")]) == 0
     assert "a.png\t" in capsys.readouterr().out

@@ -7,9 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from generate import caption as caption_script
-from generate import text_to_image as t2i_script
-from generate.common import run_main
+from mmar.cli import run
 from models.bundle import load_bundle
 from train.cli import main as cli_main
 from train.datamodules import ImageDataModule, ImageTextDataModule
@@ -292,15 +290,15 @@ def test_seed_checkpoint_through_both_scripts(stages, ckpt, tmp_path, capsys):
     path = stages["dir"] / ckpt
     assert load_bundle(path).vision.config.detokenizer is not None
     out = tmp_path / "t2i"
-    assert run_main(t2i_script.main, ["--ckpt", str(path), "--prompt", "a handwritten 3", "--n", "2",
+    assert run("t2i", ["--ckpt", str(path), "--prompt", "a handwritten 3", "--n", "2",
                                       "--seed", "3", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["000_00.png", "000_01.png", "grid.png"]
     first = (out / "000_00.png").read_bytes()
-    assert run_main(t2i_script.main, ["--ckpt", str(path), "--prompt", "a handwritten 3", "--n", "2",
+    assert run("t2i", ["--ckpt", str(path), "--prompt", "a handwritten 3", "--n", "2",
                                       "--seed", "3", "--out", str(out)]) == 0
     assert (out / "000_00.png").read_bytes() == first  # same seed, same image
     capsys.readouterr()
-    assert run_main(caption_script.main, ["--ckpt", str(path), str(out / "000_00.png"), "--max-new-tokens", "4"]) == 0
+    assert run("caption", ["--ckpt", str(path), str(out / "000_00.png"), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(str(out / "000_00.png") + "\t")
 
 

@@ -64,7 +64,7 @@ def flexible_model(tmp_path_factory):
 
 
 def test_one_model_captions_at_two_token_counts(flexible_model):
-    from generate.pipeline import caption
+    from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
 
     tmp, dm = flexible_model
@@ -81,16 +81,15 @@ def test_one_model_captions_at_two_token_counts(flexible_model):
 
     b.lm.forward = spy
     for tokens in (16, 36, 25, None):
-        caps = caption(b, images, 10, tokens=tokens)
+        caps = Pipeline(b).draw_captions(images, 10, tokens=tokens)
         assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
     assert seen == [16, 36, 25, 36]  # slots per image: the count asked for (default: the model's)
     with pytest.raises(ValueError, match="square"):
-        caption(b, images, 4, tokens=20)
+        Pipeline(b).draw_captions(images, 4, tokens=20)
 
 
 def test_caption_script_takes_tokens(flexible_model, capsys):
-    from generate.caption import main
-    from generate.common import run_main
+    from mmar.cli import run
     from vision_tokenizers.image_io import save_png
 
     tmp, dm = flexible_model
@@ -99,10 +98,10 @@ def test_caption_script_takes_tokens(flexible_model, capsys):
     for i, img in enumerate(dm.val_scenes.images(range(3))):
         save_png(img, folder / f"{i}.png")
     for tokens in ("16", "36"):
-        assert run_main(main, ["--ckpt", str(tmp / "lm"), "--tokens", tokens, str(folder)]) == 0
+        assert run("caption", ["--ckpt", str(tmp / "lm"), "--tokens", tokens, str(folder)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 and all("\t" in line for line in lines)
-    assert run_main(main, ["--ckpt", str(tmp / "lm"), "--tokens", "20", str(folder)]) == 2
+    assert run("caption", ["--ckpt", str(tmp / "lm"), "--tokens", "20", str(folder)]) == 2
     assert "square" in capsys.readouterr().err
 
 

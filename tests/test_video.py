@@ -154,8 +154,7 @@ def test_user_folder_and_webdataset(tmp_path):
 
 def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     """The README recipe at toy size: train the tokenizer and an NBP LM from the YAMLs, then draw videos."""
-    from generate.text_to_video import main as t2v
-    from generate.common import run_main
+    from mmar.cli import call, run
     from models.bundle import load_bundle
     from models.objectives import NextBlockPrediction
     from train.cli import main as cli
@@ -182,23 +181,23 @@ def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     res = score(ckpt, 8, 3.0, 1.0, None, tmp_path / "score.json")
     assert json.loads((tmp_path / "score.json").read_text()) == res and res["block_size"] == 16
     assert res["n_eval_frames"] == 8 * 5 and 0 <= res["digit_acc"] <= 1 and 0 <= res["tokenizer_recon_digit_acc"] <= 1
-    assert run_main(bench, ["--score", str(tmp_path / "missing.ckpt")]) == 2
+    assert call(bench, ["--score", str(tmp_path / "missing.ckpt")], "nbp") == 2
     # the first-frame probe: a text->image LM on the tokenizer's first latent frames, results kept per tokenizer
     ff = first_frames(tok_path, 8, 2, 2, 64, 1, 8, 3.0, 1.0, tmp_path / "ff.json")
     assert ff["codes_per_frame"] == 16 and ff["train_frames_seen"] == 4 and 0 <= ff["first_frame_digit_acc"] <= 1
     ff4 = first_frames(tok_path, 8, 2, 2, 64, 1, 8, 3.0, 1.0, tmp_path / "ff.json", grid=4)  # kept beside the first
     key = f"{tok_path} | 2 x 2 | dim 64 | 1 layers"  # a non-default LM shape or grid is part of the key
     assert json.loads((tmp_path / "ff.json").read_text()) == {key: ff, f"{key} | grid 4": ff4}
-    assert run_main(bench, ["--first-frames", str(tmp_path / "missing.safetensors")]) == 2
+    assert call(bench, ["--first-frames", str(tmp_path / "missing.safetensors")], "nbp") == 2
     out = tmp_path / "videos"
-    assert run_main(t2v, ["--ckpt", str(ckpt), "--prompt", "a 3 moving up", "--n", "2", "--out", str(out)]) == 0
+    assert run("t2v", ["--ckpt", str(ckpt), "--prompt", "a 3 moving up", "--n", "2", "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000_00.gif", "000_00.mp4", "000_00_strip.png", "000_01.gif", "000_01.mp4",
                      "000_01_strip.png", "prompts.txt"]
     assert decode_frames(out / "000_00.mp4", "x").shape == (5, 32, 32, 3)
     bad = tmp_path / "bad"
-    assert run_main(t2v, ["--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "x", "--out", str(bad)]) == 2
-    assert run_main(t2v, ["--ckpt", str(tok_path), "--prompt", "x", "--out", str(bad)]) == 2
+    assert run("t2v", ["--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "x", "--out", str(bad)]) == 2
+    assert run("t2v", ["--ckpt", str(tok_path), "--prompt", "x", "--out", str(bad)]) == 2
     assert not bad.exists()
     err = capsys.readouterr().err
     assert "missing.ckpt: checkpoint not found" in err and "Traceback" not in err

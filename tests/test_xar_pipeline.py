@@ -42,7 +42,7 @@ def test_lm_module_trains_xar(xar_ckpt):
 
 
 def test_text_to_image_script_draws_from_an_xar_checkpoint(xar_ckpt, tmp_path):
-    from generate.text_to_image import main
+    from mmar.cli import run
 
     ckpt, _, _, module = xar_ckpt
     b = load_bundle(ckpt)
@@ -51,34 +51,32 @@ def test_text_to_image_script_draws_from_an_xar_checkpoint(xar_ckpt, tmp_path):
     b.save(folder)  # the inference folder form as well
     for source in (ckpt, folder):
         out = tmp_path / f"out_{source.name}"
-        main(["--ckpt", str(source), "--prompt", "a handwritten 3", "--n", "2", "--steps", "2", "--sampler", "euler",
-              "--out", str(out)])
+        assert run("t2i", ["--ckpt", str(source), "--prompt", "a handwritten 3", "--n", "2", "--steps", "2",
+                           "--sampler", "euler", "--out", str(out)]) == 0
         assert (out / "grid.png").is_file() and (out / "000_01.png").is_file()
 
 
 def test_pipeline_steps_and_sampler_reach_the_objective(xar_ckpt):
-    from generate.pipeline import caption, text_to_image
+    from mmar.pipeline import Pipeline
 
     b = load_bundle(xar_ckpt[0])
-    imgs = text_to_image(b, ["a handwritten 3", "the digit seven"], 2, cfg=2.0, steps=3, sampler="em",
-                         generator=torch.Generator().manual_seed(0))
+    imgs = Pipeline(b).draw_images(["a handwritten 3", "the digit seven"], 2, cfg=2.0, steps=3, sampler="em",
+                                   generator=torch.Generator().manual_seed(0))
     assert imgs.shape == (4, 1, 8, 8) and imgs.min() >= -1 and imgs.max() <= 1
-    again = text_to_image(b, ["a handwritten 3", "the digit seven"], 2, cfg=2.0, steps=3, sampler="em",
-                          generator=torch.Generator().manual_seed(0))
+    again = Pipeline(b).draw_images(["a handwritten 3", "the digit seven"], 2, cfg=2.0, steps=3, sampler="em",
+                                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(imgs, again)
     with pytest.raises(ValueError, match="does not caption"):
-        caption(b, imgs)
+        Pipeline(b).draw_captions(imgs)
 
 
 def test_bad_input_is_one_line(xar_ckpt, tmp_path, capsys):
-    from generate.text_to_image import main as t2i_main
-    from generate.common import run_main
+    from mmar.cli import run
     from train.latent_data import LatentDataModule
 
-    with pytest.raises(SystemExit):
-        t2i_main(["--ckpt", str(xar_ckpt[0]), "--prompt", "x", "--steps", "0"])
+    assert run("t2i", ["--ckpt", str(xar_ckpt[0]), "--prompt", "x", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
-    assert run_main(t2i_main, ["--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert run("t2i", ["--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
     from vision_tokenizers.vq import VQConfig, VQTokenizer
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from common.io import write_text_atomic
-from generate.pipeline import caption, text_to_image
+from mmar.pipeline import Pipeline
 from vision_tokenizers.image_io import grid, save_png
 
 
@@ -46,12 +46,12 @@ class SampleLogger(L.Callback):
         pl_module.eval()
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         prompts = self.prompts(pl_module, dm)
-        images = text_to_image(bundle, prompts, self.per_prompt, cfg=self.cfg, top_k=self.top_k, generator=g)
+        images = Pipeline(bundle).draw_images(prompts, self.per_prompt, cfg=self.cfg, top_k=self.top_k, generator=g)
         val = dm.val_images
         n = min(self.n_captions, len(val))
         c, s = bundle.image_channels, bundle.image_size
         real = torch.stack([val.image(i, c, s) for i in range(n)]).to(pl_module.device)
-        caps = caption(bundle, real, generator=g)
+        caps = Pipeline(bundle).draw_captions(real, generator=g)
         pl_module.train(was_training)
         out = Path(log_dir) / "samples"
         img = grid(images.cpu(), nrow=self.per_prompt * 5)
@@ -66,6 +66,8 @@ class SampleLogger(L.Callback):
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient stopped the run (NumericalGuard with action="stop")."""
+
+    exit_code = 1  # mmar/cli.py: one line and exit code 1
 
 
 class NumericalGuard(L.Callback):

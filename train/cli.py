@@ -1,4 +1,4 @@
-"""`python -m train fit|validate --config configs/<recipe>.yaml`: LightningCLI over every module and data module.
+"""`mmar fit|validate --config configs/<recipe>.yaml`: LightningCLI over every module and data module.
 
 The configs name their classes (class_path), so one entry point trains tokenizers and LMs. A model
 that needs facts about its data (vocabulary, tokenizer, vision tokenizer) declares a `data` argument,
@@ -23,7 +23,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from train.callbacks import NonFiniteError, NumericalGuard
+from train.callbacks import NumericalGuard
 from train.resume import LastCheckpoint
 
 
@@ -65,25 +65,26 @@ def _spec_of(datamodule):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
+    """The LightningCLI on `args` (this process's argv when None). A bad flag or config raises
+    argparse.ArgumentError (mmar/cli.py prints it as one line) instead of printing the whole usage."""
     torch.set_float32_matmul_precision("high")
     argv = sys.argv
     if args is not None:  # called from Python (demo, benchmarks): only `args` count, not this process's argv
         sys.argv = sys.argv[:1]
+    quiet = {"exit_on_error": False}
     try:
         return MMARCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-                       save_config_kwargs={"overwrite": True})
+                       save_config_kwargs={"overwrite": True},
+                       parser_kwargs={"prog": "mmar", **quiet, **{cmd: quiet for cmd in MMARCLI.subcommands()}})
     finally:
         sys.argv = argv
 
 
-def console_main() -> None:
-    """`python -m train ...`: a run stopped by the numerical guard (exit code 1) or by bad input such as a
-    missing data file or a corrupt sample (exit code 2) ends with one line naming the problem, not a
-    traceback; set MMAR_DEBUG=1 to get the traceback."""
-    try:
-        main()
-    except (NonFiniteError, ValueError, OSError) as e:
-        if os.environ.get("MMAR_DEBUG"):
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, NonFiniteError) else 2)
+def fit(argv: list[str]) -> None:
+    """`mmar fit ...` (mmar/cli.py's table)."""
+    main(["fit", *argv])
+
+
+def validate(argv: list[str]) -> None:
+    """`mmar validate ...` (mmar/cli.py's table)."""
+    main(["validate", *argv])

@@ -29,7 +29,7 @@ import torch
 
 from common.io import write_text_atomic
 from evaluation.judges import HeldOutClassifier, caption_correct, psnr, wilson_interval
-from generate.pipeline import caption, text_to_image
+from mmar.pipeline import Pipeline
 from models.bundle import load_bundle
 from train.cli import main as cli_main
 from train.sources import load_mnist_set, split_indices
@@ -93,7 +93,7 @@ def evaluate(bundle, out: Path, per_digit: int, cfg: float | None, temperature: 
 
     g = torch.Generator().manual_seed(SEED)
     prompts = [f"a handwritten {d}" for d in range(10)]
-    gen = text_to_image(bundle, prompts, per_digit, cfg=cfg, temperature=temperature, generator=g)
+    gen = Pipeline(bundle).draw_images(prompts, per_digit, cfg=cfg, temperature=temperature, generator=g)
     want = np.repeat(np.arange(10), per_digit)
     t2i_acc = clf.accuracy(gen, want)
     t2i_ok = round(t2i_acc * len(want))
@@ -101,7 +101,7 @@ def evaluate(bundle, out: Path, per_digit: int, cfg: float | None, temperature: 
 
     caps = []
     for i in range(0, len(cap_images), 100):
-        caps += caption(bundle, cap_images[i:i + 100], max_new_tokens=32, generator=g)
+        caps += Pipeline(bundle).draw_captions(cap_images[i:i + 100], max_new_tokens=32, generator=g)
     correct = [caption_correct(c, int(y)) for c, y in zip(caps, data.labels[cap_idx])]
     cap_acc = float(np.mean(correct))
     write_text_atomic(out / "captions.tsv", "".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))
