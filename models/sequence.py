@@ -101,11 +101,17 @@ class SequenceFormat:
         return (depth > 0) & (ids != self.tok.boi_id)
 
     # ---- training samples ------------------------------------------------------------------------
-    def t2i_sample(self, codes: torch.Tensor, caption: str | None, where: str = "sample") -> Sample:
+    def t2i_sample(self, codes: torch.Tensor, caption: str | None, where: str = "sample",
+                   caption_loss: bool = True) -> Sample:
+        """`<bos> <t2i> caption <boi> codes <eoi> <eos>`; `caption_loss` False: only the codes, <eoi> and <eos>
+        are targets (the caption is the condition alone, as for text->video)."""
         prompt = self.t2i_prompt(caption)
         rest = [*self.image_ids(codes), self.tok.eoi_id, self.tok.eos_id]
         modality = [TEXT] * (len(prompt) - 1) + [IMAGE] * len(rest) + [TEXT]  # <boi> .. <eoi> are IMAGE
-        return self._sample(prompt + rest, modality, "t2i", caption is not None, where)
+        s = self._sample(prompt + rest, modality, "t2i", caption is not None, where)
+        if not caption_loss:
+            s.loss[:len(prompt)] = False
+        return s
 
     def i2t_sample(self, codes: torch.Tensor, caption: str, where: str = "sample") -> Sample:
         prompt = self.caption_prompt(codes)
@@ -121,13 +127,22 @@ class SequenceFormat:
         s.loss[1] = True  # no task token: every token after <bos> is predicted
         return s
 
-    def build(self, codes: torch.Tensor, caption: str, rng: random.Random, where: str = "sample") -> Sample:
-        """One training sample from image codes and a caption: task and guidance drop drawn from `rng`."""
+    def drop_caption(self, caption: str, rng: random.Random, where: str = "sample") -> str | None:
+        """The caption of a text->image sample, or None (dropped: the unconditional form) with p_drop_caption.
+        The one place the guidance drop is drawn; an empty caption is an error even when it would be dropped."""
+        if rng.random() >= self.cfg.p_drop_caption:
+            return caption
+        self.caption_ids(caption, where)
+        return None
+
+    def build(self, codes: torch.Tensor, caption: str, rng: random.Random, where: str = "sample",
+              slots: bool = False) -> Sample:
+        """One training sample from image codes and a caption: task and guidance drop drawn from `rng`.
+        `slots`: an image->text sample holds len(codes) embedding slots instead (i2t_slots_sample)."""
         if rng.random() < self.cfg.p_caption_first:
-            dropped = rng.random() < self.cfg.p_drop_caption
-            if not dropped:
-                self.caption_ids(caption, where)  # an empty caption is an error even when it would be dropped
-            return self.t2i_sample(codes, None if dropped else caption, where)
+            return self.t2i_sample(codes, self.drop_caption(caption, rng, where), where)
+        if slots:
+            return self.i2t_slots_sample(codes.numel(), caption, where)
         return self.i2t_sample(codes, caption, where)
 
     def _sample(self, ids: list[int], modality: list[int], task: str, conditional: bool, where: str) -> Sample:
@@ -153,3 +168,17 @@ class SequenceFormat:
         positions = torch.arange(t).expand(b, t)
         return {"ids": ids, "loss": loss, "modality": modality, "valid": valid,
                 "position_ids": positions, "block_ids": positions}
+
+
+# ---- reading batches back ---------------------------------------------------------------------------
+def is_i2t(ids: torch.Tensor, tok: TextTokenizer) -> torch.Tensor:
+    """[B, T] ids laid out by this format -> [B] bool, True for image->text rows: the one place a batch's task is
+    read back (from the task token after <bos>); no module guesses it from the ids itself."""
+    return ids[:, 1] == tok.i2t_id
+
+
+def caption_targets(ids: torch.Tensor, flag: torch.Tensor, modality: torch.Tensor, tok: TextTokenizer) -> torch.Tensor:
+    """[B, T-1] True at the next-token targets that are caption tokens (and the closing <eos>) of image->text
+    samples: text targets with a loss flag after the image span of the rows `is_i2t` selects."""
+    after_image = (modality != TEXT).long().cumsum(1) > 0  # [B, T]
+    return is_i2t(ids, tok)[:, None] & flag[:, 1:] & (modality[:, 1:] == TEXT) & after_image[:, :-1]

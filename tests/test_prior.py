@@ -9,11 +9,11 @@ import torch
 from models.bundle import Bundle
 from models.config import LMConfig
 from models.objectives import NextTokenPrediction
-from train.prior import PriorWeighting, caption_targets, prior_weights
-from models.sequence import SequenceConfig, SequenceFormat
+from models.sequence import SequenceConfig, SequenceFormat, caption_targets
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
+from train.prior import PriorWeighting, prior_weights
 from vision_tokenizers import registry
 
 WORDS = ["apple", "boat", "cat", "drum", "egg", "fox", "gate", "hat"]
@@ -39,7 +39,7 @@ def test_only_caption_tokens_of_image_to_text_samples_are_selected(caption_token
     codes = torch.arange(4).view(2, 2)
     i2t, t2i = fmt.i2t_sample(codes, "a handwritten 7"), fmt.t2i_sample(codes, "a handwritten 7")
     b = fmt.collate([i2t, t2i])
-    sel = caption_targets(b["ids"], b["loss"], b["modality"], caption_tokenizer.i2t_id)
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], caption_tokenizer)
     caption = caption_tokenizer.encode("a handwritten 7") + [caption_tokenizer.eos_id]
     assert b["ids"][0, 1:][sel[0]].tolist() == caption  # the caption and its <eos>, nothing else
     assert not sel[1].any()  # text->image: no PRIOR weight on its prompt, image codes or <eos>
@@ -77,7 +77,7 @@ def test_reference_model_weights_filler_low_and_item_words_high(reference):
     fmt = SequenceFormat(tok, layout, SequenceConfig(max_len=32))
     b = fmt.collate([fmt.i2t_sample(torch.zeros(2, 2, dtype=torch.long), f"the thing is a {w}") for w in WORDS[:4]])
     w, stats = prior(b["ids"], b["loss"], b["modality"])
-    sel = caption_targets(b["ids"], b["loss"], b["modality"], tok.i2t_id)
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], tok)
     word_ids = set(prior.item_ids.tolist())
     target = b["ids"][:, 1:]
     item = torch.tensor([[t in word_ids for t in row] for row in target.tolist()]) & sel
@@ -151,7 +151,7 @@ def test_continuous_input_samples_weight_the_same_caption_tokens(caption_tokeniz
     layout = VocabLayout(caption_tokenizer.vocab_size, 0)
     fmt = SequenceFormat(caption_tokenizer, layout, SequenceConfig(max_len=48))
     b = fmt.collate([fmt.i2t_slots_sample(9, "a handwritten 7")])
-    sel = caption_targets(b["ids"], b["loss"], b["modality"], caption_tokenizer.i2t_id)
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], caption_tokenizer)
     assert b["ids"][0, 1:][sel[0]].tolist() == caption_tokenizer.encode("a handwritten 7") + [caption_tokenizer.eos_id]
 
 

@@ -19,15 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.sequence import TEXT
-
-
-def caption_targets(ids: torch.Tensor, flag: torch.Tensor, modality: torch.Tensor, i2t_id: int) -> torch.Tensor:
-    """[B, T-1] True at the next-token targets that are caption tokens (and the closing <eos>) of image->text
-    samples: rows whose task token is <i2t>, text targets with a loss flag after the image span."""
-    is_i2t = ids[:, 1] == i2t_id  # [B]
-    after_image = (modality != TEXT).long().cumsum(1) > 0  # [B, T]
-    return is_i2t[:, None] & flag[:, 1:] & (modality[:, 1:] == TEXT) & after_image[:, :-1]
+from models.sequence import caption_targets
 
 
 def prior_weights(p_ref: torch.Tensor, sel: torch.Tensor, alpha: float = 1.0, floor: float = 0.05) -> torch.Tensor:
@@ -106,7 +98,7 @@ class PriorWeighting(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weights [B, T-1] for the next-token targets of a batch, figures to log)."""
         target = ids[:, 1:]
-        sel = caption_targets(ids, flag, modality, self.ref.tokenizer.i2t_id)  # [B, T-1]
+        sel = caption_targets(ids, flag, modality, self.ref.tokenizer)  # [B, T-1]
         p_ref = torch.zeros(target.shape, device=ids.device)
         rows = sel.any(1).nonzero()[:, 0].tolist()
         if rows:

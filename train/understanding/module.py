@@ -22,7 +22,7 @@ from torch import nn
 from common.weights import load_state_strict
 from models.bundle import Bundle
 from models.objectives import Objective
-from models.sequence import SequenceConfig, SequenceFormat
+from models.sequence import SequenceConfig, SequenceFormat, is_i2t
 from models.transformer import Transformer
 from train.datamodules import DataSpec
 from train.lm_module import ObjectiveSteps
@@ -117,7 +117,7 @@ class UnderstandingLMModule(ObjectiveSteps):
     def _run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, images = batch["ids"].clone(), batch["images"]
         slots = self.format.image_slots(ids)  # [B, T]
-        i2t = ids[:, 1] == self.data.tokenizer.i2t_id  # [B]
+        i2t = is_i2t(ids, self.format.tok)  # [B]
         codes = embeds = l_vq = None
         figures = {}
         if self.inputs == "codebook":
