@@ -1,9 +1,10 @@
 """int8 CPU inference against fp32 on the demo model: speed, memory and quality in one run.
 
-The int8 model is `models.quantize.quantize_int8` (dynamic int8 of the LM's linear layers). Both models caption
-the demo's 500 final-test digits (greedy) and draw 20 images per digit (cfg 3, temperature 0.8, read by the
-demo's held-out classifier); timings alternate fp32 / int8 chunk by chunk so that a busy machine slows both
-alike. Memory: the LM's serialised weights, and each model's peak RSS in its own process.
+The int8 model is `models.quantize.quantize_int8` (dynamic int8 of the LM's linear layers). Both models go through
+the demo's evaluation (evaluation.evaluate.evaluate on the 500 test digits: greedy captions, 20 images per digit
+at the model's saved sampling settings, read by the classifier trained on the tuning digits). Each model is
+evaluated `--repeats` times, alternating fp32 / int8, and the fastest run of each counts, so that a busy machine
+slows both alike. Memory: the LM's serialised weights, and each model's peak RSS in its own process.
 
     python -m benchmarks.int8     # -> benchmarks/results/int8.json (needs results/demo/lm: make demo)
 """
@@ -13,10 +14,8 @@ import argparse
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks import pyplot, write_report
@@ -35,7 +34,7 @@ def _peak_rss(ckpt: str, int8: bool) -> float:
     code = ("import resource,torch;from mmar import Pipeline;from train.sources import load_mnist_set;"
             f"p=Pipeline.from_pretrained({ckpt!r},int8={int8});d=load_mnist_set();"
             "imgs=[d.image(i,1,28) for i in range(100)];"
-            "from mmar.pipeline import Pipeline;caption(p.bundle,torch.stack(imgs),max_new_tokens=32);"
+            "p.draw_captions(torch.stack(imgs),max_new_tokens=32);"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -45,53 +44,38 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="results/demo/lm")
     p.add_argument("--per-digit", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2, help="evaluations of each model, alternating; the fastest counts")
     p.add_argument("--out", default=str(RESULTS / "int8.json"))
     args = p.parse_args(argv)
     if not Path(args.ckpt).exists():
         raise SystemExit(f"error: {args.ckpt}: not found; run `make demo` first")
+    from evaluation.evaluate import evaluate
+    from evaluation.splits import heldout_parts
     from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
     from models.quantize import quantize_int8
-    from train.demo import HOLDOUT, SEED, heldout_splits
-    from evaluation.judges import HeldOutClassifier, caption_correct, wilson_interval
-    from train.sources import load_mnist_set, split_indices
+    from train.sources import load_mnist_set
 
     torch.set_num_threads(1)
     models = {"fp32": load_bundle(args.ckpt)}
     models["int8"] = quantize_int8(models["fp32"])
     data = load_mnist_set()
-    _, held = split_indices(len(data), HOLDOUT, SEED)
-    parts = heldout_splits(held)
-    test, tune = parts["test"], parts["tuning"]
-    images = torch.stack([data.image(int(i), 1, 28) for i in test])
-    clf = HeldOutClassifier(torch.stack([data.image(int(i), 1, 28) for i in tune]), data.labels[tune], deskew=True)
-    caps = {k: [] for k in models}
-    secs = {k: {"caption": 0.0, "t2i": 0.0} for k in models}
-    for i in range(0, len(images), 100):
+    parts = heldout_parts(len(data))
+    runs = {k: [] for k in models}
+    for _ in range(args.repeats):
         for k, b in models.items():
-            t = time.perf_counter()
-            caps[k] += Pipeline(b).draw_captions(images[i:i + 100], max_new_tokens=32)
-            secs[k]["caption"] += time.perf_counter() - t
-    gen = {}
-    want = np.repeat(np.arange(10), args.per_digit)
+            runs[k].append(evaluate(Pipeline(b), data, parts, "test", args.per_digit, 500, outputs=True))
+    report = {"ckpt": args.ckpt, "threads": 1, "repeats": args.repeats, "caption_images": len(parts["test"]),
+              "t2i_images": runs["fp32"][0]["t2i_images"]}
+    secs, caps = {}, {}
     for k, b in models.items():
-        gen[k] = []
-    for d in range(10):
-        for k, b in models.items():
-            g = torch.Generator().manual_seed(SEED + d)
-            t = time.perf_counter()
-            gen[k].append(Pipeline(b).draw_images([f"a handwritten {d}"], args.per_digit, cfg=3.0, temperature=0.8,
-                                        generator=g))
-            secs[k]["t2i"] += time.perf_counter() - t
-    report = {"ckpt": args.ckpt, "threads": 1, "caption_images": len(images), "t2i_images": len(want)}
-    for k, b in models.items():
-        ok = [caption_correct(c, int(y)) for c, y in zip(caps[k], data.labels[test])]
-        t2i_acc = clf.accuracy(torch.cat(gen[k]), want)
-        report[k] = {
-            "caption_accuracy": float(np.mean(ok)), "caption_accuracy_ci95": wilson_interval(sum(ok), len(ok)),
-            "t2i_accuracy": t2i_acc, "t2i_accuracy_ci95": wilson_interval(round(t2i_acc * len(want)), len(want)),
-            "caption_seconds": secs[k]["caption"], "t2i_seconds": secs[k]["t2i"],
-            "lm_weights_mb": _weights_mb(b.lm), "peak_rss_mb": _peak_rss(args.ckpt, k == "int8")}
+        r = runs[k][0]  # the same seeds every repeat: the same figures
+        caps[k] = r["outputs"]["captions"]
+        secs[k] = {m: min(x[f"{m}_seconds"] for x in runs[k]) for m in ("caption", "t2i")}
+        report[k] = {m: r[m] for m in ("caption_accuracy", "caption_accuracy_ci95", "t2i_accuracy",
+                                       "t2i_accuracy_ci95", "cfg", "temperature")}
+        report[k].update(caption_seconds=secs[k]["caption"], t2i_seconds=secs[k]["t2i"],
+                         lm_weights_mb=_weights_mb(b.lm), peak_rss_mb=_peak_rss(args.ckpt, k == "int8"))
     report["speedup_caption"] = secs["fp32"]["caption"] / secs["int8"]["caption"]
     report["speedup_t2i"] = secs["fp32"]["t2i"] / secs["int8"]["t2i"]
     report["captions_that_differ"] = sum(a != b for a, b in zip(caps["fp32"], caps["int8"]))
@@ -101,7 +85,7 @@ def main(argv=None) -> None:
         print(f"{k:6s} {r['caption_accuracy']:12.4f} {r['t2i_accuracy']:8.4f} {r['caption_seconds']:10.1f} "
               f"{r['t2i_seconds']:8.1f} {r['lm_weights_mb']:7.1f} {r['peak_rss_mb']:9.1f}")
     print(f"int8 speed-up: captioning {report['speedup_caption']:.2f}x, text-to-image {report['speedup_t2i']:.2f}x; "
-          f"{report['captions_that_differ']} of {len(images)} captions differ")
+          f"{report['captions_that_differ']} of {report['caption_images']} captions differ")
     write_report(report, args.out, plot)
 
 

@@ -34,7 +34,6 @@ import torch
 from benchmarks import fit_recipe, last_ckpt, pyplot, write_report
 
 RESULTS = Path("benchmarks/results")
-VAL = 250  # held[:VAL] is the data modules' validation set; the rest is the test set here
 
 
 def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
@@ -52,12 +51,12 @@ def _score(ckpt: Path, images: torch.Tensor, labels: np.ndarray) -> dict:
     return {"slot": slot, "exact": exact, "examples": caps[:5]}
 
 
-def _relative(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int = 2000) -> tuple[float, list[float]]:
-    """(b.mean() / a.mean() - 1, paired bootstrap 95% interval over the same test images)."""
-    idx = rng.integers(0, len(a), (n, len(a)))
-    ra, rb = a[idx].mean(1), b[idx].mean(1)
-    rel = rb / np.maximum(ra, 1e-9) - 1
-    return float(b.mean() / max(a.mean(), 1e-9) - 1), [float(np.quantile(rel, 0.025)), float(np.quantile(rel, 0.975))]
+def _relative(a: np.ndarray, b: np.ndarray) -> tuple[float, list[float]]:
+    """(b.mean() / a.mean() - 1, paired percentile bootstrap 95% interval over the same test images)."""
+    from evaluation.judges import bootstrap_interval
+
+    rel, ci = bootstrap_interval(lambda i: b[i].mean() / max(a[i].mean(), 1e-9) - 1, len(a))
+    return rel, list(ci)
 
 
 def plot(report: dict, png: Path) -> None:
@@ -89,13 +88,14 @@ def plot(report: dict, png: Path) -> None:
 def run_mnist(args, work: Path, report: dict) -> None:
     if not Path(args.vq).is_file():
         raise SystemExit(f"error: {args.vq}: not found; run `make demo` first (it trains the VQ tokenizer)")
-    from train.demo import HOLDOUT, SEED
     from evaluation.judges import wilson_interval
-    from train.sources import load_mnist_set, split_indices
+    from evaluation.splits import SPLIT_SEED, heldout_parts
+    from train.sources import load_mnist_set
 
     data = load_mnist_set()
-    _, held = split_indices(len(data), HOLDOUT, SEED)
-    test = held[VAL:]
+    parts = heldout_parts(len(data))
+    val_size = len(parts["validation"])
+    test = np.concatenate([parts["tuning"], parts["test"]])  # every held-out digit the LM does not validate on
     images = torch.stack([data.image(int(i), 1, 28) for i in test])
     labels = data.labels[test]
     common = ["--data.init_args.vision_tokenizer", args.vq]
@@ -107,11 +107,11 @@ def run_mnist(args, work: Path, report: dict) -> None:
     for variant, config in (("ntp", "configs/mnist_lm.yaml"), ("prior", "configs/mnist_prior.yaml")):
         print(f"== {variant} ==", flush=True)
         root = work / variant
-        extra = [*common, "--data.init_args.cache_dir", str(work / "cache"), "--data.init_args.val_size", str(VAL),
+        extra = [*common, "--data.init_args.cache_dir", str(work / "cache"), "--data.init_args.val_size", str(val_size),
                  *_checkpoints_every(steps // args.points)]
         if variant == "prior":
             extra += ["--model.init_args.objective.init_args.prior.init_args.reference", ref]
-        torch.manual_seed(SEED)
+        torch.manual_seed(SPLIT_SEED)
         seconds[variant] = fit_recipe(config, root, extra)
         curves[variant], raw[variant] = [], {}
         for step, c in _step_checkpoints(root):
@@ -125,12 +125,11 @@ def run_mnist(args, work: Path, report: dict) -> None:
                 "exact_match_ci95": list(wilson_interval(int(s["exact"].sum()), len(s["exact"]))),
                 "examples": s["examples"]})
             print(f"{variant:5s} step {step:4d}: slot {s['slot'].mean():.4f}  exact {s['exact'].mean():.4f}", flush=True)
-    rng = np.random.default_rng(0)
     last = {v: raw[v][max(raw[v])] for v in raw}
     report.update({"setting": "discrete VQ codes (MNIST digits, the demo's VQ tokenizer and LM recipe)",
                    "test_images": len(test), "steps": steps, "train_seconds": seconds, "curves": curves})
     for metric in ("slot", "exact"):
-        rel, ci = _relative(last["ntp"][metric].astype(float), last["prior"][metric].astype(float), rng)
+        rel, ci = _relative(last["ntp"][metric].astype(float), last["prior"][metric].astype(float))
         report[f"relative_improvement_{metric}"] = rel
         report[f"relative_improvement_{metric}_ci95"] = ci
         print(f"PRIOR vs NTP ({metric}): {rel:+.4f} relative, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
@@ -199,10 +198,9 @@ def run_scenes(args, work: Path, report: dict) -> None:
                                         "exact_match_ci95": bootstrap_mean(s["_exact"].astype(float))})
                 print(f"{name} {variant:5s} step {step:4d}: slot {s['slot_accuracy']:.4f}  scene "
                       f"{s['scene_accuracy']:.4f}  exact {s['exact_match']:.4f}  CIDEr {s['cider']:.3f}", flush=True)
-        rng = np.random.default_rng(0)
         rel = {}
         for metric, key in (("slot_accuracy", "_slot"), ("exact_match", "_exact"), ("cider", "_cider")):
-            r, ci = _relative(last["ntp"][key].astype(float), last["prior"][key].astype(float), rng)
+            r, ci = _relative(last["ntp"][key].astype(float), last["prior"][key].astype(float))
             rel[metric] = {"relative": r, "ci95": ci}
             print(f"scenes {name}: PRIOR vs NTP ({metric}): {r:+.4f} relative, 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]")
         settings[name] = {"recipe": recipe, "tokens": tokens, "curves": curves, "prior_vs_ntp_at_end": rel}

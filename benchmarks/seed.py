@@ -37,7 +37,6 @@ from evaluation.fid import FID, inception_path
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed.json"
-HOLDOUT, SEED = 1500, 0
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -82,7 +81,8 @@ def run_dataset(source: str, out: Path, a) -> dict:
     from models.text_tokenizer import TextTokenizer
     from evaluation.judges import HeldOutClassifier, caption_correct
     from train.seed import tokenizer_json_path
-    from train.sources import load_source, split_indices
+    from evaluation.splits import SPLIT_SEED, heldout_parts
+    from train.sources import load_source
     from vision_tokenizers import registry
     from vision_tokenizers.image_io import grid, save_png
 
@@ -120,8 +120,8 @@ def run_dataset(source: str, out: Path, a) -> dict:
     print(f"== {source}: evaluation ==", flush=True)
     t_eval = time.time()
     data = load_source(source)
-    _, held = split_indices(len(data), HOLDOUT, SEED)
-    eval_idx, clf_idx = held[:a.n_eval], held[a.n_eval:a.n_eval + 1000]
+    parts = heldout_parts(len(data))  # the classifier trains on the tuning part; everything else reads test images
+    eval_idx, clf_idx = parts["test"][:a.n_eval], parts["tuning"]
     seed = registry.load(files["seed"])
     c, s = seed.config.in_channels, seed.config.image_size
     x_eval, y_eval = images_of(data, eval_idx, c, s), data.labels[eval_idx]
@@ -181,7 +181,7 @@ def run_dataset(source: str, out: Path, a) -> dict:
     cap_x, cap_y = x_eval[:a.n_caption], y_eval[:a.n_caption]
     for tag, b in bundles.items():
         t = time.time()
-        g = torch.Generator().manual_seed(SEED)
+        g = torch.Generator().manual_seed(SPLIT_SEED)
         imgs = torch.cat([Pipeline(b).draw_images([pr], a.per_class, cfg=a.cfg, temperature=a.temperature, generator=g)
                           for pr in prompts])
         res[f"{tag}_t2i_seconds"] = time.time() - t
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         if ds == "fashion_mnist" and not FASHION_DIR.is_dir():
             print(f"skipping fashion_mnist: {FASHION_DIR} not found (apt-get install -y dataset-fashion-mnist)")
             continue
-        torch.manual_seed(SEED)
+        torch.manual_seed(SPLIT_SEED)
         res.update({f"{ds}_{k}": v for k, v in run_dataset(ds, a.out / ds, a).items()})
     res.update(
         stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, detok_steps=a.detok_steps, vq_steps=a.vq_steps,

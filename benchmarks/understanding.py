@@ -73,18 +73,19 @@ def score_scene_captions(caps: list[str], truths, refs) -> dict:
             "examples": caps[:4], "_slot": s["slot"], "_cider": s["cider_each"], "_exact": s["exact"]}
 
 
-def bootstrap_mean(x: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
-    idx = np.random.default_rng(seed).integers(0, len(x), (n, len(x)))
-    m = x[idx].mean(1)
-    return [float(np.quantile(m, 0.025)), float(np.quantile(m, 0.975))]
+def bootstrap_mean(x: np.ndarray) -> list[float]:
+    """95% percentile bootstrap interval of a mean (evaluation.judges.mean_interval)."""
+    from evaluation.judges import mean_interval
+
+    return list(mean_interval(x)[1])
 
 
-def _paired(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> dict:
-    """b - a (means) with a paired bootstrap 95% interval over the same test items."""
-    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))
-    d = b[idx].mean(1) - a[idx].mean(1)
-    return {"diff": float(b.mean() - a.mean()), "ci95": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))],
-            "relative": float(b.mean() / max(a.mean(), 1e-9) - 1)}
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """b - a (means) with a paired percentile bootstrap 95% interval over the same test items."""
+    from evaluation.judges import paired_difference
+
+    diff, ci = paired_difference(a, b)
+    return {"diff": diff, "ci95": list(ci), "relative": float(np.mean(b) / max(np.mean(a), 1e-9) - 1)}
 
 
 def _public(d: dict) -> dict:

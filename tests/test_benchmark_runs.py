@@ -79,11 +79,12 @@ def test_xar_reconstruction_rows_round_trip_each_tokenizer(tmp_path):
             m = imgs.mean((1, 2, 3))
             return (m > m.median()).long().numpy()
 
-    def fid(imgs, boot):
-        seen.append(imgs)
-        return float(len(seen)), 0.0, 2.0
+    class Fid:
+        def interval(self, imgs, boot):
+            seen.append(imgs)
+            return float(len(seen)), (0.0, 2.0)
 
-    res = reconstructions(tmp_path, x, labels, fid, Clf(), boot=3)
+    res = reconstructions(tmp_path, x, labels, Fid(), Clf(), boot=3)
     assert [r.shape for r in seen] == [x.shape, x.shape] and all(r.abs().max() <= 1 for r in seen)
     with torch.no_grad():
         assert torch.allclose(seen[1], kl.decode(kl.encode(x)).clamp(-1, 1), atol=1e-6)

@@ -128,7 +128,7 @@ def test_export_ckpt_to_folder(tiny_bundle, tmp_path, capsys):
 def test_eval_on_digits(tiny_bundle_dir, tmp_path, capsys):
     report_path = tmp_path / "eval.json"
     code, stdout, _ = run(["eval", "--ckpt", str(tiny_bundle_dir), "--source", "digits", "--holdout", "120",
-                           "--per-class", "1", "--captions", "8", "--no-fid", "--out", str(report_path)], capsys)
+                           "--per-class", "1", "--captions", "8", "--out", str(report_path)], capsys)
     assert code == 0, stdout
     r = json.loads(report_path.read_text())
     assert r["held_out"] == 120 and r["labelled"] and r["t2i_images"] == 10 and r["t2i_accuracy_n"] == 10 and r["caption_accuracy_n"] == 8
@@ -146,7 +146,7 @@ def test_eval_unlabelled_jsonl(tiny_bundle_dir, tmp_path, capsys):
     (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
     report_path = tmp_path / "eval.json"
     code, stdout, _ = run(["eval", "--ckpt", str(tiny_bundle_dir), "--source", "jsonl", "--path",
-                           str(tmp_path / "data.jsonl"), "--holdout", "0.5", "--per-class", "1", "--no-fid",
+                           str(tmp_path / "data.jsonl"), "--holdout", "0.5", "--per-class", "1",
                            "--out", str(report_path)], capsys)
     assert code == 0
     r = json.loads(report_path.read_text())

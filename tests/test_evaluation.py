@@ -76,3 +76,68 @@ def test_demo_ckpt_missing_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and err.endswith(f"{tmp_path / 'nope.ckpt'}: checkpoint not found")
     assert not (tmp_path / "out").exists()
+
+
+def test_heldout_parts_are_the_data_modules_held_out_cut_three_ways():
+    from evaluation.splits import heldout_parts
+    from train.datamodules import split_source
+    from train.sources import load_mnist_set
+
+    parts = heldout_parts(5000)
+    assert [len(parts[k]) for k in ("validation", "tuning", "test")] == [250, 750, 500]
+    allp = np.concatenate(list(parts.values()))
+    assert len(set(allp.tolist())) == 1500
+    _, held = split_source("mnist", None, 1500, 0)  # what training leaves out, in the same order
+    data = load_mnist_set()
+    assert [held.captions[i] for i in range(5)] == [data.captions[int(i)] for i in parts["validation"][:5]]
+
+
+def test_t2i_prompts_of_tuning_and_test_differ_and_cover_every_class():
+    from evaluation.evaluate import DEFAULT_SEEDS, t2i_prompts
+    from evaluation.splits import heldout_parts
+    from train.sources import load_mnist_set
+
+    data, parts = load_mnist_set(), heldout_parts(5000)
+    tune, want_tune = t2i_prompts(data, parts["tuning"], 20, DEFAULT_SEEDS["tuning"])
+    test, want_test = t2i_prompts(data, parts["test"], 20, DEFAULT_SEEDS["test"])
+    assert len(test) == 200 and (np.bincount(want_test) == 20).all() and (want_tune == want_test).all()
+    assert tune != test and len(set(test)) > 10  # the split's own captions, several templates
+    assert all(caption_correct(p, int(y)) for p, y in zip(test, want_test))  # each prompt names its class
+
+
+def test_bootstrap_intervals_contain_their_point_and_pair_the_arms():
+    from evaluation.judges import bootstrap_interval, mean_interval, paired_difference
+
+    rng = np.random.default_rng(0)
+    x = rng.random(200)
+    m, (lo, hi) = mean_interval(x)
+    assert m == pytest.approx(x.mean()) and lo < m < hi and hi - lo < 0.15
+    a = rng.random(300)
+    b = a + 0.05 + rng.normal(0, 0.01, 300)  # paired: a tiny shift on top of a large common spread
+    d, (lo, hi) = paired_difference(a, b)
+    assert 0.04 < lo < d < hi < 0.06
+    # a statistic biased by repeats (the number of distinct items): every resample falls below the point
+    point, (lo, hi) = bootstrap_interval(lambda i: len(set(i.tolist())), 100)
+    assert point == 100 and lo <= point <= hi == 100
+    with pytest.raises(ValueError, match=">= 1000"):
+        bootstrap_interval(lambda i: 0.0, 10, resamples=10)
+
+
+def test_fid_equals_the_textbook_formula_and_its_interval_contains_it():
+    import scipy.linalg
+
+    from evaluation.fid import FID
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32))  # a stand-in feature network
+    real = torch.rand(200, 1, 8, 8) * 2 - 1
+    fid = FID(net, real)
+    fr = fid.features(real)
+    for fake in (torch.rand(60, 1, 8, 8) * 1.4 - 0.6, torch.rand(20, 1, 8, 8)):  # n > and < the feature count
+        fg = fid.features(fake)
+        c1, c2 = np.cov(fr, rowvar=False), np.cov(fg, rowvar=False)
+        ref = ((fr.mean(0) - fg.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+        assert fid(fake) == pytest.approx(ref, rel=1e-5)
+    assert abs(fid(real)) < 1e-6
+    point, (lo, hi) = fid.interval(torch.rand(60, 1, 8, 8) * 1.4 - 0.6)
+    assert lo <= point <= hi and hi > point

@@ -4,17 +4,14 @@
 2. trains PRIOR's text-only reference LM on the training captions (configs/mnist_prior_ref.yaml, ~10 s), then
    the multimodal LM (configs/mnist_prior.yaml: configs/mnist_lm.yaml with caption tokens weighted by PRIOR)
    on codes + template captions, both orders;
-3. draws 20 images per digit from "a handwritten <d>" (CFG 3, temperature 0.6) and reads them with an independent classifier
-   (an SVM on deskewed pixels, trained on 750 real held-out digits the generator never saw, plus their
-   one-pixel shifts; see evaluation/judges.py);
-4. captions the 500 final-test digits and checks that each caption names the right digit;
+3. draws 20 images per digit from captions of the test digits (the model's saved sampling: CFG 3, temperature
+   0.6) and reads them with an independent classifier (an SVM on deskewed pixels, trained on the 750 real
+   tuning digits the generator never saw, plus their one-pixel shifts; see evaluation/judges.py);
+4. captions the 500 test digits and checks that each caption names the right digit;
 5. prints the report and writes results/demo.json (figures with 95% Wilson intervals, seconds).
-Everything it makes stays under results/demo/.
-
-The 1,500 held-out digits (fixed by the seed) are split three ways, disjoint:
-  validation  held[:250]     the data module's val/loss and the training-time samples
-  tuning      held[250:1000] recipe and sampling choices were made on these; the classifier trains on them
-  test        held[1000:]    the reported caption figure and nothing else
+Steps 3-4 are evaluation.evaluate.evaluate, the same code as `mmar eval`. Everything it makes stays under
+results/demo/. The 1,500 held-out digits are cut validation 250 / tuning 750 / test 500 (evaluation/splits.py):
+recipe and sampling choices were made on tuning (`--split tuning`), the reported figures are test's.
 """
 from __future__ import annotations
 
@@ -24,24 +21,15 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.io import write_text_atomic
-from evaluation.judges import HeldOutClassifier, caption_correct, psnr, wilson_interval
+from evaluation.evaluate import evaluate
+from evaluation.splits import MNIST_HOLDOUT, SPLIT_SEED, heldout_parts
 from mmar.pipeline import Pipeline
 from models.bundle import load_bundle
 from train.cli import main as cli_main
-from train.sources import load_mnist_set, split_indices
-from vision_tokenizers.image_io import grid, save_png
-
-HOLDOUT, SEED = 1500, 0
-VAL, TUNE = 250, 1000  # held[:VAL] validation, held[VAL:TUNE] tuning, held[TUNE:] final test
-
-
-def heldout_splits(held) -> dict:
-    """The three disjoint parts of the held-out indices (see the module docstring)."""
-    return {"validation": held[:VAL], "tuning": held[VAL:TUNE], "test": held[TUNE:]}
+from train.sources import load_mnist_set
 
 
 def train_models(out: Path, vq_args: list[str], lm_args: list[str]) -> Path:
@@ -53,7 +41,8 @@ def train_models(out: Path, vq_args: list[str], lm_args: list[str]) -> Path:
                "--model.init_args.export_path", vq_file, *vq_args]
     lm_args = ["--trainer.default_root_dir", str(out / "lm_run"), "--trainer.logger.init_args.save_dir",
                str(out / "lm_run"), "--data.init_args.vision_tokenizer", vq_file,
-               "--data.init_args.cache_dir", str(out / "cache"), "--data.init_args.val_size", str(VAL), *lm_args]
+               "--data.init_args.cache_dir", str(out / "cache"), "--data.init_args.val_size", str(MNIST_HOLDOUT // 6),
+               *lm_args]
 
     print("== 1/4 VQ tokenizer ==", flush=True)
     cli_main(["fit", "--config", "configs/mnist_vq.yaml", *trainer_flags, *vq_args])
@@ -72,64 +61,14 @@ def train_models(out: Path, vq_args: list[str], lm_args: list[str]) -> Path:
     return out / "lm"
 
 
-def evaluate(bundle, out: Path, per_digit: int, cfg: float | None, temperature: float | None, split: str) -> dict:
-    """Stage 3: text-to-image and captioning figures of one model (its own tokenizer) on a held-out split."""
-    out.mkdir(parents=True, exist_ok=True)
-    vq = bundle.vision
-    data = load_mnist_set()
-    _, held = split_indices(len(data), HOLDOUT, SEED)
-    parts = heldout_splits(held)
-    cap_idx, clf_idx = parts[split], parts["tuning"]
-    real = lambda idx: torch.stack([data.image(int(i), 1, 28) for i in idx])  # noqa: E731
-    cap_images, clf_images = real(cap_idx), real(clf_idx)
-
-    clf = HeldOutClassifier(clf_images, data.labels[clf_idx], deskew=True)
-    # its ceiling on real digits; on the tuning split it would be its own training accuracy, so not reported
-    clf_acc = clf.accuracy(cap_images, data.labels[cap_idx]) if split != "tuning" else None
-
-    with torch.inference_mode():
-        recon = vq.decode(vq.encode(cap_images))
-    tok_psnr = psnr(recon, cap_images)
-
-    g = torch.Generator().manual_seed(SEED)
-    prompts = [f"a handwritten {d}" for d in range(10)]
-    gen = Pipeline(bundle).draw_images(prompts, per_digit, cfg=cfg, temperature=temperature, generator=g)
-    want = np.repeat(np.arange(10), per_digit)
-    t2i_acc = clf.accuracy(gen, want)
-    t2i_ok = round(t2i_acc * len(want))
-    save_png(grid(gen, nrow=per_digit), out / "t2i_grid.png")
-
-    caps = []
-    for i in range(0, len(cap_images), 100):
-        caps += Pipeline(bundle).draw_captions(cap_images[i:i + 100], max_new_tokens=32, generator=g)
-    correct = [caption_correct(c, int(y)) for c, y in zip(caps, data.labels[cap_idx])]
-    cap_acc = float(np.mean(correct))
-    write_text_atomic(out / "captions.tsv", "".join(f"{int(y)}\t{c}\n" for c, y in zip(caps, data.labels[cap_idx])))
-
-    return {
-        "t2i_accuracy": t2i_acc,
-        "t2i_accuracy_ci95": wilson_interval(t2i_ok, len(want)),
-        "t2i_images": len(want),
-        "caption_accuracy": cap_acc,
-        "caption_accuracy_ci95": wilson_interval(sum(correct), len(correct)),
-        "caption_split": split,
-        "tokenizer_psnr": tok_psnr,
-        "classifier_accuracy_on_real": clf_acc,
-        "images_per_digit": per_digit,
-        "cfg": bundle.sampling.cfg if cfg is None else cfg,
-        "temperature": bundle.sampling.temperature if temperature is None else temperature,
-        "captions_evaluated": len(caps),
-        "lm_parameters": bundle.lm.num_params(),
-        "tokens_per_image": bundle.vision.num_tokens,
-    }
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/demo")
     p.add_argument("--per-digit", type=int, default=20, help="images drawn per digit for text-to-image")
     p.add_argument("--split", choices=("test", "tuning"), default="test",
-                   help="held-out part the captions are scored on: tune recipes on 'tuning', report 'test'")
+                   help="held-out part scored: tune recipes and sampling on 'tuning', report 'test'")
+    p.add_argument("--seed", type=int, default=None,
+                   help="generator seed of the drawing (default: 0 on test, 1 on tuning)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale for text-to-image (default: the model's saved one)")
     p.add_argument("--temperature", type=float, default=None,
@@ -139,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", help="score this trained model (inference folder or .ckpt) instead of training one; "
                    "the report goes to <out>/report_<split>.json")
     args = p.parse_args(argv)
-    torch.manual_seed(SEED)
+    torch.manual_seed(SPLIT_SEED)
     out, t0 = Path(args.out), time.time()
     if args.ckpt:
         try:
@@ -153,14 +92,17 @@ def main(argv=None) -> None:
         train_seconds = time.time() - t0
         path = out.parent / "demo.json"
     print("== 3/4 evaluation ==", flush=True)
-    report = evaluate(bundle, out, args.per_digit, args.cfg, args.temperature, args.split)
+    data = load_mnist_set()
+    report = evaluate(Pipeline(bundle), data, heldout_parts(len(data)), args.split, args.per_digit, 500, args.cfg,
+                      args.temperature, args.seed, psnr=True, out=out)
+    report.update(lm_parameters=bundle.lm.num_params(), tokens_per_image=bundle.vision.num_tokens)
     report["seconds"] = time.time() - t0
     if train_seconds is not None:
         report["train_seconds"] = train_seconds
     print("== 4/4 report ==")
     width = max(map(len, report))
     for k, v in report.items():
-        if isinstance(v, tuple):
+        if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, float) for x in v):
             v = f"[{v[0]:.4f}, {v[1]:.4f}]"
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     write_text_atomic(path, json.dumps(report, indent=2) + "\n")
