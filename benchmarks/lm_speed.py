@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks import pyplot, write_report
 from models.config import LMConfig
+from models.hf import state_dict_from_hf
 from models.sampling import generate, id_range_mask, left_pad, make_step_fn
 from models.transformer import Transformer
 
@@ -66,25 +67,8 @@ def build_models(seed: int = 0):
     cfg = LMConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, mlp_dim=MLP,
                    rope_theta=10000.0, norm_eps=1e-5, max_len=MAX_LEN)
     ours = Transformer(cfg)
-    copy_hf_weights(theirs, ours)
+    ours.load_state_dict(state_dict_from_hf(theirs.state_dict(), cfg))  # the product's own HF conversion
     return ours, theirs
-
-
-@torch.no_grad()
-def copy_hf_weights(hf, ours: Transformer) -> None:
-    """Copy a LlamaForCausalLM's weights into our Transformer (fused qkv and gate_up projections)."""
-    src = hf.model
-    ours.tok_emb.weight.copy_(src.embed_tokens.weight)
-    ours.norm.weight.copy_(src.norm.weight)
-    ours.head.weight.copy_(hf.lm_head.weight)
-    for layer, blk in zip(src.layers, ours.blocks, strict=True):
-        a, m = layer.self_attn, layer.mlp
-        blk.attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0))
-        blk.attn.proj.weight.copy_(a.o_proj.weight)
-        blk.mlp.gate_up.weight.copy_(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0))
-        blk.mlp.down.weight.copy_(m.down_proj.weight)
-        blk.attn_norm.weight.copy_(layer.input_layernorm.weight)
-        blk.mlp_norm.weight.copy_(layer.post_attention_layernorm.weight)
 
 
 def check_same_function(ours, theirs) -> dict:

@@ -171,7 +171,7 @@ def _hf_shapes(cfg: LMConfig, o_bias: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _to_ours(hf: dict[str, torch.Tensor], cfg: LMConfig) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: LMConfig) -> dict[str, torch.Tensor]:
     """HF tensors -> our state dict (q|k|v and gate|up concatenated along the output rows)."""
     sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     for i in range(cfg.n_layers):
@@ -322,7 +322,7 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = torch.float32
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(_to_ours(tensors, cfg), strict=True, assign=True)
+    model.load_state_dict(state_dict_from_hf(tensors, cfg), strict=True, assign=True)
     if cfg.tie_embeddings:
         model.head.weight = model.tok_emb.weight
     model.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)  # non-persistent buffer: rebuild off meta
