@@ -42,7 +42,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "evaluation.evaluate:main"),
     "export": ("a Lightning .ckpt of the LM -> an inference folder (written atomically)", """\
         mmar export results/demo/lm.ckpt results/demo/lm_export
-        mmar export lightning_logs/lm/checkpoints/last.ckpt my_model --overwrite""", "mmar.commands:export_main"),
+        mmar export lightning_logs/lm/checkpoints/last.ckpt my_model --overwrite
+        mmar export results/demo/lm.ckpt results/demo/lm_hf --hf llama   # the LM as a Hugging Face checkpoint""",
+               "mmar.commands:export_main"),
     "demo": ("serve the web demo (text-to-image, captioning, text-to-video) on a local port", """\
         mmar demo --ckpt results/demo/lm                  # then open http://127.0.0.1:7860
         mmar demo --ckpt results/demo/lm.ckpt --port 8080 --int8""", "mmar.commands:demo_main"),

@@ -251,6 +251,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="Lightning .ckpt written by the LM training module (or an inference folder)")
     p.add_argument("out", help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    p.add_argument("--hf", choices=("llama", "qwen2", "mistral"), default=None,
+                   help="write the LM alone as a Hugging Face checkpoint of this architecture (AutoModelForCausalLM "
+                        "loads it; its vocabulary keeps the image-code ids, tokenizer.json covers the text)")
     return p
 
 
@@ -264,6 +267,18 @@ def export_main(argv: list[str]) -> None:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out}: folder exists and is not empty (add --overwrite to replace it)")
     bundle = load_bundle(args.ckpt)
+    if args.hf:
+        import tempfile
+
+        from models.hf import save_hf
+
+        tok = bundle.tokenizer
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle.tokenizer.save(Path(tmp) / "tokenizer.json")
+            save_hf(bundle.lm, out, arch=args.hf, tokenizer_json=Path(tmp) / "tokenizer.json", bos_token_id=tok.bos_id,
+                    eos_token_id=tok.eos_id, overwrite=True)
+        print(f"wrote {out} (a Hugging Face {args.hf} checkpoint, {bundle.lm.num_params():,} parameters)")
+        return
     bundle.save(out)
     print(f"wrote {out} ({bundle.lm.num_params():,} LM parameters, {bundle.vision.num_tokens} tokens per image)")
 

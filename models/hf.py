@@ -332,16 +332,6 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = torch.float32
     return model.eval(), cfg
 
 
-def load_hf_tokenizer(folder: str | os.PathLike):
-    """The checkpoint's tokenizers.Tokenizer, from folder/tokenizer.json (the fast-tokenizer file)."""
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / TOKENIZER
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (only the fast-tokenizer tokenizer.json format is supported)")
-    return Tokenizer.from_file(str(path))
-
-
 # ---------------------------------------------------------------------------------------------- save
 
 

@@ -125,6 +125,21 @@ def test_export_ckpt_to_folder(tiny_bundle, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 
 
+def test_export_to_a_hugging_face_checkpoint(tiny_bundle, tmp_path, capsys):
+    """`mmar export --hf llama`: transformers loads the folder and gives our LM's logits."""
+    import transformers
+
+    ckpt = bundle_ckpt(tiny_bundle, tmp_path / "lm.ckpt")
+    out = tmp_path / "hf"
+    code, stdout, err = run(["export", str(ckpt), str(out), "--hf", "llama"], capsys)
+    assert code == 0 and "Hugging Face llama" in stdout, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tiny_bundle.format.t2i_prompt("a handwritten 3")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, tiny_bundle.lm.head(tiny_bundle.lm(ids)), atol=1e-4, rtol=1e-4)
+    assert (out / "tokenizer.json").is_file()
+
+
 def test_eval_on_digits(tiny_bundle_dir, tmp_path, capsys):
     report_path = tmp_path / "eval.json"
     code, stdout, _ = run(["eval", "--ckpt", str(tiny_bundle_dir), "--source", "digits", "--holdout", "120",
