@@ -120,7 +120,7 @@ class Pipeline:
     # ---- facts -----------------------------------------------------------------------------------
     @property
     def can_caption(self) -> bool:
-        return not getattr(self.bundle.objective, "continuous", False) and not self.can_make_video
+        return self.bundle.objective.captions and not self.can_make_video
 
     @property
     def can_make_video(self) -> bool:
@@ -158,7 +158,7 @@ class Pipeline:
         """
         b = self.bundle
         s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler)
-        continuous = getattr(b.objective, "continuous", False)
+        continuous = b.objective.continuous
         if continuous and (temperature, top_k, top_p) != (None, None, None):
             raise ValueError("this model draws by flow matching (xAR): temperature, top-k and top-p do not apply; "
                              "use steps and sampler")
@@ -195,8 +195,9 @@ class Pipeline:
         A model with continuous image inputs (`bundle.visual`: ETT codebook embeddings, TokenFLEX pooled features) reads
         each image as `tokens` vectors in embedding slots (TokenFLEX: any square count; default: the model's)."""
         b = self.bundle
-        if getattr(b.objective, "continuous", False):
-            raise ValueError("this checkpoint draws continuous latents (xAR); it does not caption images")
+        if not b.objective.captions:
+            raise ValueError(f"a model trained with {type(b.objective).__name__} does not caption images "
+                             "(its text is not trained)")
         tok, fmt, dev = b.tokenizer, b.format, self.device
         lm = b.lm
         if b.visual is not None:

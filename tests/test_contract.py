@@ -264,6 +264,27 @@ def test_captioning_is_greedy_text_continuation_or_refused(case, caption_tokeniz
             assert got == want, f"{case}: caption {got!r} is not the greedy text continuation {want!r} (ids {text})"
 
 
+@pytest.mark.parametrize("case", list(OBJECTIVE_CASES))
+def test_generate_has_one_signature_and_refuses_what_it_cannot_honour(case, caption_tokenizer):
+    """Every objective takes the same options (Objective.generate); one that does not apply is a ValueError,
+    never silently ignored: flow steps for token objectives, a stop id for NBP (no text is trained), token
+    options for xAR."""
+    import inspect
+
+    from models.objectives.base import Objective
+
+    module = build_module(case, caption_tokenizer).eval()
+    b = module.bundle()
+    want = list(inspect.signature(Objective.generate).parameters)
+    assert list(inspect.signature(type(b.objective).generate).parameters)[:len(want)] == want
+    ids, valid = guided_prompts(b)
+    refused = ({"temperature": 0.5}, {"top_k": 3}, {"stop_id": 1}) if _continuous(b.objective) else \
+        ({"steps": 2}, {"sampler": "em"}, *(({"stop_id": 1},) if not b.objective.captions else ()))
+    for opt in refused:
+        with pytest.raises(ValueError, match=f"does not take {next(iter(opt))}"):
+            b.objective.generate(b.lm, ids, b.vision.num_tokens, valid=valid, cfg_scale=2.0, **opt)
+
+
 def _lightning_ckpt(module, path):
     """The .ckpt the trainer writes: prefixed weights + the module's "mmar" entry (on_save_checkpoint)."""
     ckpt = {"state_dict": module.state_dict()}

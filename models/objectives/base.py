@@ -34,6 +34,8 @@ class Objective(nn.Module, abc.ABC):
 
     Config: Any
     config: Any
+    captions: bool = True  # a model trained with it captions images (text is trained token by token)
+    continuous: bool = False  # it draws continuous latents, not token ids
 
     def bind(self, tokenizer, class_names: list[str] = ()) -> None:
         """Called by the training module with its data's text tokenizer and class names; a no-op unless an
@@ -44,5 +46,17 @@ class Objective(nn.Module, abc.ABC):
         """Training loss of `lm` on a collated batch."""
 
     @abc.abstractmethod
-    def generate(self, lm: nn.Module, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """Continue `prompt` [B, T] by up to `max_new_tokens` ids [B, N] (KV-cached)."""
+    def generate(self, lm: nn.Module, prompt: torch.Tensor, max_new_tokens: int | None = None, *,
+                 valid: torch.Tensor | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, allowed: torch.Tensor | None = None, cfg_scale: float | None = None,
+                 stop_id: int | None = None, steps: int | None = None, sampler: str | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue `prompt` [B, T] (left-padded where `valid` is False; with `cfg_scale` the unconditional rows
+        follow the conditional ones) by up to `max_new_tokens` ids [B, N], KV-cached. Every objective takes
+        these options; one it cannot honour raises ValueError (`refuse`) instead of being ignored."""
+
+    def refuse(self, **options) -> None:
+        """ValueError naming the first option given (not None) that this objective cannot honour."""
+        for name, value in options.items():
+            if value is not None:
+                raise ValueError(f"{type(self).__name__} does not take {name} (got {value!r})")

@@ -35,6 +35,7 @@ FIRST_BLOCK = ("condition", "tokens")
 
 class NextBlockPrediction(Objective):
     """Block-causal mask, one-block-shifted targets, one KV-cached forward per block when sampling.
+    Text is not trained (it is the condition), so a model trained with it does not caption.
 
     Args:
         block_size: tokens predicted together (a block; e.g. one frame's codes), >= 1.
@@ -46,6 +47,8 @@ class NextBlockPrediction(Objective):
     class Config:
         block_size: int = 64
         first_block: str = "condition"
+
+    captions = False
 
     def __init__(self, block_size: int = 64, first_block: str = "condition"):
         super().__init__()
@@ -122,12 +125,14 @@ class NextBlockPrediction(Objective):
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int, *, valid: torch.Tensor | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 allowed: torch.Tensor | None = None, cfg_scale: float | None = None,
-                 generator: torch.Generator | None = None, stop_id: int | None = None) -> torch.Tensor:
+    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
+                 top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
+                 generator=None) -> torch.Tensor:
         """Continue text->visual prompts `... <boi>` [rows, T] (left-padded; with `cfg_scale` the
-        unconditional rows follow the conditional ones) by `max_new_tokens` codes [B, N], a block per forward."""
+        unconditional rows follow the conditional ones) by `max_new_tokens` codes [B, N], a block per forward.
+        Only visual codes are trained, so there is no text to stop on (`stop_id` is refused)."""
+        self.refuse(stop_id=stop_id, steps=steps, sampler=sampler)
+        temperature = 1.0 if temperature is None else temperature
         rows, t = prompt.shape
         if cfg_scale is not None and rows % 2:
             raise ValueError(f"classifier-free guidance needs conditional and unconditional rows in equal number, "

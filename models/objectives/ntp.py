@@ -62,6 +62,11 @@ class NextTokenPrediction(Objective):
             out[f"nll_{name}"] = (tok_loss * sel).sum().detach() / sel.sum().clamp(min=1)
         return out
 
-    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """Token by token through the KV cache (models.sampling.generate takes the sampling options)."""
-        return generate(lm, prompt, max_new_tokens, **sampling)
+    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
+                 top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
+                 generator=None) -> torch.Tensor:
+        """Token by token through the KV cache (models.sampling.generate); flow steps and samplers do not apply."""
+        self.refuse(steps=steps, sampler=sampler)
+        return generate(lm, prompt, max_new_tokens, valid=valid, temperature=1.0 if temperature is None else temperature,
+                        top_k=top_k, top_p=top_p, allowed=allowed, cfg_scale=cfg_scale, stop_id=stop_id,
+                        generator=generator)

@@ -133,7 +133,8 @@ class XARFlowMatching(Objective):
         steps: int = 40
         t_end: float = 0.04
 
-    continuous = True  # generate/pipeline.py: this objective draws latents, not token ids
+    continuous = True  # mmar.Pipeline: this objective draws latents, not token ids
+    captions = False
 
     def __init__(self, dim: int = 256, latent_channels: int = 4, grid: int = 8, entity: str = "cell",
                  entity_size: int = 4, noisy_context: bool = True, t_mean: float = 0.0, t_std: float = 1.0,
@@ -253,13 +254,16 @@ class XARFlowMatching(Objective):
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *,
-                 valid: torch.Tensor | None = None, cfg_scale: float | None = None, steps: int | None = None,
-                 sampler: str | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-                 **_unused) -> torch.Tensor:
+    def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
+                 top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
+                 generator=None, use_cache: bool = True) -> torch.Tensor:
         """Latents [B, c, h, w] for prompts [B, P] (or [2B, P] with cfg_scale: conditional rows first, then the
-        unconditional ones), entity by entity. `use_cache=False` recomputes prompt + context at every flow
-        step (the reference the cached path must equal)."""
+        unconditional ones), entity by entity; token options (temperature, top-k, top-p, allowed ids, a stop
+        id) are refused. `use_cache=False` recomputes prompt + context at every flow step (the reference the
+        cached path must equal)."""
+        self.refuse(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed, stop_id=stop_id)
+        if max_new_tokens is not None and max_new_tokens != self.n_tokens:
+            raise ValueError(f"this xAR model draws {self.n_tokens} latent tokens, got max_new_tokens={max_new_tokens}")
         self._check(lm)
         c = self.config
         steps, sampler = steps or c.steps, sampler or c.sampler
