@@ -9,6 +9,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -63,8 +64,6 @@ class ImageDataset(Dataset):
         return self.data.image(visit(item)[0], self.channels, self.size)  # [C, S, S]
 
 
-
-
 def check_image_facts(model, datamodule) -> None:
     """Image facts are set once: a data module's unset `channels` / `image_size` are taken from the model's
     tokenizer (`in_channels` / `image_size`), and a mismatch is refused before training starts, with both values
@@ -84,7 +83,32 @@ def check_image_facts(model, datamodule) -> None:
                              f"value (leave data.{data_key} unset to take the tokenizer's)")
 
 
-class ImageDataModule(L.LightningDataModule):
+class DataModule(L.LightningDataModule):
+    """What every data module here shares: `train_set` / `val_set` (built by `setup`) served in batches of
+    `batch_size` through `collate` (`val_collate` for validation when it differs; None: default collation).
+    Training is resumable (train.resume); validation reads in order on a private RNG, never moving the global one."""
+
+    collate = val_collate = None
+
+    def __init__(self, seed: int = 0, batch_size: int = 64, num_workers: int = 0):
+        super().__init__()
+        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+
+    def split(self, source: str, path: str | None, holdout: int | float, val_size: int, bad: BadSamples = STOP):
+        """train_data / held_data (split_source) and val_data (the first `val_size` held-out samples)."""
+        self.train_data, self.held_data = split_source(source, path, holdout, self.seed, bad)
+        self.val_data = self.held_data.subset(range(min(val_size, len(self.held_data))))
+        self.key = f"{source}|{path}|{holdout}|{self.seed}"
+
+    def train_dataloader(self):
+        return resumable_loader(self, self.train_set, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, self.batch_size, collate_fn=self.val_collate or self.collate,
+                          num_workers=self.num_workers, generator=torch.Generator())
+
+
+class ImageDataModule(DataModule):
     """Images only, for training a vision tokenizer.
 
     Args:
@@ -105,10 +129,9 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, source: str = "mnist", path: str | None = None, holdout: int | float = 0.1, seed: int = 0,
                  channels: int | None = None, image_size: int | None = None, batch_size: int = 64,
                  val_size: int = 256, num_workers: int = 0):
-        super().__init__()
-        self.source, self.path, self.holdout, self.seed = source, path, holdout, seed
+        super().__init__(seed, batch_size, num_workers)
+        self.source, self.path, self.holdout, self.val_size = source, path, holdout, val_size
         self.channels, self.image_size = channels, image_size
-        self.batch_size, self.val_size, self.num_workers = batch_size, val_size, num_workers
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -116,15 +139,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.channels is None or self.image_size is None:
             raise ValueError("ImageDataModule: set channels and image_size (when it trains a tokenizer they are "
                              "taken from the tokenizer's config)")
-        train, held = split_source(self.source, self.path, self.holdout, self.seed)
-        self.train_set = ImageDataset(train, self.channels, self.image_size)
-        self.val_set = ImageDataset(held.subset(range(min(self.val_size, len(held)))), self.channels, self.image_size)
-
-    def train_dataloader(self):
-        return resumable_loader(self, self.train_set, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
+        self.split(self.source, self.path, self.holdout, self.val_size)
+        self.train_set = ImageDataset(self.train_data, self.channels, self.image_size)
+        self.val_set = ImageDataset(self.val_data, self.channels, self.image_size)
 
 
 def augmenter(degrees: float = 10.0, translate: float = 0.05, scale: tuple[float, float] = (0.9, 1.1)):
@@ -136,14 +153,16 @@ def augmenter(degrees: float = 10.0, translate: float = 0.05, scale: tuple[float
 
 @torch.inference_mode()
 def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256, augment_copies: int = 0,
-                  seed: int = 0, bad: BadSamples = STOP) -> tuple[torch.Tensor, list[int]]:
-    """All images of `data` -> (codes [(1 + augment_copies) * N, h, w] (int32), indices that failed to load).
+                  seed: int = 0, bad: BadSamples = STOP) -> dict[str, torch.Tensor]:
+    """All images of `data` -> {"codes": [(1 + augment_copies) * N, ...] (int32 code grids [h, w], or float32
+    latents [c, h, w] of a continuous tokenizer), "failed": [k] indices of images that could not be read}.
 
     Copy k of image i sits at row k * N + i; copy 0 is the image itself, copies 1.. are random affine
     warps of it (drawn from `seed`, so the cache is reproducible). Each image is warped independently.
     An image that cannot be read stops the encoding with its error under the "stop" policy; under "skip"
     it is listed (its rows are blank codes, dropped by the caller)."""
     c, s = vision.config.in_channels, vision.config.image_size
+    dtype = torch.float32 if getattr(vision, "continuous", False) else torch.int32
     warp = augmenter() if augment_copies else None
     failed: list[int] = []
 
@@ -158,7 +177,8 @@ def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256,
 
     rows = (1 + augment_copies) * len(data)
     if not rows:  # an empty split: no rows, the code grid's shape
-        return vision.encode(torch.zeros(1, c, s, s))[:0].to(torch.int32), []
+        empty = vision.encode(torch.zeros(1, c, s, s))[:0].to(dtype)
+        return {"codes": empty, "failed": torch.zeros(0, dtype=torch.int64)}
     out = None  # [rows, h, w], filled batch by batch: no list of batches concatenated at the end
     with torch.random.fork_rng(devices=[]), tqdm(total=rows, desc=f"encoding {data.name}", unit="img",
                                                   disable=None, leave=False) as bar:
@@ -169,30 +189,31 @@ def encode_images(vision: torch.nn.Module, data: ImageTextSet, batch: int = 256,
                      for j in range(i, min(i + batch, len(data)))]
                 if k:
                     x = [warp(im) for im in x]
-                codes = vision.encode(torch.stack(x)).to(torch.int32)  # [b, h, w]
+                codes = vision.encode(torch.stack(x)).to(dtype)  # [b, h, w]
                 if out is None:
-                    out = torch.empty(rows, *codes.shape[1:], dtype=torch.int32)
+                    out = torch.empty(rows, *codes.shape[1:], dtype=dtype)
                 out[k * len(data) + i: k * len(data) + i + len(x)] = codes
                 bar.update(len(x))
-    return out, sorted(set(failed))
+    return {"codes": out, "failed": torch.tensor(sorted(set(failed)), dtype=torch.int64)}
 
 
-def cached_codes(vision: torch.nn.Module, vision_path: str, data: ImageTextSet, key: str, cache_dir: str | None,
-                 augment_copies: int = 0, seed: int = 0, bad: BadSamples = STOP) -> tuple[torch.Tensor, list[int]]:
-    """Encode once per (tokenizer checkpoint hash, dataset key, augmentation); later epochs and runs read the
-    cache. Returns (codes, indices of images that could not be read; see encode_images)."""
-    rows = (1 + augment_copies) * len(data)
+def encoded_cache(vision_path: str, key: str, rows: int, encode: Callable[[], dict[str, torch.Tensor]],
+                  cache_dir: str | None, name: str = "codes") -> dict[str, torch.Tensor]:
+    """The one cache of a dataset encoded through a frozen tokenizer (image codes, KL latents, video codes):
+    `encode()` -> {"codes": [rows, ...], ...} runs once per (tokenizer file hash, `key`: everything that identifies
+    the data); later epochs and runs read `cache_dir`/<name>-<hash>.safetensors back (no pickle), which is written
+    atomically, so an interrupted run leaves no half file. `cache_dir` None: encode every time."""
     if cache_dir is None:
-        return encode_images(vision, data, augment_copies=augment_copies, seed=seed, bad=bad)
-    tag = f"{registry.file_hash(vision_path)}|{key}|{len(data)}|aug{augment_copies}|{seed}"
-    path = Path(cache_dir) / f"codes-{hashlib.sha256(tag.encode()).hexdigest()[:20]}.safetensors"
+        return encode()
+    tag = f"{registry.file_hash(vision_path)}|{key}"
+    path = Path(cache_dir) / f"{name}-{hashlib.sha256(tag.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file():
         cached = load_file(str(path))
-        if len(cached["codes"]) == rows and "failed" in cached:
-            return cached["codes"], cached["failed"].tolist()
-    codes, failed = encode_images(vision, data, augment_copies=augment_copies, seed=seed, bad=bad)
-    atomic_save_file({"codes": codes, "failed": torch.tensor(failed, dtype=torch.int64)}, path)
-    return codes, failed
+        if "codes" in cached and len(cached["codes"]) == rows:
+            return cached
+    out = encode()
+    atomic_save_file(out, path)
+    return out
 
 
 @dataclass
@@ -221,11 +242,37 @@ class CodeCaptionDataset(Dataset):
     def __getitem__(self, item):
         i, rng = visit_rng(item, self.fixed_seed)
         j = i % len(self.data)
-        cap = rng.choice(self.data.captions[j])
-        return self.format.build(self.codes[i].long(), cap, rng, where=f"{self.data.name}[{j}]")
+        return self.sample(self.codes[i], rng.choice(self.data.captions[j]), rng, f"{self.data.name}[{j}]")
+
+    def sample(self, codes: torch.Tensor, caption: str, rng: random.Random, where: str):
+        """The sample of one code row and its drawn caption (subclasses: other sample kinds of the format)."""
+        return self.format.build(codes.long(), caption, rng, where=where)
 
 
-class ImageTextDataModule(L.LightningDataModule):
+class TokenizedDataModule(DataModule):
+    """The set-up every LM data module shares after its split (`split`, or its own source): text tokenizer ->
+    vocabulary layout + sequence format + DataSpec (`tokenize`); frozen-tokenizer encodings through the one cache
+    (`encoded`)."""
+
+    vision_path: str | None = None
+    cache_dir: str | None = None
+    cache_name = "codes"  # cache files are <cache_dir>/<cache_name>-<hash>.safetensors
+
+    def tokenize(self, tokenizer: TextTokenizer, vision: torch.nn.Module | None, codebook_size: int,
+                 cfg: SequenceConfig, class_names: list[str] = ()) -> None:
+        self.tokenizer, self.vision = tokenizer, vision
+        self.layout = VocabLayout(tokenizer.vocab_size, codebook_size)
+        self.format = SequenceFormat(tokenizer, self.layout, cfg)
+        self.spec = DataSpec(tokenizer, self.layout, vision, cfg.max_len, list(class_names))
+        self.collate = self.format.collate
+
+    def encoded(self, data, tag: str, encode: Callable[[], dict[str, torch.Tensor]], copies: int = 0):
+        """encoded_cache of `data` (rows: (1 + copies) per sample), keyed by this module's data `key` and `tag`."""
+        return encoded_cache(self.vision_path, f"{self.key}|{tag}|{len(data)}", (1 + copies) * len(data), encode,
+                             self.cache_dir, self.cache_name)
+
+
+class ImageTextDataModule(TokenizedDataModule):
     """Image-caption pairs as LM sequences; codes come from a frozen vision tokenizer, cached on disk.
 
     Args:
@@ -256,37 +303,31 @@ class ImageTextDataModule(L.LightningDataModule):
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1,
                  cache_dir: str | None = "results/cache", num_workers: int = 0, augment_copies: int = 0,
                  on_bad_sample: str = "stop", bad_samples_log: str | None = None):
-        super().__init__()
+        super().__init__(seed, batch_size, num_workers)
         if augment_copies < 0:
             raise ValueError(f"augment_copies must be >= 0, got {augment_copies}")
         # a bad sample (missing/corrupt image, empty caption, bad record, over-long sequence) stops the run
         # with one line naming it, or ("skip") is dropped, counted and logged to bad_samples_log
         self.bad = BadSamples(on_bad_sample, bad_samples_log)
-        self.augment_copies = augment_copies
-        self.vision_path, self.source, self.path = vision_tokenizer, source, path
-        self.holdout, self.seed, self.batch_size, self.val_size = holdout, seed, batch_size, val_size
-        self.cache_dir, self.num_workers = cache_dir, num_workers
-        self.seq_cfg = SequenceConfig(max_len, p_caption_first, p_drop_caption)
-        self.train_data, self.held_data = split_source(source, path, holdout, seed, self.bad)
-        self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
-        self.vision = registry.load(vision_tokenizer)
-        self.layout = VocabLayout(self.tokenizer.vocab_size, self.vision.config.codebook_size)
-        self.format = SequenceFormat(self.tokenizer, self.layout, self.seq_cfg)
-        self.spec = DataSpec(self.tokenizer, self.layout, self.vision, self.seq_cfg.max_len,
-                             self.train_data.class_names)
+        self.vision_path, self.cache_dir, self.augment_copies = vision_tokenizer, cache_dir, augment_copies
+        self.split(source, path, holdout, val_size, self.bad)
+        vision = registry.load(vision_tokenizer)
+        self.tokenize(caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size), vision,
+                      vision.config.codebook_size, SequenceConfig(max_len, p_caption_first, p_drop_caption),
+                      self.train_data.class_names)
 
     def _codes(self):
-        """((training codes, failed), (validation codes, failed), validation images), cached on disk."""
-        key = f"{self.source}|{self.path}|{self.holdout}|{self.seed}"
-        val = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
-        train = cached_codes(self.vision, self.vision_path, self.train_data, key + "|train", self.cache_dir,
-                             self.augment_copies, self.seed, self.bad)
-        val_codes = cached_codes(self.vision, self.vision_path, val, key + "|val", self.cache_dir, bad=self.bad)
-        return train, val_codes, val
+        """({"codes", "failed"} of the training images, for every copy; the same of the validation images)."""
+        def codes(data, tag, copies=0):
+            return self.encoded(data, f"{tag}|aug{copies}", lambda: encode_images(
+                self.vision, data, augment_copies=copies, seed=self.seed, bad=self.bad), copies)
 
-    def _keep_good(self, codes: torch.Tensor, failed: list[int], data: ImageTextSet, copies: int):
+        return codes(self.train_data, "train", self.augment_copies), codes(self.val_data, "val")
+
+    def _keep_good(self, encoded: dict[str, torch.Tensor], data: ImageTextSet, copies: int):
         """Drop samples whose image failed to load or whose sequence exceeds max_len (each reported to the
         bad-sample policy once); returns (codes of the kept samples, for every copy; kept samples)."""
+        codes, failed = encoded["codes"], encoded["failed"].tolist()
         n, drop = len(data), set(failed)
         for j in failed:
             self.bad(data.where(j), "image could not be read")
@@ -318,16 +359,8 @@ class ImageTextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        (train_codes, train_failed), (val_codes, val_failed), val = self._codes()
-        train_codes, self.train_data = self._keep_good(train_codes, train_failed, self.train_data, self.augment_copies)
-        val_codes, val = self._keep_good(val_codes, val_failed, val, 0)
+        train, val = self._codes()
+        train_codes, self.train_data = self._keep_good(train, self.train_data, self.augment_copies)
+        val_codes, self.val_images = self._keep_good(val, self.val_data, 0)
         self.train_set = CodeCaptionDataset(train_codes, self.train_data, self.format)
-        self.val_set = CodeCaptionDataset(val_codes, val, self.format, fixed_seed=self.seed)
-        self.val_images = val
-
-    def train_dataloader(self):
-        return resumable_loader(self, self.train_set, collate_fn=self.format.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers,
-                          generator=torch.Generator())  # private RNG: validation never moves the global one
+        self.val_set = CodeCaptionDataset(val_codes, self.val_images, self.format, fixed_seed=self.seed)

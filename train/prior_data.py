@@ -8,14 +8,11 @@ the held-out images' captions stay unseen by the reference as well.
 """
 from __future__ import annotations
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from models.sequence import SequenceConfig, SequenceFormat
-from models.vocab import VocabLayout
-from train.datamodules import DataSpec, caption_tokenizer, split_source
-from train.resume import resumable_loader, visit_rng
+from train.datamodules import TokenizedDataModule, caption_tokenizer
+from train.resume import visit_rng
 from train.sources import ImageTextSet
 from vision_tokenizers import registry
 
@@ -34,7 +31,7 @@ class CaptionTextDataset(Dataset):
         return self.format.text_sample(rng.choice(self.data.captions[i]), where=self.data.where(i))
 
 
-class CaptionTextDataModule(L.LightningDataModule):
+class CaptionTextDataModule(TokenizedDataModule):
     """Captions alone, for PRIOR's text-only reference LM (train it with `train.lm_module.MultimodalLMModule`).
 
     Args:
@@ -59,32 +56,22 @@ class CaptionTextDataModule(L.LightningDataModule):
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 512, holdout: int | float = 0.1,
                  n_train: int = 20_000, seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 64,
                  num_workers: int = 0):
-        super().__init__()
-        self.seed, self.batch_size, self.val_size, self.num_workers = seed, batch_size, val_size, num_workers
+        super().__init__(seed, batch_size, num_workers)
         if source == "scenes":
             from train.scenes import ItemPools, Scenes
             from train.understanding.data import scenes_tokenizer
 
             pools = ItemPools.load(0)
             train = Scenes(pools, "train", n_train, seed)
-            self.train_data, self.held_data = train.as_set(), Scenes(pools, "val", val_size, seed).as_set()
-            self.tokenizer = scenes_tokenizer(train, text_tokenizer, bpe_vocab_size)
+            self.train_data, self.val_data = train.as_set(), Scenes(pools, "val", val_size, seed).as_set()
+            tokenizer = scenes_tokenizer(train, text_tokenizer, bpe_vocab_size)
         else:
-            self.train_data, self.held_data = split_source(source, path, holdout, seed)
-            self.tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
+            self.split(source, path, holdout, val_size)
+            tokenizer = caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size)
         vision = registry.load(vision_tokenizer)
-        self.layout = VocabLayout(self.tokenizer.vocab_size, vision.config.codebook_size)
-        self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len=max_len))
-        self.spec = DataSpec(self.tokenizer, self.layout, vision, max_len, self.train_data.class_names)
+        self.tokenize(tokenizer, vision, vision.config.codebook_size, SequenceConfig(max_len=max_len),
+                      self.train_data.class_names)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = CaptionTextDataset(self.train_data, self.format)
-        held = self.held_data.subset(range(min(self.val_size, len(self.held_data))))
-        self.val_set = CaptionTextDataset(held, self.format, fixed_seed=self.seed)
-
-    def train_dataloader(self):
-        return resumable_loader(self, self.train_set, collate_fn=self.format.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, collate_fn=self.format.collate, num_workers=self.num_workers,
-                          generator=torch.Generator())  # private RNG: validation never moves the global one
+        self.val_set = CaptionTextDataset(self.val_data, self.format, fixed_seed=self.seed)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import random
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
-from models.vocab import VocabLayout
-from train.datamodules import DataSpec, ImageDataset
-from train.resume import resumable_loader, visit_rng
+from train.datamodules import DataModule, ImageDataset, TokenizedDataModule
+from train.resume import visit_rng
 from train.scenes import NAMES, ItemPools, Scenes, all_captions
 from train.sources import ImageTextSet
 from vision_tokenizers import registry
@@ -59,14 +57,9 @@ class SceneCollate:
     def __call__(self, items) -> dict[str, torch.Tensor]:
         images, caps, seeds, where = zip(*items)
         n = self.count(list(seeds))
-        samples = []
-        for cap, seed, w in zip(caps, seeds, where):
-            rng = random.Random(seed)
-            s = self.format.build(torch.zeros(n, dtype=torch.long), cap, rng, where=w)
-            if s.task == "i2t":
-                s = self.format.i2t_slots_sample(n, cap, where=w)
-            samples.append(s)
-        batch = self.format.collate(samples)
+        zeros = torch.zeros(n, dtype=torch.long)
+        batch = self.format.collate([self.format.build(zeros, cap, random.Random(seed), where=w, slots=True)
+                                     for cap, seed, w in zip(caps, seeds, where)])
         batch["images"] = torch.stack(images)
         return batch
 
@@ -85,7 +78,7 @@ def longest_caption(tokenizer: TextTokenizer) -> int:
     return max(len(tokenizer.encode(c)) for k in range(len(NAMES)) for c in all_captions([k] * 4))
 
 
-class ScenesDataModule(L.LightningDataModule):
+class ScenesDataModule(TokenizedDataModule):
     """Scenes (train/scenes.py) for captioning and text-to-image with continuous or discrete image inputs.
 
     Args:
@@ -107,12 +100,12 @@ class ScenesDataModule(L.LightningDataModule):
                  token_mix: dict[int, float] | None = None, val_tokens: int | None = None,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1, text_tokenizer: str | None = None,
                  bpe_vocab_size: int = 512, batch_size: int = 32, max_len: int = 128, num_workers: int = 0):
-        super().__init__()
-        self.vision = registry.load(vision_tokenizer) if vision_tokenizer else None
-        if self.vision is not None:
-            image_size = image_size or self.vision.config.image_size
-            channels = self.vision.config.in_channels
-            n_tokens = self.vision.num_tokens
+        super().__init__(seed, batch_size, num_workers)
+        vision = registry.load(vision_tokenizer) if vision_tokenizer else None
+        if vision is not None:
+            image_size = image_size or vision.config.image_size
+            channels = vision.config.in_channels
+            n_tokens = vision.num_tokens
             if tokens is not None and tokens != n_tokens or token_mix:
                 raise ValueError(f"{vision_tokenizer}: images are {n_tokens} tokens for this tokenizer; tokens / "
                                  f"token_mix are for tokenizer-free (TokenFLEX) data")
@@ -126,15 +119,14 @@ class ScenesDataModule(L.LightningDataModule):
         self.image_size, self.channels = image_size or 56, channels
         self.tokens, self.token_mix = tokens, token_mix or None
         self.val_tokens = val_tokens or (max(self.token_mix) if self.token_mix else tokens)
-        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         pools = ItemPools.load(pool_seed)
         self.train_scenes = Scenes(pools, "train", n_train, seed)
         self.val_scenes = Scenes(pools, "val", n_val, seed)
-        self.tokenizer = scenes_tokenizer(self.train_scenes, text_tokenizer, bpe_vocab_size)
-        codes = self.vision.config.codebook_size if self.vision is not None else 0
-        self.layout = VocabLayout(self.tokenizer.vocab_size, codes)
-        self.format = SequenceFormat(self.tokenizer, self.layout, SequenceConfig(max_len, p_caption_first, p_drop_caption))
-        self.spec = DataSpec(self.tokenizer, self.layout, self.vision, max_len, self.train_scenes.as_set().class_names)
+        self.tokenize(scenes_tokenizer(self.train_scenes, text_tokenizer, bpe_vocab_size), vision,
+                      vision.config.codebook_size if vision is not None else 0,
+                      SequenceConfig(max_len, p_caption_first, p_drop_caption), self.train_scenes.as_set().class_names)
+        self.collate = SceneCollate(self.format, self.tokens, self.token_mix)
+        self.val_collate = SceneCollate(self.format, self.val_tokens, None)
         longest = longest_caption(self.tokenizer)
         if longest + max([*(self.token_mix or {}), self.tokens or 0, self.val_tokens or 0]) + 6 > max_len:
             raise ValueError(f"max_len {max_len} is too short for {longest}-token captions and the image tokens")
@@ -143,33 +135,19 @@ class ScenesDataModule(L.LightningDataModule):
         self.train_set = SceneSamples(self.train_scenes.as_set(), self.channels, self.image_size)
         self.val_set = SceneSamples(self.val_scenes.as_set(), self.channels, self.image_size, fixed_seed=self.seed)
 
-    def train_dataloader(self):
-        return resumable_loader(self, self.train_set, collate_fn=SceneCollate(self.format, self.tokens, self.token_mix),
-                                num_workers=self.num_workers)
 
-    def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator(),
-                          collate_fn=SceneCollate(self.format, self.val_tokens, None))
-
-
-class ScenesImageDataModule(L.LightningDataModule):
+class ScenesImageDataModule(DataModule):
     """Scene images only, for training an image tokenizer on them (configs/scenes_tokenizer.yaml); the same
     training / validation scenes (same seeds) as ScenesDataModule, so test items stay unseen."""
 
     def __init__(self, n_train: int = 20_000, n_val: int = 256, seed: int = 0, pool_seed: int = 0,
                  image_size: int = 56, channels: int = 1, batch_size: int = 64, num_workers: int = 0):
-        super().__init__()
-        self.n_train, self.n_val, self.seed, self.pool_seed = n_train, n_val, seed, pool_seed
-        self.image_size, self.channels, self.batch_size, self.num_workers = image_size, channels, batch_size, num_workers
+        super().__init__(seed, batch_size, num_workers)
+        self.n_train, self.n_val, self.pool_seed = n_train, n_val, pool_seed
+        self.image_size, self.channels = image_size, channels
 
     def setup(self, stage: str | None = None) -> None:
         pools = ItemPools.load(self.pool_seed)
         self.train_set = ImageDataset(Scenes(pools, "train", self.n_train, self.seed).as_set(), self.channels,
                                       self.image_size)
         self.val_set = ImageDataset(Scenes(pools, "val", self.n_val, self.seed).as_set(), self.channels, self.image_size)
-
-    def train_dataloader(self):
-        return resumable_loader(self, self.train_set, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
