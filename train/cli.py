@@ -8,9 +8,9 @@ Every run also gets, unless its config already has them: `LastCheckpoint` (`last
 training ends, and on SIGTERM / SIGINT before stopping cleanly) and `NumericalGuard` (a non-finite gradient stops the run). A
 ModelCheckpoint without `dirpath` keeps its files in `<default_root_dir>/checkpoints/`, the same folder
 on every run, so `--ckpt_path last` finds the previous run's `last.ckpt`.
-Lightning writes checkpoints atomically itself (torch.save into a buffer, then an fsspec transaction:
-a temp file moved onto the target), and loads them with `torch.load(weights_only=True)` (torch's
-default), so a checkpoint carrying pickled code is refused, not run.
+Checkpoints are written atomically (`train.resume.AtomicCheckpointIO`: serialised in memory, a temp file beside
+the target, fsync, rename; a kill during the write leaves the previous file), and Lightning loads them with
+`torch.load(weights_only=True)` (torch's default), so a checkpoint carrying pickled code is refused, not run.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ import sys
 import warnings
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from train.callbacks import NumericalGuard
-from train.resume import LastCheckpoint
+from train.resume import AtomicCheckpointIO, LastCheckpoint
 
 
 class MMARCLI(LightningCLI):
@@ -51,13 +52,16 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 def prepare_trainer(trainer) -> None:
-    """Stable checkpoint folder, signal checkpointing and the numerical guard for every run (see module doc)."""
+    """Stable checkpoint folder, signal checkpointing, atomic checkpoint writes and the numerical guard for every
+    run (see module doc)."""
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
     for cls in (LastCheckpoint, NumericalGuard):
         if not any(isinstance(cb, cls) for cb in trainer.callbacks):
             trainer.callbacks.append(cls())
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def _spec_of(datamodule):

@@ -18,16 +18,20 @@ when SIGTERM or SIGINT arrives (then the run stops cleanly), so `--ckpt_path las
 """
 from __future__ import annotations
 
+import io
 import random
 import signal
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader, DistributedSampler
+
+from common.io import atomic_write
 
 
 def draw_seed(seed: int, epoch: int, index: int) -> int:
@@ -71,13 +75,14 @@ class EpochSampler(DistributedSampler):
         self._skip = (epoch, samples)
 
     def __iter__(self):
-        order = list(super().__iter__())  # this rank's indices for self.epoch
+        epoch = self.epoch  # fixed when the iteration starts: a later set_epoch is for the next one
+        order = list(super().__iter__())  # this rank's indices for this epoch
         start = 0
-        if self._skip is not None and self._skip[0] == self.epoch:
+        if self._skip is not None and self._skip[0] == epoch:
             start = self._skip[1]
         self._skip = None
         for i in order[start:]:
-            yield i, draw_seed(self.seed, self.epoch, i)
+            yield i, draw_seed(self.seed, epoch, i)
 
 
 class ResumableLoader(DataLoader):
@@ -100,7 +105,12 @@ class ResumableLoader(DataLoader):
         if state.get("batch_size") != self.batch_size:
             raise ValueError(f"cannot resume mid-epoch: the checkpoint was trained with batch_size "
                              f"{state.get('batch_size')}, this run uses {self.batch_size}")
-        self.sampler.skip(state["epoch"], state["batches"] * self.batch_size)
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # written at the last batch of an epoch: the run goes on with the next epoch
+            epoch, batches = epoch + 1, 0
+        # Lightning builds the iterator before it sets the sampler's epoch on a resumed run: set it here
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip(epoch, batches * self.batch_size)
 
 
 def trainer_progress(module: L.LightningDataModule) -> Callable[[], tuple[int, int]]:
@@ -137,10 +147,31 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
+def restore_loader_position(trainer) -> None:
+    """Put the training loader where the checkpoint left it, when Lightning did not (called at train start).
+
+    Lightning hands a checkpoint's loader state to the loader only when it builds the training loader after
+    restoring the checkpoint. A module whose `configure_optimizers` asks for `trainer.estimated_stepping_batches`
+    (the cosine schedules here, with `max_epochs` set: every epoch-based recipe) makes Lightning build the loader
+    and its first iterator earlier, before the restore; the state then stays unused and the resumed run replays
+    the epoch from its first batch. Here the state is loaded and the iterator built again."""
+    loop = trainer.fit_loop
+    states = getattr(loop, "_combined_loader_states_to_load", None)
+    if not states or loop._combined_loader is None or loop._data_fetcher is None:
+        return
+    loop._combined_loader._load_state_dicts(states)
+    loop._combined_loader_states_to_load = []
+    iter(loop._data_fetcher)  # a fresh iterator (and prefetched first batch) from the restored position
+
+
 class ResumableModule(L.LightningModule):
-    """Base of our training modules: RNG states saved with each checkpoint and restored on resume."""
+    """Base of our training modules: RNG states saved with each checkpoint and restored on resume; the
+    training loader's position restored (restore_loader_position); validation runs on a copy of the RNG
+    streams, so whether and when it runs (sanity check, a validation skipped or redone after a resume,
+    sample drawing in SampleLogger) never changes what training draws."""
 
     _pending_rng: dict | None = None
+    _rng_before_validation: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng"] = rng_state()
@@ -160,6 +191,17 @@ class ResumableModule(L.LightningModule):
         if self._pending_rng is not None:  # the first batch after a resume: continue the saved streams
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+
+    def on_train_start(self) -> None:
+        restore_loader_position(self.trainer)
+
+    def on_validation_start(self) -> None:
+        self._rng_before_validation = rng_state()
+
+    def on_validation_end(self) -> None:
+        if self._rng_before_validation is not None:
+            set_rng_state(self._rng_before_validation)
+            self._rng_before_validation = None
 
 
 class LastCheckpoint(L.Callback):
@@ -220,3 +262,19 @@ class LastCheckpoint(L.Callback):
         cb = trainer.checkpoint_callback
         folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         return folder / "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a kill at any moment cannot spoil: the checkpoint is serialised in memory, written
+    to a temp file beside the target, fsynced and renamed onto it (common.io.atomic_write). Lightning's own
+    write stages the file in the system temp folder and moves it, which is a copy onto the target (truncated by
+    a kill half way) when that folder is on another file system. Remote paths (`s3://...`) keep Lightning's."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(buffer.getbuffer())

@@ -86,7 +86,10 @@ class SEEDDetokenizerModule(TokenizerTrainingModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: a checkpoint written at a batch end (the callbacks' hooks run before
+        # the module's) then holds the EMA of the weights it holds, so a resume continues it exactly
         if self.ema is not None:
             self.ema.step(self.detok.parameters())
 
