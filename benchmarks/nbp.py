@@ -112,11 +112,15 @@ def psnr_db(recon: torch.Tensor, clips: torch.Tensor) -> float:
     return float(PeakSignalNoiseRatio(data_range=1.0)(frames(recon), frames(clips)))
 
 
-def heldout_classifier() -> HeldOutClassifier:
-    """The independent digit classifier: trained on the "judge" half of the held-out source digits, disjoint from
-    the training clips' digits and from the "test" digits of every clip it scores."""
-    digits, labels = _mnist_split("judge")
-    return HeldOutClassifier(torch.from_numpy(digits).float().div(127.5).sub(1).unsqueeze(1), labels)
+def heldout_classifier(frames: int = 17, size: int = 64, digit_size: int = 28, start: str = "random",
+                       n_clips: int = 600) -> HeldOutClassifier:
+    """The independent digit classifier: trained on the "judge" half of the held-out source digits (disjoint from
+    the training clips' digits and from the "test" digits of every clip it scores), seen exactly as it will read
+    generated frames: the first and last frames of `n_clips` moving-digit clips shaped like the scored ones,
+    cut out by `digit_crops`."""
+    clips = moving_digits(n_clips, "judge", frames=frames, size=size, digit_size=digit_size, start=start)
+    x = digit_crops(clips.clips[:, :, [0, frames - 1]])  # [2N, 1, 28, 28]
+    return HeldOutClassifier(x, np.repeat(clips.labels[:, 0], 2), deskew=True)
 
 
 def quality(videos: torch.Tensor, labels: np.ndarray, dirs: np.ndarray, clf: HeldOutClassifier, fid=None) -> dict:
@@ -233,32 +237,41 @@ def sample_codes(lm, objective, fmt, layout, captions, n_codes, cfg, temperature
     return out - lo
 
 
-def score(ckpt: Path, n_eval: int, cfg: float, temperature: float, top_k: int | None, results: Path) -> dict:
-    """Quality of one trained text->video model on `n_eval` held-out prompts (one video each, batches of 8),
-    drawn the way `mmar t2v` draws them."""
+def score(ckpt: Path, n_eval: int, cfg: float | None, temperature: float | None, top_k: int | None, results: Path,
+          digit_size: int = 28, start: str = "random", key: str | None = None) -> dict:
+    """Quality of one trained text->video model on `n_eval` held-out prompts (one video each, batches of 8), drawn
+    the way `mmar t2v` draws them (options left at None: the model's saved sampling settings). The held-out clips
+    are moving digits of the "test" half shaped like the recipe's (`digit_size`, `start`: configs/video_lm.yaml's
+    28 / random, configs/video32_lm.yaml's 20 / centred). The result is stored in `results` under `key` (default: the
+    checkpoint's path), beside the other checkpoints' (e.g. a learning curve)."""
     from mmar.pipeline import Pipeline
     from models.bundle import load_bundle
 
     b = load_bundle(ckpt)
     vc = b.vision.config
-    held = moving_digits(n_eval, "test", frames=vc.frames, size=vc.image_size)
+    held = moving_digits(n_eval, "test", frames=vc.frames, size=vc.image_size, digit_size=digit_size, start=start)
     captions = [c[0] for c in held.captions]
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     videos = torch.cat([Pipeline(b).draw_videos(captions[i:i + 8], 1, cfg=cfg, temperature=temperature, top_k=top_k,
-                                      generator=gen) for i in range(0, n_eval, 8)])
+                                                generator=gen) for i in range(0, n_eval, 8)])
     secs = (time.perf_counter() - t0) / n_eval
-    labels, dirs, clf = held.labels[:, 0], held.directions[:, 0], heldout_classifier()
+    clf = heldout_classifier(vc.frames, vc.image_size, digit_size, start)
+    labels, dirs = held.labels[:, 0], held.directions[:, 0]
     recon = reconstruct(b.vision, held.clips)  # what the tokenizer alone keeps: a bound for the LM
     bound = {f"tokenizer_recon_{k}": v for k, v in quality(recon, labels, dirs, clf).items()}
+    s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k)
     obj_cfg = dataclasses.asdict(b.objective.config) if hasattr(b.objective, "config") else {}
     res = {"ckpt": str(ckpt), "objective": type(b.objective).__name__, **obj_cfg,
            "code_shape": list(b.vision.code_shape), **quality(videos, labels, dirs, clf), **bound,
            "tokenizer_psnr_heldout": psnr_db(recon, held.clips), "sec_per_video_b8": secs,
            "n_eval_videos": n_eval, "n_eval_frames": int(videos.shape[0] * videos.shape[2]),
-           "cfg": cfg, "temperature": temperature, "top_k": top_k, "torch_version": torch.__version__,
+           "digit_size": digit_size, "start": start, "cfg": s.cfg, "temperature": s.temperature, "top_k": s.top_k,
+           "torch_version": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_text_atomic(results, json.dumps(res, indent=2) + "\n")
+    table = json.loads(results.read_text()) if results.is_file() else {}
+    table[key or str(ckpt)] = res
+    write_text_atomic(results, json.dumps(table, indent=2) + "\n")
     print(f"{ckpt}: per-frame digit acc {res['digit_acc']:.3f} [{res['digit_acc_lo']:.3f}, {res['digit_acc_hi']:.3f}], "
           f"direction acc {res['direction_acc']:.3f} [{res['direction_acc_lo']:.3f}, {res['direction_acc_hi']:.3f}] "
           f"on {n_eval} held-out prompts ({secs:.2f} s/video); the tokenizer's reconstructions of the same clips: "
@@ -291,7 +304,7 @@ def first_frames(tokenizer: Path, n_train: int, steps: int, batch: int, dim: int
     out = torch.cat([sample_codes(lm, obj, fmt, layout, captions[i:i + 16], n_codes, cfg, temperature, None, i)
                      for i in range(0, n_eval, 16)])
     frames = tok.decode(out.view(-1, *codes.shape[1:]))  # [n_eval, 1, 1, H, W]
-    clf = heldout_classifier()
+    clf = heldout_classifier(1, c.image_size)
     correct = clf.predict(digit_crops(frames)) == held.labels[:, 0]
     recon_ok = clf.predict(digit_crops(reconstruct(tok, held.clips))) == held.labels[:, 0]
     lo, hi = wilson_interval(int(correct.sum()), n_eval)
@@ -341,15 +354,18 @@ def main(argv=None) -> None:
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--dim", type=int, default=LM_DIM)
     p.add_argument("--layers", type=int, default=LM_LAYERS)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 3; --score: the model's)")
+    p.add_argument("--temperature", type=float, default=None, help="default 1; --score: the model's")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--timing-videos", type=int, default=3, help="videos timed one by one")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--save", type=Path, default=Path("results/video/bench"),
                    help="inference folders of the three LMs go to <save>/<objective> (for mmar t2v)")
-    p.add_argument("--score", type=Path, default=None, metavar="CKPT",
-                   help="only score this trained text->video checkpoint or model folder on --n-eval held-out prompts")
+    p.add_argument("--score", type=Path, nargs="+", default=None, metavar="CKPT",
+                   help="only score these trained text->video checkpoints or model folders on --n-eval held-out "
+                        "prompts, at the models' saved sampling settings unless --cfg / --temperature / --top-k")
+    p.add_argument("--digit-size", type=int, default=28, help="--score: digit size of the held-out clips (video32: 20)")
+    p.add_argument("--start", default="random", help="--score: start mode of the held-out clips (video32: centred)")
     p.add_argument("--score-results", type=Path, default=RESULTS.with_name("video_recipe.json"))
     p.add_argument("--first-frames", type=Path, default=None, metavar="TOKENIZER",
                    help="only run the first-frame probe: a text->image LM on this video tokenizer's first latent "
@@ -357,15 +373,18 @@ def main(argv=None) -> None:
     p.add_argument("--grid", type=int, default=1, help="first-frame probe: snap digit positions to this many pixels")
     p.add_argument("--first-frames-results", type=Path, default=RESULTS.with_name("nbp_first_frames.json"))
     a = p.parse_args(argv)
+    if a.score is not None:
+        for ckpt in a.score:
+            score(ckpt, a.n_eval, a.cfg, a.temperature, a.top_k, a.score_results, a.digit_size, a.start)
+        return
+    a.cfg = 3.0 if a.cfg is None else a.cfg
+    a.temperature = 1.0 if a.temperature is None else a.temperature
     if a.first_frames is not None:
         first_frames(a.first_frames, a.n_train, a.lm_steps, a.lm_batch, a.dim, a.layers, a.n_eval, a.cfg,
                      a.temperature, a.first_frames_results, a.grid)
         return
     if a.presets:
         presets()
-        return
-    if a.score is not None:
-        score(a.score, a.n_eval, a.cfg, a.temperature, a.top_k, a.score_results)
         return
     t_start, load0 = time.time(), os.getloadavg()[0]
     torch.manual_seed(0)

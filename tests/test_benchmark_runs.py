@@ -105,7 +105,7 @@ def test_video_tokenizer_ablation_runs_and_has_the_recipe_as_a_row(tmp_path, mon
     digits, labels = _mnist_split("heldout")  # a small classifier keeps the test fast; the benchmark fits all
     small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
                               augment=False)
-    monkeypatch.setattr(vt, "heldout_classifier", lambda: small)
+    monkeypatch.setattr(vt, "heldout_classifier", lambda *a, **k: small)
 
     recipe = yaml.safe_load(open("configs/video_tokenizer.yaml"))["model"]["init_args"]["tokenizer"]
     assert {k: recipe[k] for k in BASE} == {k: getattr(config(RECIPE), k) for k in BASE}  # the README recipe's row
@@ -130,7 +130,7 @@ def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     digits, labels = _mnist_split("heldout")
     small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
                               augment=False)
-    monkeypatch.setattr(nbp, "heldout_classifier", lambda: small)
+    monkeypatch.setattr(nbp, "heldout_classifier", lambda *a, **k: small)
     monkeypatch.setattr(seed_bench, "inception_path", lambda: None)
     out = tmp_path / "nbp.json"
     nbp.main(["--n-train", "16", "--n-eval", "8", "--tok-steps", "2", "--lm-steps", "2", "--lm-batch", "2",

