@@ -156,43 +156,40 @@ def _size(recipe: str, inputs: Inputs) -> dict:
     """Per recipe: the data size (a few batches per epoch, so the runs cross epoch ends and validations) and
     the inputs it reads."""
     cache = {"data.init_args.cache_dir": str(inputs.folder / "cache")}
-    def lm():  # 43 images x 6 copies: 4 batches of 64 an epoch
-        return {**_mnist(43), "data.init_args.vision_tokenizer": inputs.vq(), **cache}
-
-    return {
-        "mnist_lm": lm,
-        "mnist_prior": lambda: {**lm(), "model.init_args.objective.init_args.prior.init_args.reference":
-                        inputs.stage("mnist_prior_ref", "last")},
-        "mnist_prior_ref": lambda: {**_mnist(256), "data.init_args.vision_tokenizer": inputs.vq()},
-        "mnist_seed_lm": lambda: {**_mnist(256), "data.init_args.vision_tokenizer": inputs.vq(), **cache},
+    vq, vq56, kl = ({"data.init_args.vision_tokenizer": f()} for f in (inputs.vq, inputs.vq56, inputs.kl))
+    scenes = {"data.init_args.n_train": 96, "data.init_args.n_val": 32, **cache}
+    sizes = {
+        "mnist_lm": lambda: {**_mnist(43), **vq, **cache},  # 43 images x 6 copies: 4 batches of 64 an epoch
+        # the same training images as its reference model (the caption BPE is trained on them)
+        "mnist_prior": lambda: {**_mnist(256), **vq, **cache,
+                                "model.init_args.objective.init_args.prior.init_args.reference":
+                                    inputs.stage("mnist_prior_ref", "last")},
+        "mnist_prior_ref": lambda: {**_mnist(256), **vq},
+        "mnist_seed_lm": lambda: {**_mnist(256), **vq, **cache},
         "mnist_vq": lambda: _mnist(192),
         "mnist_kl": lambda: _mnist(192),
         "fashion_kl": lambda: {"data.init_args.holdout": 0.997},
-        "mnist_xar": lambda: {**_mnist(192), "data.init_args.vision_tokenizer": inputs.kl(), **cache},
-        "fashion_xar": lambda: {"data.init_args.holdout": 0.997, "data.init_args.vision_tokenizer": inputs.kl(), **cache},
+        "mnist_xar": lambda: {**_mnist(192), **kl, **cache},
+        "fashion_xar": lambda: {"data.init_args.holdout": 0.997, **kl, **cache},
         "mnist_seed_stage1": lambda: _mnist(192),
-        "mnist_seed_stage2": lambda: {**_mnist(192), "model.init_args.init_from": inputs.stage("mnist_seed_stage1",
-                                                                                       "export")},
-        "mnist_seed_detok": lambda: {**_mnist(192), "model.init_args.seed_path": inputs.stage("mnist_seed_stage2",
-                                                                                      "export")},
+        "mnist_seed_stage2": lambda: {**_mnist(192),
+                                      "model.init_args.init_from": inputs.stage("mnist_seed_stage1", "export")},
+        "mnist_seed_detok": lambda: {**_mnist(192),
+                                     "model.init_args.seed_path": inputs.stage("mnist_seed_stage2", "export")},
         "video_tokenizer": lambda: {"data.init_args.n_train": 48, "data.init_args.n_val": 16},
-        "video_lm": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 16,
-                     "data.init_args.vision_tokenizer": inputs.video_tokenizer(), **cache},
+        "video_lm": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 16, **cache,
+                             "data.init_args.vision_tokenizer": inputs.video_tokenizer()},
         "scenes_tokenizer": lambda: {"data.init_args.n_train": 192, "data.init_args.n_val": 32},
-        "scenes_lm_codes": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32,
-                            "data.init_args.vision_tokenizer": inputs.vq56(), **cache},
-        "scenes_ett_stage1": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32,
-                              "data.init_args.vision_tokenizer": inputs.vq56(), **cache},
-        "scenes_ett_stage2": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32,
-                              "data.init_args.vision_tokenizer": inputs.vq56(), **cache,
-                              "model.init_args.init_from": inputs.stage("scenes_ett_stage1", "last")},
-        "scenes_ett_stage3": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32,
-                              "data.init_args.vision_tokenizer": inputs.vq56(), **cache,
-                              "model.init_args.init_from": inputs.stage("scenes_ett_stage2", "last")},
-        "scenes_tokenflex": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32, **cache},
-        "scenes_prior_ref": lambda: {"data.init_args.n_train": 192, "data.init_args.val_size": 32,
-                             "data.init_args.vision_tokenizer": inputs.vq56()},
-    }[recipe]()
+        "scenes_lm_codes": lambda: {**scenes, **vq56},
+        "scenes_ett_stage1": lambda: {**scenes, **vq56},
+        "scenes_ett_stage2": lambda: {**scenes, **vq56,
+                                      "model.init_args.init_from": inputs.stage("scenes_ett_stage1", "last")},
+        "scenes_ett_stage3": lambda: {**scenes, **vq56,
+                                      "model.init_args.init_from": inputs.stage("scenes_ett_stage2", "last")},
+        "scenes_tokenflex": lambda: scenes,
+        "scenes_prior_ref": lambda: {"data.init_args.n_train": 192, "data.init_args.val_size": 32, **vq56},
+    }
+    return sizes[recipe]()
 
 
 def recipe_args(recipe: str, root: Path, inputs: Inputs, steps: int, every: int) -> list[str]:
@@ -288,7 +285,7 @@ def kill_and_resume(recipe: str, tmp: Path, inputs: Inputs, steps: int, every: i
                   tmp / "resume.log")
     resumed.check()
     a, b = ref_root / "checkpoints" / "last.ckpt", folder / "last.ckpt"
-    assert _state(a)["global_step"] == _state(b)["global_step"] == steps
+    assert _state(a)["global_step"] == _state(b)["global_step"] == steps, "the data size leaves fewer steps"
     worst, diff = max_dw(a, b)
     report = {"recipe": recipe, "resumed_from": f"{ckpt.name} (step {killed_at})", "max_dw": worst,
               "differing": diff, "seconds": round(time.time() - t0, 1)}
@@ -317,10 +314,10 @@ SLOW = ["mnist_lm", "mnist_prior_ref", "mnist_prior", "mnist_seed_lm", "mnist_vq
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", SLOW)
 def test_recipe_resumes_exactly(recipe, inputs, tmp_path):
-    """Every shipped training recipe: 10 steps, a checkpoint every 3, SIGKILL after a random one; resume from
+    """Every shipped training recipe: 8 steps, a checkpoint every 2, SIGKILL after a random one; resume from
     the periodic file or `last.ckpt` (chosen at random)."""
     rng = random.Random(f"{recipe}{time.time()}")
-    r = kill_and_resume(recipe, tmp_path, inputs, steps=10, every=3, seed=rng.randrange(10**6),
+    r = kill_and_resume(recipe, tmp_path, inputs, steps=8, every=2, seed=rng.randrange(10**6),
                         resume_from=rng.choice(["periodic", "last"]))
     assert not r["differing"], r
 
@@ -328,7 +325,7 @@ def test_recipe_resumes_exactly(recipe, inputs, tmp_path):
 @pytest.mark.slow
 def test_lm_recipe_resumes_exactly_after_sigterm(inputs, tmp_path):
     """The checkpoint written on SIGTERM (LastCheckpoint, at an arbitrary batch end) resumes exactly too."""
-    r = kill_and_resume("mnist_lm", tmp_path, inputs, steps=40, every=10, seed=int(time.time()),
+    r = kill_and_resume("mnist_lm", tmp_path, inputs, steps=8, every=2, seed=int(time.time()),
                         resume_from="signal")
     assert not r["differing"], r
 
