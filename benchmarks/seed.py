@@ -79,7 +79,8 @@ def lm_extra(vision: str, out: Path, tag: str) -> list[str]:
 def run_dataset(source: str, out: Path, a) -> dict:
     from mmar.pipeline import Pipeline
     from models.text_tokenizer import TextTokenizer
-    from evaluation.judges import HeldOutClassifier, caption_correct
+    from evaluation.evaluate import evaluate
+    from evaluation.judges import HeldOutClassifier
     from train.seed import tokenizer_json_path
     from evaluation.splits import SPLIT_SEED, heldout_parts
     from train.sources import load_source
@@ -174,26 +175,14 @@ def run_dataset(source: str, out: Path, a) -> dict:
         res["seed_detok_fid"] = fid(redraw)
         res["fid_real_images"] = n_fid
 
-    # text -> image and captioning through both LMs
-    classes = sorted(set(int(v) for v in data.labels))
-    prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
-    want = np.repeat(np.asarray(classes), a.per_class)
-    cap_x, cap_y = x_eval[:a.n_caption], y_eval[:a.n_caption]
+    # text -> image and captioning through both LMs: the demo's evaluation (evaluation.evaluate) on the test part
     for tag, b in bundles.items():
-        t = time.time()
-        g = torch.Generator().manual_seed(SPLIT_SEED)
-        imgs = torch.cat([Pipeline(b).draw_images([pr], a.per_class, cfg=a.cfg, temperature=a.temperature, generator=g)
-                          for pr in prompts])
-        res[f"{tag}_t2i_seconds"] = time.time() - t
-        res[f"{tag}_t2i_accuracy"] = clf.accuracy(imgs, want)
-        save_png(grid(imgs, nrow=a.per_class), out / f"{tag}_t2i_grid.png")
+        r = evaluate(Pipeline(b), data, parts, "test", a.per_class, a.n_caption, a.cfg, a.temperature, out=out / tag,
+                     outputs=True)
+        res.update({f"{tag}_{k}": r[k] for k in ("t2i_seconds", "t2i_accuracy", "t2i_accuracy_ci95",
+                                                  "caption_accuracy", "caption_accuracy_ci95")})
         if fid is not None:
-            res[f"{tag}_t2i_fid"] = fid(imgs)
-        texts = []
-        for i in range(0, len(cap_x), 100):
-            texts += Pipeline(b).draw_captions(cap_x[i:i + 100], max_new_tokens=32, generator=g)
-        res[f"{tag}_caption_accuracy"] = float(np.mean([caption_correct(tx, int(y), data.class_names)
-                                                        for tx, y in zip(texts, cap_y)]))
+            res[f"{tag}_t2i_fid"] = fid(r["outputs"]["images"])
     res["t2i_images_per_class"] = a.per_class
     res["cfg"], res["temperature"] = a.cfg, a.temperature
     res["eval_seconds"] = time.time() - t_eval
