@@ -3,8 +3,8 @@
 The base is the 8x-spatial tokenizer (17x64x64 -> 5x8x8 FSQ codes) that `make bench-nbp` trains and the video
 recipe used until this ablation showed that it reconstructs moving digits as blobs, so that no LM trained on its
 codes can draw a recognisable digit. This trains variants that change one thing each — spatial or temporal
-compression, width, FSQ levels — for the same number of steps on the same batches (`benchmarks.nbp`'s training
-loop, seed 0) and reports, on held-out clips (source digits never trained on):
+compression, width, FSQ levels — for the same number of steps on the same batches (configs/video_tokenizer.yaml
+through `benchmarks.nbp.train_tokenizer`, seed 0) and reports, on held-out clips (source digits never trained on):
 
   digit_acc   per-frame accuracy of the independent classifier (`benchmarks.nbp.quality`) on reconstructions,
               with a 95% interval clustered by video
@@ -28,6 +28,7 @@ import torch
 from benchmarks.nbp import heldout_classifier, psnr_db, quality, reconstruct, train_tokenizer
 from common.io import write_text_atomic
 from train.video.data import moving_digits
+from vision_tokenizers import registry
 from vision_tokenizers.video import VideoTokenizerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "video_tokenizer.json"
@@ -58,13 +59,14 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    train, held = moving_digits(a.n_train, "train"), moving_digits(a.n_eval, "test")
+    held = moving_digits(a.n_eval, "test")
     clf = heldout_classifier()
     res: dict = {}
     for name in a.variants:
         cfg = config(name)
         t0 = time.time()
-        tok = train_tokenizer(train.clips, cfg, a.steps, 8, 1e-3)
+        tok = registry.load(train_tokenizer(a.results.parent / "video_tokenizer_work" / name, cfg, a.steps, a.n_train,
+                                            1e-3)).eval()
         secs = time.time() - t0
         recon = reconstruct(tok, held.clips)
         q = quality(recon, held.labels[:, 0], held.directions[:, 0], clf)

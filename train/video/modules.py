@@ -56,9 +56,9 @@ class ClipDataset(Dataset):
         return self.data.clips[visit(item)[0]]  # [C, T, S, S]
 
 
-def digit_options(source: str, n_digits: int, digit_size: int, start: str) -> dict:
+def digit_options(source: str, n_digits: int, digit_size: int, start: str, grid: int = 1) -> dict:
     """moving_digits' own options (train.video.data.moving_digits), for that source only."""
-    return dict(n_digits=n_digits, digit_size=digit_size, start=start) if source == "moving_digits" else {}
+    return dict(n_digits=n_digits, digit_size=digit_size, start=start, grid=grid) if source == "moving_digits" else {}
 
 
 class VideoDataModule(DataModule):
@@ -80,7 +80,7 @@ class VideoDataModule(DataModule):
             return
         train = load_video_source(self.source, "train", n=self.n_train, **self.kw).clips
         if self.extra:
-            kw = {k: v for k, v in self.kw.items() if k not in ("n_digits", "digit_size", "start")}
+            kw = {k: v for k, v in self.kw.items() if k not in ("n_digits", "digit_size", "start", "grid")}
             train = torch.cat([train, load_video_source(self.extra, "train", n=self.n_train, **kw).clips])
         val = load_video_source(self.source, "heldout", n=self.n_val, **self.kw)
         self.train_set = ClipDataset(VideoTextSet("train", train, [[""]] * len(train)))
@@ -114,7 +114,7 @@ class VideoTextDataModule(TokenizedDataModule):
                  text_tokenizer: str | None = None, bpe_vocab_size: int = 256, batch_size: int = 16,
                  max_len: int = 400, p_drop_caption: float = 0.1, stride: int = 1,
                  cache_dir: str | None = "results/cache", num_workers: int = 0, digit_size: int = 28,
-                 start: str = "random"):
+                 start: str = "random", grid: int = 1):
         super().__init__(seed, batch_size, num_workers)
         self.vision_path, self.cache_dir = vision_tokenizer, cache_dir
         vision = registry.load(vision_tokenizer)
@@ -122,10 +122,10 @@ class VideoTextDataModule(TokenizedDataModule):
             raise ValueError(f"{vision_tokenizer}: not a video tokenizer (kind {registry.kind_of(vision)!r})")
         c = vision.config
         kw = dict(frames=c.frames, size=c.image_size, channels=c.in_channels, path=path, seed=seed, stride=stride,
-                  **digit_options(source, n_digits, digit_size, start))
+                  **digit_options(source, n_digits, digit_size, start, grid))
         self.train_data = load_video_source(source, "train", n=n_train, **kw)
         self.held_data = load_video_source(source, "heldout", n=n_val, **kw)
-        self.key = f"{source}|{path}|{seed}|{n_digits}|{stride}|{digit_size}|{start}"
+        self.key = f"{source}|{path}|{seed}|{n_digits}|{stride}|{digit_size}|{start}|{grid}"
         self.tokenize(caption_tokenizer(self.train_data, text_tokenizer, bpe_vocab_size), vision, c.codebook_size,
                       SequenceConfig(max_len, 1.0, p_drop_caption))
 
