@@ -37,17 +37,28 @@ def last_ckpt(root: Path) -> str:
     return str(Path(root) / "checkpoints" / "last.ckpt")
 
 
+def recipe_args(config: str, root: Path, extra: list[str]) -> list[str]:
+    """`mmar fit` of a shipped recipe, quiet: logger, progress bar, validation and the recipe's callbacks off
+    (last.ckpt kept; `extra` may turn any of them back on). Every benchmark trains through this."""
+    return ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
+
+
+def fit_run(config: str, root: Path, extra: list[str]):
+    """One in-process run of recipe_args; the LightningCLI object (its .model and .trainer)."""
+    from train.cli import main as cli_main
+
+    return cli_main(recipe_args(config, root, extra))
+
+
 def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -> float:
-    """One LightningCLI run of a recipe (logger, validation and the recipe's callbacks off; last.ckpt kept; `extra`
-    may add callbacks back); its seconds. With `reuse`, a finished run with the same command line (recorded in
+    """One run of recipe_args; its seconds. With `reuse`, a finished run with the same command line (recorded in
     root/bench_args.json, with the size and modification time of every file it names: a run started from an
     earlier stage's checkpoint is redone when that checkpoint changed) is kept as is."""
     from common.io import write_text_atomic
-    from train.cli import main as cli_main
 
-    cmd = ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-           "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0", *extra]
+    cmd = recipe_args(config, root, extra)
     inputs = {a: [Path(a).stat().st_size, Path(a).stat().st_mtime_ns] for a in cmd if Path(a).is_file()}
     done = Path(root) / "bench_args.json"
     if reuse and done.exists() and Path(last_ckpt(root)).exists():
@@ -57,7 +68,7 @@ def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -
             return old["seconds"]
     done.unlink(missing_ok=True)
     t = time.time()
-    cli_main(cmd)
+    fit_run(config, root, extra)
     seconds = time.time() - t
     write_text_atomic(done, json.dumps({"cmd": cmd, "inputs": inputs, "seconds": seconds}))
     return seconds

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from benchmarks import fit_run
 from common.io import atomic_write, write_text_atomic
 from evaluation.judges import HeldOutClassifier, wilson_interval
 from models.config import PRESETS
@@ -144,12 +145,7 @@ def fid_frames(videos: torch.Tensor) -> torch.Tensor:
 
 # ---- training: the shipped recipes through the product's own CLI --------------------------------
 def fit(config: str, root: Path, *overrides: str):
-    """One `mmar fit` of a shipped recipe, in-process, quiet: no logger, callbacks or periodic checkpoints."""
-    from train.cli import main as cli_main
-
-    return cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                     "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", *overrides])
+    return fit_run(config, root, ["--trainer.enable_checkpointing", "false", *overrides])
 
 
 def train_tokenizer(root: Path, cfg: VideoTokenizerConfig, steps: int, n_train: int, lr: float,

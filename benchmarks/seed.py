@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks import pyplot, write_report
+from benchmarks import fit_run, pyplot, write_report
 from evaluation.fid import FID, inception_path
 
 
@@ -52,15 +52,9 @@ def batched(fn, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
 
 
 def train_stage(config: str, out: Path, name: str, steps: int, extra: list[str]):
-    """One `python -m train fit` run (in-process); returns (cli, seconds)."""
-    from train.cli import main as cli_main
-
+    """One quiet run of a recipe (benchmarks.fit_run) for `steps` steps; returns (cli, seconds)."""
     t = time.time()
-    root = str(out / name)
-    cli = cli_main(["fit", "--config", config, "--trainer.enable_model_summary", "false",
-                    "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "100000",
-                    "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root,
-                    "--trainer.logger.init_args.save_dir", root, *extra])
+    cli = fit_run(config, out / name, ["--trainer.max_epochs", "100000", "--trainer.max_steps", str(steps), *extra])
     return cli, time.time() - t
 
 
