@@ -95,13 +95,13 @@ class Run:
 
 # ---- the recipes, shortened -----------------------------------------------------------------------------
 
-def _tiny_vq(path: Path, image_size: int = 8, channels: int = 1) -> Path:
+def _tiny_vq(path: Path, image_size: int = 8, channels: int = 1, widths: tuple[int, ...] = (8, 16)) -> Path:
     from vision_tokenizers import registry
     from vision_tokenizers.vq import VQConfig, VQTokenizer
 
     if not path.is_file():
         torch.manual_seed(0)
-        registry.save(VQTokenizer(VQConfig(in_channels=channels, image_size=image_size, channels=(8, 16),
+        registry.save(VQTokenizer(VQConfig(in_channels=channels, image_size=image_size, channels=widths,
                                            latent_dim=8, codebook_size=32, mid_attention=False)), path)
     return path
 
@@ -133,7 +133,7 @@ class Inputs:
         return str(_tiny_vq(self.folder / "vq.safetensors"))
 
     def vq56(self) -> str:
-        return str(_tiny_vq(self.folder / "vq56.safetensors", image_size=56))
+        return str(_tiny_vq(self.folder / "vq56.safetensors", image_size=56, widths=(8, 8, 8, 16)))  # 7 x 7 codes
 
     def kl(self) -> str:
         return str(_tiny_kl(self.folder / "kl.safetensors"))
@@ -157,7 +157,7 @@ def _size(recipe: str, inputs: Inputs) -> dict:
     the inputs it reads."""
     cache = {"data.init_args.cache_dir": str(inputs.folder / "cache")}
     vq, vq56, kl = ({"data.init_args.vision_tokenizer": f()} for f in (inputs.vq, inputs.vq56, inputs.kl))
-    scenes = {"data.init_args.n_train": 96, "data.init_args.n_val": 32, **cache}
+    scenes = {"data.init_args.n_train": 96, "data.init_args.n_val": 32}  # ScenesDataModule encodes in memory
     sizes = {
         "mnist_lm": lambda: {**_mnist(43), **vq, **cache},  # 43 images x 6 copies: 4 batches of 64 an epoch
         # the same training images as its reference model (the caption BPE is trained on them)
@@ -168,7 +168,7 @@ def _size(recipe: str, inputs: Inputs) -> dict:
         "mnist_seed_lm": lambda: {**_mnist(256), **vq, **cache},
         "mnist_vq": lambda: _mnist(192),
         "mnist_kl": lambda: _mnist(192),
-        "fashion_kl": lambda: {"data.init_args.holdout": 0.997},
+        "fashion_kl": lambda: {"data.init_args.holdout": 0.996},  # 3 epochs of >= 3 batches
         "mnist_xar": lambda: {**_mnist(192), **kl, **cache},
         "fashion_xar": lambda: {"data.init_args.holdout": 0.997, **kl, **cache},
         "mnist_seed_stage1": lambda: _mnist(192),
@@ -276,7 +276,7 @@ def kill_and_resume(recipe: str, tmp: Path, inputs: Inputs, steps: int, every: i
                                               and (folder / "last.ckpt").stat().st_mtime >= written):
                 time.sleep(0.005)
         run.kill()  # SIGKILL, within milliseconds of that checkpoint
-        assert run.returncode != 0, f"the run ended before it could be killed:\n{run.output()}"
+        assert run.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{run.output()}"
         ckpt = _periodic(folder)[-1] if resume_from == "periodic" else folder / "last.ckpt"
     killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < killed_at < steps, killed_at
