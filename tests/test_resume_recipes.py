@@ -151,6 +151,15 @@ class Inputs:
     def video_tokenizer(self) -> str:
         return self.stage("video_tokenizer", "export")
 
+    def shapes(self) -> str:
+        """A small `make shapes` dataset (train.shapes: RGB shapes with captions, as JSONL)."""
+        folder = self.folder / "shapes"
+        if not folder.is_dir():
+            from train.shapes import main as shapes_main
+
+            shapes_main(["--out", str(folder), "--n", "120"])
+        return str(folder / "shapes.jsonl")
+
 
 def _size(recipe: str, inputs: Inputs) -> dict:
     """Per recipe: the data size (a few batches per epoch, so the runs cross epoch ends and validations) and
@@ -177,6 +186,12 @@ def _size(recipe: str, inputs: Inputs) -> dict:
         "mnist_seed_detok": lambda: {**_mnist(192),
                                      "model.init_args.seed_path": inputs.stage("mnist_seed_stage2", "export")},
         "video_tokenizer": lambda: {"data.init_args.n_train": 48, "data.init_args.n_val": 16},
+        "video32_tokenizer": lambda: {"data.init_args.n_train": 48, "data.init_args.n_val": 16},
+        "video32_lm": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 16, **cache,
+                               "data.init_args.vision_tokenizer": inputs.stage("video32_tokenizer", "export")},
+        "shapes_vq": lambda: {"data.init_args.path": inputs.shapes()},
+        "shapes_lm": lambda: {"data.init_args.path": inputs.shapes(), **cache,
+                              "data.init_args.vision_tokenizer": inputs.stage("shapes_vq", "export")},
         "video_lm": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 16, **cache,
                              "data.init_args.vision_tokenizer": inputs.video_tokenizer()},
         "scenes_tokenizer": lambda: {"data.init_args.n_train": 192, "data.init_args.n_val": 32},
@@ -308,7 +323,15 @@ def test_lm_recipe_resumes_exactly(inputs, tmp_path):
 SLOW = ["mnist_lm", "mnist_prior_ref", "mnist_prior", "mnist_seed_lm", "mnist_vq", "mnist_kl", "mnist_xar",
         "mnist_seed_stage1", "mnist_seed_stage2", "mnist_seed_detok", "video_tokenizer", "video_lm",
         "scenes_tokenizer", "scenes_lm_codes", "scenes_ett_stage1", "scenes_ett_stage2", "scenes_ett_stage3",
-        "scenes_tokenflex", "scenes_prior_ref", "fashion_kl", "fashion_xar"]
+        "scenes_tokenflex", "scenes_prior_ref", "fashion_kl", "fashion_xar", "video32_tokenizer", "video32_lm",
+        "shapes_vq", "shapes_lm"]
+
+
+def test_every_shipped_training_recipe_is_in_the_resume_set():
+    """A new configs/*.yaml that trains (has a trainer) must join SLOW; the scale_* files are overlays."""
+    shipped = {p.stem for p in (ROOT / "configs").glob("*.yaml")
+               if not p.stem.startswith("scale_") and "trainer" in yaml.safe_load(p.read_text())}
+    assert shipped == set(SLOW), sorted(shipped ^ set(SLOW))
 
 
 @pytest.mark.slow
