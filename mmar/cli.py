@@ -100,8 +100,8 @@ def run(cmd: str, argv: list[str]) -> int:
 
 
 def call(fn, argv: list[str], prog: str, examples: str = "") -> int:
-    """fn(argv)'s exit code, with any user-facing error printed as one line; `examples` follow its --help."""
-    old, sys.argv = sys.argv, [prog, *sys.argv[1:]]  # argparse parsers print `prog` as their program
+    """fn(argv)'s exit code, with any user-facing error printed as one line; `examples` follow its --help.
+    (The parsers name themselves: sys.argv is left alone, as Lightning's DDP launcher re-runs it.)"""
     help_out = io.StringIO() if examples and any(a in ("-h", "--help") for a in argv) else None
     try:
         with contextlib.redirect_stdout(help_out) if help_out else contextlib.nullcontext():
@@ -115,8 +115,6 @@ def call(fn, argv: list[str], prog: str, examples: str = "") -> int:
             msg = _one_line(str(e)) or type(e).__name__
             hint = f" (see {prog} --help)" if isinstance(e, argparse.ArgumentError) else ""
             print(f"error: {msg}{hint}", file=sys.stderr)
-    finally:
-        sys.argv = old
     if help_out is not None:  # the command's own help, then our examples
         sys.stdout.write(help_out.getvalue().rstrip("\n") + "\n\n" + examples)
     return code

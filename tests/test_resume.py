@@ -119,10 +119,12 @@ def test_sigkill_then_resume_is_bit_identical(recipe, tiny_vq_path, tmp_path):
 def test_sigterm_writes_last_checkpoint_and_resume_continues(tiny_vq_path, tmp_path):
     cfg = _lm_config(tiny_vq_path, tmp_path / "run")
     cfg["trainer"]["max_steps"] = 4000  # long enough that SIGTERM arrives mid-run
-    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1000
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 50
     config = _write(cfg, tmp_path / "run.yaml")
     proc = _fit(config, wait=False)
-    time.sleep(12)
+    deadline = time.time() + 120  # SIGTERM once training runs (a periodic checkpoint exists), not during start-up
+    while proc.poll() is None and time.time() < deadline and not list((tmp_path / "run").rglob("*.ckpt")):
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-2000:]
@@ -196,5 +198,5 @@ def test_ddp_checkpoint_keeps_every_ranks_rng_stream(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     import re
 
-    assert sorted(re.findall(r"rank \d continued=\w+", res.stdout)) == ["rank 0 continued=True",
+    assert sorted(re.findall(r"rank \d continued=(?:True|False)", res.stdout)) == ["rank 0 continued=True",
                                                                        "rank 1 continued=True"], res.stdout

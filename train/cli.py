@@ -84,11 +84,22 @@ def main(args: list[str] | None = None, run: bool = True) -> MMARCLI:
         sys.argv = argv
 
 
+def _run(cmd: str, argv: list[str]) -> None:
+    """The CLI on this process's argv set to `cmd argv`: Lightning's DDP launcher starts every further process
+    by re-running sys.argv, so it must read as the command that was given."""
+    old = sys.argv
+    sys.argv = [old[0], cmd, *argv]
+    try:
+        main()
+    finally:
+        sys.argv = old
+
+
 def fit(argv: list[str]) -> None:
     """`mmar fit ...` (mmar/cli.py's table)."""
-    main(["fit", *argv])
+    _run("fit", argv)
 
 
 def validate(argv: list[str]) -> None:
     """`mmar validate ...` (mmar/cli.py's table)."""
-    main(["validate", *argv])
+    _run("validate", argv)
