@@ -229,6 +229,8 @@ def score(ckpt: Path, n_eval: int, cfg: float | None, temperature: float | None,
            "torch_version": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     table = json.loads(results.read_text()) if results.is_file() else {}
+    if "ckpt" in table:  # a file of one earlier score: keep it as the first row
+        table = {table["ckpt"]: table}
     table[key or str(ckpt)] = res
     write_text_atomic(results, json.dumps(table, indent=2) + "\n")
     print(f"{ckpt}: per-frame digit acc {res['digit_acc']:.3f} [{res['digit_acc_lo']:.3f}, {res['digit_acc_hi']:.3f}], "
