@@ -41,13 +41,7 @@ MAX_LEN = 64  # prompt + xAR teacher forcing (clean and noisy latents: 2 x 16)
 PROMPTS = ["a handwritten 3", "a seven written by hand"]  # different lengths: the batch is left-padded
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions and matmuls on 2 shared cores run faster and steadier on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ PROMPTS = [[1, 5, 6, 7, 3], [1, 9, 3]]  # left-padded into one batch
 ALLOWED = (100, 108)  # greedy decoding among 8 ids: gaps between the best two are large
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same reduction order whatever the machine's core count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(**kw) -> Transformer:

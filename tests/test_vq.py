@@ -18,13 +18,7 @@ from vision_tokenizers.vq import VQConfig, VQTokenizer
 SMALL = dict(channels=(8, 16, 16), latent_dim=8, codebook_size=32, norm_num_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Conv training on 2 shared cores thrashes with 2 intra-op threads; 1 is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
