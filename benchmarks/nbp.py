@@ -192,6 +192,56 @@ def draw(bundle, captions: list[str], cfg: float, temperature: float, top_k: int
     return videos, time.perf_counter() - t0
 
 
+@torch.inference_mode()
+def draw_prompts(bundle, captions: list[str], cfg: float | None, temperature: float | None, top_k: int | None,
+                 seed: int, batch: int = 8) -> torch.Tensor:
+    """One video per caption [N, C, T, H, W], `batch` prompts per sampler call, one generator seeded `seed`."""
+    from mmar.pipeline import Pipeline
+
+    gen, pipe = torch.Generator().manual_seed(seed), Pipeline(bundle)
+    return torch.cat([pipe.draw_videos(captions[i:i + batch], 1, cfg=cfg, temperature=temperature, top_k=top_k,
+                                       generator=gen) for i in range(0, len(captions), batch)])
+
+
+TUNE_GRID = {"cfg": (2.0, 3.0, 5.0), "temperature": (0.6, 0.8, 1.0)}  # top_k stays the model's
+
+
+def tune(ckpt: Path, n_eval: int, results: Path, digit_size: int, start: str, save: Path | None) -> dict:
+    """Choose the sampling settings of a trained text->video model on the tuning prompts: captions of `n_eval`
+    "judge" clips (the held-out half the classifier trains on; the scored "test" half is not touched), drawn with
+    the tuning seed 1 (evaluation/evaluate.py's DEFAULT_SEEDS). Every cfg x temperature of TUNE_GRID is scored;
+    the highest per-frame digit accuracy among settings with direction accuracy >= 0.9 wins (ties: the lower
+    temperature's). Writes the grid to `results` under "tuning" and, with `save`, the model as an inference
+    folder whose saved sampling settings are the winner's (what `mmar t2v --ckpt <save>` draws with)."""
+    from models.bundle import load_bundle
+
+    b = load_bundle(ckpt)
+    vc = b.vision.config
+    held = moving_digits(n_eval, "judge", frames=vc.frames, size=vc.image_size, digit_size=digit_size, start=start)
+    captions, labels, dirs = [c[0] for c in held.captions], held.labels[:, 0], held.directions[:, 0]
+    clf = heldout_classifier(vc.frames, vc.image_size, digit_size, start)
+    rows = []
+    for cfg in TUNE_GRID["cfg"]:
+        for temp in TUNE_GRID["temperature"]:
+            q = quality(draw_prompts(b, captions, cfg, temp, None, seed=1), labels, dirs, clf)
+            rows.append({"cfg": cfg, "temperature": temp, **q})
+            print(f"tuning cfg {cfg} temperature {temp}: digit acc {q['digit_acc']:.3f}, "
+                  f"direction acc {q['direction_acc']:.3f}", flush=True)
+    ok = [r for r in rows if r["direction_acc"] >= 0.9] or rows
+    best = max(ok, key=lambda r: (r["digit_acc"], -r["temperature"]))
+    b.sampling = b.sampling.override(cfg=best["cfg"], temperature=best["temperature"])
+    if save is not None:
+        b.save(save)
+    table = json.loads(results.read_text()) if results.is_file() else {}
+    table["tuning"] = {"ckpt": str(ckpt), "split": "judge captions, seed 1", "n_videos": n_eval, "grid": rows,
+                       "chosen": {"cfg": best["cfg"], "temperature": best["temperature"], "top_k": b.sampling.top_k},
+                       "saved_model": None if save is None else str(save)}
+    write_text_atomic(results, json.dumps(table, indent=2) + "\n")
+    print(f"chose cfg {best['cfg']} temperature {best['temperature']} (top_k {b.sampling.top_k})"
+          + (f"; wrote {save}" if save is not None else ""))
+    return table["tuning"]["chosen"]
+
+
 def score(ckpt: Path, n_eval: int, cfg: float | None, temperature: float | None, top_k: int | None, results: Path,
           digit_size: int = 28, start: str = "random", key: str | None = None) -> dict:
     """Quality of one trained text->video model on `n_eval` held-out prompts (one video each, batches of 8), drawn
@@ -205,11 +255,8 @@ def score(ckpt: Path, n_eval: int, cfg: float | None, temperature: float | None,
     b = load_bundle(ckpt)
     vc = b.vision.config
     held = moving_digits(n_eval, "test", frames=vc.frames, size=vc.image_size, digit_size=digit_size, start=start)
-    captions = [c[0] for c in held.captions]
-    gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    videos = torch.cat([Pipeline(b).draw_videos(captions[i:i + 8], 1, cfg=cfg, temperature=temperature, top_k=top_k,
-                                                generator=gen) for i in range(0, n_eval, 8)])
+    videos = draw_prompts(b, [c[0] for c in held.captions], cfg, temperature, top_k, seed=0)
     secs = (time.perf_counter() - t0) / n_eval
     clf = heldout_classifier(vc.frames, vc.image_size, digit_size, start)
     labels, dirs = held.labels[:, 0], held.directions[:, 0]
@@ -321,6 +368,11 @@ def main(argv=None) -> None:
     p.add_argument("--score", type=Path, nargs="+", default=None, metavar="CKPT",
                    help="only score these trained text->video checkpoints or model folders on --n-eval held-out "
                         "prompts, at the models' saved sampling settings unless --cfg / --temperature / --top-k")
+    p.add_argument("--tune", type=Path, default=None, metavar="CKPT",
+                   help="choose this model's cfg and temperature on --n-eval tuning prompts (see tune()); then "
+                        "--score scores with the chosen settings")
+    p.add_argument("--tuned-model", type=Path, default=None, metavar="FOLDER",
+                   help="--tune: also save the model here with the chosen settings (for mmar t2v --ckpt FOLDER)")
     p.add_argument("--digit-size", type=int, default=28, help="--score: digit size of the held-out clips (video32: 20)")
     p.add_argument("--start", default="random", help="--score: start mode of the held-out clips (video32: centred)")
     p.add_argument("--score-results", type=Path, default=RESULTS.with_name("video_recipe.json"))
@@ -330,8 +382,11 @@ def main(argv=None) -> None:
     p.add_argument("--grid", type=int, default=1, help="first-frame probe: snap digit positions to this many pixels")
     p.add_argument("--first-frames-results", type=Path, default=RESULTS.with_name("nbp_first_frames.json"))
     a = p.parse_args(argv)
-    if a.score is not None:
-        for ckpt in a.score:
+    if a.tune is not None:
+        chosen = tune(a.tune, a.n_eval, a.score_results, a.digit_size, a.start, a.tuned_model)
+        a.cfg, a.temperature, a.top_k = chosen["cfg"], chosen["temperature"], chosen["top_k"]
+    if a.tune is not None or a.score is not None:
+        for ckpt in a.score or []:
             score(ckpt, a.n_eval, a.cfg, a.temperature, a.top_k, a.score_results, a.digit_size, a.start)
         return
     a.cfg = 3.0 if a.cfg is None else a.cfg
