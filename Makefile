@@ -131,6 +131,7 @@ VIDEO32 := results/video32/lm_run/checkpoints
 video: $(STAMP)
 	$(BIN)/mmar fit --config configs/video32_tokenizer.yaml
 	$(BIN)/mmar fit --config configs/video32_lm.yaml
+	rm -f benchmarks/results/video32_recipe.json
 	$(BIN)/python -m benchmarks.nbp --n-eval 120 --digit-size 20 --start centred \
 	    --score-results benchmarks/results/video32_recipe.json --tune $(VIDEO32)/last.ckpt \
 	    --tuned-model results/video32/model --score $(VIDEO32)/step=200.ckpt $(VIDEO32)/step=400.ckpt \

@@ -178,7 +178,7 @@ def draw_prompts(bundle, captions: list[str], cfg: float | None, temperature: fl
                                        generator=gen) for i in range(0, len(captions), batch)])
 
 
-TUNE_GRID = {"cfg": (2.0, 3.0, 5.0), "temperature": (0.6, 0.8, 1.0)}  # top_k stays the model's
+TUNE_GRID = {"cfg": (2.0, 3.0, 5.0), "temperature": (0.4, 0.6, 0.8)}  # top_k stays the model's
 
 
 def tune(ckpt: Path, n_eval: int, results: Path, digit_size: int, start: str, save: Path | None) -> dict:
