@@ -94,3 +94,37 @@ class KVCache:
     def restore(self, state: tuple) -> None:
         self.pos, self.has_padding, self.custom_blocks, nxt = state
         self.next_position = nxt.clone()
+
+
+class StaticCacheView:
+    """A `KVCache` seen by one compiled decoding step: fixed shapes, no Python-int state.
+
+    `Transformer.forward(ids [B, 1], cache=view)` runs unchanged on it: `append` gives the step's positions and a
+    validity mask over the WHOLE preallocated cache ([B, 1, 1, S_max]: slot < end and slot valid), `write` stores
+    the new keys/values in place with `index_copy_` at `pos` and returns the whole cache (no slicing copy), and
+    `advance` does nothing (the caller moves `pos` on). `pos` is a tensor, so one compiled graph serves every step.
+    Causal decoding after a prefill only (one new slot per step, default block ids); the slots past the prefill
+    are valid, as `KVCache` leaves them.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                 position_ids: torch.Tensor):
+        self.k, self.v = k, v  # [L, B, K, S_max, E], a KVCache's buffers
+        self.pos, self.position_ids = pos, position_ids  # [1] the slot written now; [B, 1] its RoPE positions
+        self.max_len = k.shape[3]
+        slots = torch.arange(self.max_len, device=pos.device)  # [S_max]
+        self.mask = (valid & (slots <= pos))[:, None, None, :]  # [B, 1, 1, S_max]: filled, real slots
+
+    def append(self, t: int, position_ids=None, block_ids=None, valid=None):
+        if t != 1 or position_ids is not None or block_ids is not None or valid is not None:
+            raise ValueError("a static decoding step takes one new token per row, default positions and blocks")
+        return self.position_ids, self.mask, False
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, K, 1, E] at slot `pos`; return the whole cache of this layer [B, K, S_max, E]."""
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        pass

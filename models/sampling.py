@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from models.cache import StaticCacheView
+
 Schedule = float | Sequence[float] | Callable[[int], float]
 
 
@@ -78,6 +80,44 @@ def cfg_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def filter_probs(
+    logits: torch.Tensor,  # [B, V]
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    allowed: torch.Tensor | None = None,  # [V] or [B, V] bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The deterministic part of `sample` (temperature > 0): the probabilities to draw from [B, k] and the ids
+    they stand for [B, k] (None: all V ids in order, k = V). No randomness, so it can run inside a compiled graph."""
+    logits = logits.float()  # no copy when already fp32
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature != 1.0:  # x / 1 == x exactly: skip the kernel
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        vals, idx = logits.topk(top_k, dim=-1)  # [B, k], sorted
+        if top_p is not None and top_p < 1.0:
+            vals = top_p_filter(vals, top_p)
+        return vals.softmax(-1), idx
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return logits.softmax(-1), None
+
+
+def greedy(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, V] -> the likeliest allowed id of each row [B] (temperature 0)."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.argmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row [B] from `filter_probs`' (probs [B, k], ids [B, k] | None)."""
+    choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor,  # [B, V]
     temperature: float = 1.0,
@@ -87,22 +127,9 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one id per row ([B] long). temperature 0 is greedy."""
-    logits = logits.float()  # no copy when already fp32
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    if temperature != 1.0:  # x / 1 == x exactly: skip the kernel
-        logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        vals, idx = logits.topk(top_k, dim=-1)  # [B, k], sorted
-        if top_p is not None and top_p < 1.0:
-            vals = top_p_filter(vals, top_p)
-        choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)  # [B, 1]
-        return idx.gather(-1, choice).squeeze(-1)
-    if top_p is not None and top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        return greedy(logits, allowed)
+    return draw(*filter_probs(logits, temperature, top_k, top_p, allowed), generator)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +147,19 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 Step = Callable[..., torch.Tensor]
 
 
-def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Step:
+def make_step_fn(model, compile: bool = False, static: bool = False, **compile_kwargs) -> "Step | StaticStep":
     """The model call of the decode loop: (ids [B, T], cache, valid [B, T] | None) -> last logits [B, V].
 
     The same function serves the prompt and every later token, with or without padding, block ids or
     guidance: the KV cache keeps track of positions, validity and blocks. `compile=True` runs the
     backbone through `torch.compile` (dynamic shapes, so a growing cache does not recompile per token);
-    `compile_kwargs` go to torch.compile."""
+    `compile_kwargs` go to torch.compile.
+
+    `static=True` returns a `StaticStep` instead: the prompt runs eagerly as above, every later token through
+    one fixed-shape step (the cache written in place, attention over all of it, the sampling filters inside;
+    compiled when `compile=True`). That is the fast compiled path; the dynamic one above is kept for comparison."""
+    if static:
+        return StaticStep(model, compile, **compile_kwargs)
     forward = torch.compile(model, dynamic=True, **compile_kwargs) if compile else model
 
     def step(ids: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,6 +168,77 @@ def make_step_fn(model, compile: bool = False, **compile_kwargs) -> Step:
         return model.head(forward(ids, valid=valid, cache=cache)[:, -1])
 
     return step
+
+
+def static_step(model, tok, k, v, valid, pos, position_ids, cfg_scale, allowed, temperature, top_k, top_p):
+    """One decoding step over fixed shapes, what `StaticStep` compiles (gpt-fast style):
+
+    tok [B] the ids just drawn (fed twice, conditional then unconditional rows, with `cfg_scale`); k, v
+    [L, rows, K, S_max, E] a `KVCache`'s buffers, written in place at slot `pos` [1]; valid [rows, S_max];
+    position_ids [rows, 1] the new slot's RoPE positions. Returns greedy ids [B] at temperature 0, else
+    `filter_probs`' (probs [B, k], ids [B, k] | None): the random draw stays outside (same stream as eager)."""
+    inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
+    view = StaticCacheView(k, v, valid, pos, position_ids)
+    logits = model.head(model.forward(inp, cache=view)[:, -1])  # [rows, V]
+    if cfg_scale is not None:
+        logits = cfg_combine(logits, cfg_scale)  # [B, V]
+    if temperature == 0:
+        return greedy(logits, allowed)
+    return filter_probs(logits, temperature, top_k, top_p, allowed)
+
+
+_COMPILED: dict[tuple, Callable] = {}  # compile options -> torch.compile(static_step): one wrapper, no recompiles
+
+
+def compiled_static_step(**compile_kwargs) -> Callable:
+    """`static_step` through torch.compile with these options (e.g. mode="reduce-overhead" for CUDA graphs),
+    made once per set of options: a new torch.compile wrapper would compile the same graphs again."""
+    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(static_step, **compile_kwargs)
+    return _COMPILED[key]
+
+
+class StaticStep:
+    """`make_step_fn(model, static=True)`: eager prefill (`__call__`, as the plain step) and fixed-shape decoding
+    steps (`next`), compiled or not. `generate` calls `next` for every token after the first.
+
+    The first `generate` call of a batch shape compiles (seconds to a minute on a small CPU; benchmarks/lm_speed.py
+    records it); later calls of that shape reuse the graphs, whatever the prompt length or number of new tokens
+    only where the cache length is the same (a new length compiles once more, then shapes go dynamic)."""
+
+    static = True
+
+    def __init__(self, model, compile: bool = False, **compile_kwargs):
+        self.model, self.compile = model, compile
+        self.cuda_graphs = compile_kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+        self.fn = compiled_static_step(**compile_kwargs) if compile else static_step
+        # the nn.Module whose forward decodes (a wrapper such as vision_tokenizers.projectors.WithEmbeds hands its
+        # later calls to its backbone unchanged): what the compiled step is traced through
+        self.net = model.forward.__self__
+
+    def __call__(self, ids: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt, eagerly: last logits [rows, V]."""
+        return self.model.head(self.model(ids, valid=valid, cache=cache)[:, -1])
+
+    def next(self, tok: torch.Tensor, cache, pos: torch.Tensor, cfg_scale, allowed, temperature: float,
+             top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Feed the drawn ids tok [B] at slot `pos` [1] (cache.pos as a tensor); the next ids [B]. Moves the
+        cache's bookkeeping (and `pos`) on by one slot."""
+        if cache.custom_blocks:
+            raise ValueError("static decoding is causal: the cache holds custom block ids")
+        if self.cuda_graphs:  # the cache buffers are written in place: CUDA graphs must not copy them
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        out = self.fn(self.net, tok, cache.k, cache.v, cache.valid, pos, cache.next_position, cfg_scale, allowed,
+                      temperature, top_k, top_p)
+        tok = out if temperature == 0 else draw(*out, generator)
+        for hook in tuple(self.net._forward_hooks.values()):  # one forward per step, as eager (progress bars)
+            hook(self.net, (tok,), None)
+        cache.advance(1)
+        cache.next_position = cache.next_position + 1
+        pos += 1
+        return tok
 
 
 @torch.inference_mode()
@@ -157,7 +261,8 @@ def generate(
 
     With `cfg_scale` the batch holds conditional then unconditional prompts; both halves receive the
     same sampled token and the guided logits are used. `step_fn` (make_step_fn) replaces the eager
-    model call, e.g. with a compiled one.
+    model call, e.g. with a compiled one, or with `make_step_fn(model, static=True, compile=True)` the fixed-shape
+    compiled decoding (same tokens as eager under the same generator).
     """
     rows, t = prompt.shape
     if cfg_scale is not None and rows % 2:
@@ -167,15 +272,21 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b = rows // 2 if cfg_scale is not None else rows
     step_fn = step_fn or make_step_fn(model)
+    static = getattr(step_fn, "static", False)  # a StaticStep: tokens after the first through its fixed-shape step
     cache = model.new_cache(rows, t + max_new_tokens, device=prompt.device)
     logits = step_fn(prompt, cache, valid)  # [rows, V]
+    pos = torch.tensor([cache.pos], device=prompt.device) if static else None  # [1] the slot written next
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=prompt.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device) if stop_id is not None else None
     n = 0
     for step in range(max_new_tokens):
-        lg = cfg_combine(logits, _at(cfg_scale, step)) if cfg_scale is not None else logits
+        scale = _at(cfg_scale, step)
         allow = allowed(step) if callable(allowed) else allowed
-        tok = sample(lg, temperature, top_k, top_p, allow, generator)  # [B]
+        if static and step:
+            tok = step_fn.next(tok, cache, pos, scale, allow, temperature, top_k, top_p, generator)  # [B]
+        else:
+            lg = cfg_combine(logits, scale) if cfg_scale is not None else logits
+            tok = sample(lg, temperature, top_k, top_p, allow, generator)  # [B]
         if done is not None:
             tok = tok.masked_fill(done, stop_id)
             done |= tok == stop_id
@@ -183,6 +294,7 @@ def generate(
         n = step + 1
         if n == max_new_tokens or (done is not None and bool(done.all())):
             break
-        inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
-        logits = step_fn(inp, cache)
+        if not static:
+            inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
+            logits = step_fn(inp, cache)
     return out[:, :n]
