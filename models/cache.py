@@ -12,7 +12,8 @@ from models.masks import attention_mask
 
 
 class KVCache:
-    """Preallocated keys/values [L, B, K, S_max, E] plus per-slot positions, block ids and validity.
+    """Preallocated keys/values (one [B, K, S_max, E] tensor per layer: a compiled step writes each in place, where
+    one [L, ...] tensor would be copied whole) plus per-slot positions, block ids and validity.
 
     Defaults for new slots: the position continues each row's last real position (so a left-padded
     prompt decodes as if it had no padding), the block id continues the last block id (one new block
@@ -21,9 +22,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, max_len: int,
                  dtype=torch.float32, device=None):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # L x [B, K, S_max, E]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.block = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # [B, S_max]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)  # [B, S_max]
         self.next_position = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -78,9 +79,9 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, K, T, E] in the slots `append` recorded; return all filled keys/values [B, K, S, E]."""
         end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
         self.pos += t
@@ -109,9 +110,9 @@ class StaticCacheView:
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                  position_ids: torch.Tensor):
-        self.k, self.v = k, v  # [L, B, K, S_max, E], a KVCache's buffers
+        self.k, self.v = k, v  # L x [B, K, S_max, E], a KVCache's buffers
         self.pos, self.position_ids = pos, position_ids  # [1] the slot written now; [B, 1] its RoPE positions
-        self.max_len = k.shape[3]
+        self.max_len = k[0].shape[2]
         slots = torch.arange(self.max_len, device=pos.device)  # [S_max]
         self.mask = (valid & (slots <= pos))[:, None, None, :]  # [B, 1, 1, S_max]: filled, real slots
 

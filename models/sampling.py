@@ -174,7 +174,7 @@ def static_step(model, tok, k, v, valid, pos, position_ids, cfg_scale, allowed, 
     """One decoding step over fixed shapes, what `StaticStep` compiles (gpt-fast style):
 
     tok [B] the ids just drawn (fed twice, conditional then unconditional rows, with `cfg_scale`); k, v
-    [L, rows, K, S_max, E] a `KVCache`'s buffers, written in place at slot `pos` [1]; valid [rows, S_max];
+    L x [rows, K, S_max, E] a `KVCache`'s buffers, written in place at slot `pos` [1]; valid [rows, S_max];
     position_ids [rows, 1] the new slot's RoPE positions. Returns greedy ids [B] at temperature 0, else
     `filter_probs`' (probs [B, k], ids [B, k] | None): the random draw stays outside (same stream as eager)."""
     inp = (torch.cat([tok, tok]) if cfg_scale is not None else tok).unsqueeze(1)  # [rows, 1]
@@ -228,8 +228,8 @@ class StaticStep:
         if cache.custom_blocks:
             raise ValueError("static decoding is causal: the cache holds custom block ids")
         if self.cuda_graphs:  # the cache buffers are written in place: CUDA graphs must not copy them
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for buf in cache.k + cache.v:
+                torch._dynamo.mark_static_address(buf)
         out = self.fn(self.net, tok, cache.k, cache.v, cache.valid, pos, cache.next_position, cfg_scale, allowed,
                       temperature, top_k, top_p)
         tok = out if temperature == 0 else draw(*out, generator)

@@ -69,3 +69,16 @@ def test_compiled_decode_does_not_recompile_per_call(model):
     gen(5, 6)
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert gen(7, 30).shape == (2, 30)
+
+
+def test_static_compiled_decode_does_not_recompile_per_call(model):
+    """The static-cache compiled step (make_step_fn(static=True, compile=True)): a second call of the same shape,
+    with a new step object, a new cache and a prompt made outside inference mode, reuses the graph; its tokens are
+    the eager loop's."""
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
+    gen = lambda step: generate(model, prompt.clone(), 12, step_fn=step, top_k=20,
+                                generator=torch.Generator().manual_seed(9))
+    first = gen(make_step_fn(model, static=True, compile=True))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(gen(make_step_fn(model, static=True, compile=True)), first)
+    assert torch.equal(gen(None), first)

@@ -91,7 +91,7 @@ def test_the_mask_hides_padding_and_unfilled_slots(model):
         pos = torch.tensor([cache.pos])
 
         def step():
-            probs, idx = static_step(model, tok, cache.k.clone(), cache.v.clone(), cache.valid, pos,
+            probs, idx = static_step(model, tok, [k.clone() for k in cache.k], [v.clone() for v in cache.v], cache.valid, pos,
                                      cache.next_position, 2.0, None, 1.0, None, None)
             assert idx is None
             return probs
@@ -100,9 +100,21 @@ def test_the_mask_hides_padding_and_unfilled_slots(model):
         hidden = ~cache.valid.clone()  # [rows, S_max] padding
         hidden[:, t + 1:] = True  # slots after the one written now
         assert hidden[:, :t].any() and not hidden[:, t].any()
-        for buf in (cache.k, cache.v):
-            buf.masked_fill_(hidden[None, :, None, :, None], 1e4)
+        for buf in cache.k + cache.v:
+            buf.masked_fill_(hidden[:, None, :, None], 1e4)
         torch.testing.assert_close(step(), clean, atol=1e-6, rtol=1e-5)
         # and the mask itself: slot <= pos and valid, nothing else
         view = StaticCacheView(cache.k, cache.v, cache.valid, pos, cache.next_position)
         assert torch.equal(view.mask[:, 0, 0], ~hidden)
+
+
+def test_pipeline_compile_draws_and_captions_as_eager(tiny_bundle):
+    """Pipeline(bundle, compile=True) (mmar t2i / caption --compile): the same images and captions as eager."""
+    from mmar.pipeline import Pipeline
+
+    eager, fast = Pipeline(tiny_bundle), Pipeline(tiny_bundle, compile=True)
+    draw = lambda p: p.draw_images(["a 3", "a 7"], 2, cfg=2.0, top_k=20, generator=torch.Generator().manual_seed(1))
+    images = draw(eager)
+    assert torch.equal(draw(fast), images)
+    caps = lambda p: p.draw_captions(images, 8, temperature=0.0)
+    assert caps(fast) == caps(eager)
