@@ -35,6 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--int8", action="store_true",
                    help="int8 dynamic quantisation of the LM's linear layers (CPU only; see models/quantize.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through the compiled static-cache step (next-token models; same output; the first "
+                        "batch shape compiles, about 20-60 s on a small CPU, so it pays off for many images)")
 
 
 def _check_model_args(p: argparse.ArgumentParser, args) -> None:
@@ -97,7 +100,7 @@ def _load(args):
     from mmar.pipeline import Pipeline
 
     torch.manual_seed(args.seed)
-    pipe = Pipeline.from_pretrained(args.ckpt, args.device, int8=args.int8)
+    pipe = Pipeline.from_pretrained(args.ckpt, args.device, int8=args.int8, compile=args.compile)
     return pipe, torch.Generator(device=args.device).manual_seed(args.seed)
 
 

@@ -20,6 +20,7 @@ the code that built its training samples; decoding is the model's objective's (m
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,21 +96,31 @@ def _check_prompts(prompts) -> list[str]:
 class Pipeline:
     """A loaded model (`bundle`) with text-to-image, captioning and (for video checkpoints) text-to-video."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device | None = None):
+    def __init__(self, bundle: Bundle, device: str | torch.device | None = None, compile: bool = False):
+        """`compile=True` decodes through the compiled static-cache step (next-token models only; same images and
+        captions as eager): the first call of each batch shape compiles (about 20-60 s on a small CPU), later
+        calls of that shape reuse it."""
         self.bundle = bundle
         self.device = bundle.lm.tok_emb.weight.device if device is None else torch.device(device)
+        if compile and "compile" not in inspect.signature(bundle.objective.generate).parameters:
+            raise ValueError(f"compile=True applies to next-token models; this one decodes with "
+                             f"{type(bundle.objective).__name__}")
+        self.compile = compile
+        self._compile_kw = {"compile": True} if compile else {}
 
     # ---- load / save -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", int8: bool = False) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", int8: bool = False,
+                        compile: bool = False) -> "Pipeline":
         """Load an inference folder or a Lightning `.ckpt` of the LM module (no pickled code is run).
-        `int8=True` quantises the LM's linear layers dynamically (CPU inference; see models/quantize.py)."""
+        `int8=True` quantises the LM's linear layers dynamically (CPU inference; see models/quantize.py);
+        `compile=True` decodes through the compiled static-cache step (see `Pipeline`)."""
         bundle = load_bundle(path, device)
         if int8:
             from models.quantize import quantize_int8
 
             bundle = quantize_int8(bundle)
-        return cls(bundle, device)
+        return cls(bundle, device, compile=compile)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write an inference folder (config.json, model.safetensors, vision_tokenizer.safetensors,
@@ -181,7 +192,7 @@ class Pipeline:
         allowed = id_range_mask(b.lm.cfg.vocab_size, lo, lo + b.layout.image_codes, device=dev)
         codes = b.objective.generate(
             b.lm, ids.to(dev), n_codes, valid=valid.to(dev), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            allowed=allowed, cfg_scale=cfg_scale, generator=generator,
+            allowed=allowed, cfg_scale=cfg_scale, generator=generator, **self._compile_kw,
         ) - lo  # [B, N]
         return b.vision.decode(codes.view(len(codes), *b.vision.code_shape))
 
@@ -216,7 +227,7 @@ class Pipeline:
         allowed[tok.special_ids] = False
         allowed[tok.eos_id] = True
         out = b.objective.generate(lm, ids, max_new_tokens, temperature=temperature, top_p=top_p, allowed=allowed,
-                                   stop_id=tok.eos_id, generator=generator)
+                                   stop_id=tok.eos_id, generator=generator, **self._compile_kw)
         return [tok.decode(t for t in row.tolist() if t != tok.eos_id) for row in out]
 
     @torch.inference_mode()
