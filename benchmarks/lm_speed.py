@@ -179,6 +179,14 @@ def ratio(times: dict, ours: str, theirs: str = "theirs") -> float:
     return statistics.median(t / o for o, t in zip(times[ours], times[theirs]))
 
 
+def ratio_of_medians(times: dict, ours: str, theirs: str = "theirs") -> dict:
+    """(tokens/s ours) / (tokens/s theirs) from the median times, with the spread of the per-repeat ratios
+    (min and max): what the table's own columns give."""
+    per = [t / o for o, t in zip(times[ours], times[theirs])]
+    return {"ratio": statistics.median(times[theirs]) / statistics.median(times[ours]),
+            "min": min(per), "max": max(per), "repeats": len(per)}
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Training
 # ---------------------------------------------------------------------------------------------
@@ -295,16 +303,91 @@ def bench_product(ours, theirs, repeats: int, new_tokens: int, deadline: float, 
                                top_p=None, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
 
     fns = {"ours": ours_run(), "theirs": theirs_run}
-    if compiled is not None:
-        fns["ours_compiled"] = ours_run(compiled)
+    for name, step_fn in (compiled or {}).items():
+        fns[name] = ours_run(step_fn)
     for fn in fns.values():  # warmup
         fn()
     return alternate({k: timed(fn) for k, fn in fns.items()}, repeats, deadline, min_repeats=2)
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. Images and captions per second as users count them (the demo's model shape, through mmar.Pipeline)
+# ---------------------------------------------------------------------------------------------
 
-def main() -> None:
+def demo_shape_bundle(seed: int = 0):
+    """A random-weight Bundle of the demo's exact shape: the `demo` LM preset at the vocabulary of a caption BPE
+    (512) + 256 codes, max_len 80, and configs/mnist_vq.yaml's VQ tokenizer (28 x 28 -> 7 x 7 = 49 codes). Random
+    weights draw noise, but every step costs what the trained demo's does (the same shapes and token counts)."""
+    from models.bundle import Bundle
+    from models.objectives import NextTokenPrediction
+    from models.text_tokenizer import TextTokenizer
+    from models.vocab import VocabLayout
+    from train.sources import DIGIT_WORDS, digit_captions
+    from vision_tokenizers.vq import VQConfig, VQTokenizer
+
+    torch.manual_seed(seed)
+    tok = TextTokenizer.train_bpe([c for d in range(10) for c in digit_captions(d)] + DIGIT_WORDS, 512)
+    vq = VQTokenizer(VQConfig(in_channels=1, image_size=28, channels=(32, 32, 32), mid_attention=False, latent_dim=32,
+                              codebook_size=256)).eval()
+    layout = VocabLayout(tok.vocab_size, vq.config.codebook_size)
+    lm = Transformer(LMConfig.from_preset("demo", vocab_size=layout.size, max_len=80)).eval()
+    return Bundle(lm, tok, layout, vq, 80, NextTokenPrediction())
+
+
+def bench_users(batches=(1, 8, 32), repeats: int = 3, compile: bool = True, int8: bool = True,
+                cfg: float = 3.0, temperature: float = 0.8) -> list[dict]:
+    """Images/s of Pipeline.text_to_image(prompts, batch_size=B) (guided, the demo's saved cfg 3 / temperature 0.8;
+    prompt, LM decoding, VQ decoding and PIL conversion included) and captions/s of Pipeline.draw_captions on a
+    batch of B images (VQ encoding, greedy decoding to <eos> or 32 tokens, text decoding included), per
+    batch size, fp32 / int8, eager / compiled. Median of `repeats` after one warmup call (which compiles)."""
+    from mmar.pipeline import Pipeline
+    from models.quantize import quantize_int8
+
+    base = demo_shape_bundle()
+    out = []
+    variants = [("fp32", False, base)] + ([("int8", False, quantize_int8(base))] if int8 else [])
+    variants = [(p, c, b) for p, _, b in variants for c in ((False, True) if compile else (False,))]
+    images = torch.rand(max(batches), 1, 28, 28) * 2 - 1
+    for precision, comp, bundle in variants:
+        try:
+            pipe = Pipeline(bundle, compile=comp)
+        except ValueError as e:
+            print(f"  {precision} {'compiled' if comp else 'eager'}: {e}")
+            continue
+        for b in batches:
+            prompts = [f"a handwritten {i % 10}" for i in range(b)]
+            for task, fn in (
+                ("text_to_image", lambda: pipe.text_to_image(prompts, cfg=cfg, temperature=temperature, batch_size=b)),
+                ("caption", lambda: pipe.draw_captions(images[:b], 32, 0.0)),
+            ):
+                t0 = time.perf_counter()
+                fn()  # warmup; compiles this shape when compiled
+                first = time.perf_counter() - t0
+                ts = [timed(fn)() for _ in range(repeats)]
+                med = statistics.median(ts)
+                row = {"task": task, "precision": precision, "compiled": comp, "batch": b,
+                       "per_s": b / med, "sec_per_call_median": med, "sec_per_call": ts, "first_call_s": first,
+                       "lm_tokens_per_item": bundle.vision.num_tokens if task == "text_to_image" else 32,
+                       "threads": torch.get_num_threads()}
+                out.append(row)
+                print(f"  {task:<13} {precision} {'compiled' if comp else 'eager   '} batch {b:>2}: "
+                      f"{row['per_s']:8.2f} /s (first call {first:.1f} s)")
+    return out
+
+
+def users_table(rows: list[dict]) -> str:
+    """The images/s and captions/s rows as a Markdown table."""
+    lines = ["| task | batch | LM tokens each | precision | decoding | per second | threads |", "|---|---:|---:|---|---|---:|---:|"]
+    for r in rows:
+        what = "images" if r["task"] == "text_to_image" else "captions"
+        lines.append(f"| {r['task']} | {r['batch']} | {r['lm_tokens_per_item']} | {r['precision']} | "
+                     f"{'compiled static' if r['compiled'] else 'eager'} | {r['per_s']:.2f} {what}/s | {r['threads']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5, help="alternating decoding repeats (at least 2 run)")
     ap.add_argument("--train-repeats", type=int, default=8, help="alternating training repeats (at least 3 run)")
@@ -316,7 +399,17 @@ def main() -> None:
                     help="wall-time budget: training stops repeating (after 3) at 45%% of it, plain decoding "
                          "(after 2) at 80%%, the product path (after 2) at 100%%")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    ap.add_argument("--users-batches", type=int, nargs="*", default=[1, 8, 32],
+                    help="batch sizes of the images/s and captions/s table (none: skip it)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run (under a minute without --compile): 16 new tokens, the fewest repeats, "
+                         "users table at batch 1 and 2, fp32 only")
+    args = ap.parse_args(argv)
+    if args.quick:  # smaller training batches too: the figures of a smoke run are not comparable
+        global TRAIN_BATCH, TRAIN_LEN
+        TRAIN_BATCH, TRAIN_LEN = 4, 64
+        args.repeats, args.train_repeats, args.train_steps, args.new_tokens, args.budget_s = 2, 3, 1, 16, 20.0
+        args.users_batches = [1, 2]
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -342,31 +435,35 @@ def main() -> None:
     flops = train_flops_per_token(n_params, TRAIN_LEN)
     o, t = tokens / statistics.median(tr["ours"]), tokens / statistics.median(tr["theirs"])
     res.update(
-        train_tokens_per_s_ratio=ratio(tr, "ours"),
+        train_tokens_per_s_ratio=ratio(tr, "ours"), train_ratio_of_medians=ratio_of_medians(tr, "ours"),
         train_tokens_per_s_ours=o, train_tokens_per_s_theirs=t,
         train_gflop_per_token=flops / 1e9,
         train_gflops_ours=o * flops / 1e9, train_gflops_theirs=t * flops / 1e9,
         train_repeats=len(tr["ours"]), train_steps_per_repeat=args.train_steps,
     )
-    rows += [("train tokens/s (16x256, fwd+CE+bwd+AdamW)", o, t, res["train_tokens_per_s_ratio"]),
+    rows += [(f"train tokens/s ({TRAIN_BATCH}x{TRAIN_LEN}, fwd+CE+bwd+AdamW)", o, t, res["train_tokens_per_s_ratio"]),
              ("train GFLOP/s", res["train_gflops_ours"], res["train_gflops_theirs"], None)]
     if args.compile:
         oc = tokens / statistics.median(tr["ours_compiled"])
-        res.update(train_compiled_tokens_per_s_ratio=ratio(tr, "ours_compiled"), train_compiled_tokens_per_s_ours=oc)
+        res.update(train_compiled_tokens_per_s_ratio=ratio(tr, "ours_compiled"), train_compiled_tokens_per_s_ours=oc,
+                   train_compiled_ratio_of_medians=ratio_of_medians(tr, "ours_compiled"))
         rows.append(("  ... our loss step (backbone+head+CE) through torch.compile", oc, t,
                      res["train_compiled_tokens_per_s_ratio"]))
     print(f"training done ({time.perf_counter() - t_start:.0f} s)")
 
-    compiled, compile_s = None, {}
-    if args.compile:
-        t0 = time.perf_counter()
-        compiled = {"ours_compiled": make_step_fn(ours, compile=True)}
-        generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), 4, top_k=DEC_TOP_K,
-                 step_fn=compiled["ours_compiled"])
-        ids, valid, allowed = product_batch()
-        generate(ours, ids, 4, valid=valid, cfg_scale=3.0, step_fn=compiled["ours_compiled"])
-        compile_s["ours_compiled"] = time.perf_counter() - t0
-        print(f"compiled our decode step: {compile_s['ours_compiled']:.0f} s")
+    compiled, compile_s = {}, {}
+    if args.compile:  # the dynamic-shape compiled step (kept for comparison) and the static-cache compiled one
+        for name, step_fn in (("ours_compiled", make_step_fn(ours, compile=True)),
+                              ("ours_static", make_step_fn(ours, static=True, compile=True))):
+            t0 = time.perf_counter()
+            generate(ours, torch.randint(3, VOCAB, (DEC_BATCH, DEC_PROMPT)), 4, top_k=DEC_TOP_K, step_fn=step_fn)
+            ids, valid, allowed = product_batch()
+            generate(ours, ids, 4, valid=valid, cfg_scale=3.0, top_k=DEC_TOP_K, allowed=allowed, step_fn=step_fn)
+            compile_s[name] = time.perf_counter() - t0
+            compiled[name] = step_fn
+            print(f"compiled our decode step ({name}): {compile_s[name]:.0f} s")
+    labels = {"ours_compiled": "  ... through torch.compile (dynamic shapes)",
+              "ours_static": "  ... static cache, compiled step (make_step_fn(static=True, compile=True))"}
     de = bench_decode(ours, theirs, args.repeats, args.new_tokens, t_start + 0.8 * args.budget_s, compiled)
     tokens = DEC_BATCH * args.new_tokens
     dt = de["times"]
@@ -374,29 +471,42 @@ def main() -> None:
     res.update(
         decode_tokens_per_s_ratio=ratio(dt, "ours"),
         decode_tokens_per_s_ours=o, decode_tokens_per_s_theirs=t,
+        decode_ratio_of_medians=ratio_of_medians(dt, "ours"),
         decode_hf_cache=de["hf_cache"],
         **{f"decode_tokens_per_s_theirs_{k}_cache": tokens / v for k, v in de["hf_cache_times"].items()},
         decode_repeats=len(dt["ours"]), decode_new_tokens=args.new_tokens,
     )
     rows.append((f"decode tokens/s (8 x {args.new_tokens}, top-k {DEC_TOP_K}; HF {de['hf_cache']} cache)",
                  o, t, res["decode_tokens_per_s_ratio"]))
-    if compiled:
-        oc = tokens / statistics.median(dt["ours_compiled"])
-        res.update(decode_compiled_tokens_per_s_ratio=ratio(dt, "ours_compiled"),
-                   decode_compiled_tokens_per_s_ours=oc, decode_compiled_compile_s=compile_s["ours_compiled"])
-        rows.append(("  ... our decoding through torch.compile", oc, t, res["decode_compiled_tokens_per_s_ratio"]))
+    for name in compiled:
+        key = "decode_compiled" if name == "ours_compiled" else "decode_static_compiled"
+        oc = tokens / statistics.median(dt[name])
+        res.update({f"{key}_tokens_per_s_ratio": ratio(dt, name), f"{key}_tokens_per_s_ours": oc,
+                    f"{key}_ratio_of_medians": ratio_of_medians(dt, name), f"{key}_compile_s": compile_s[name],
+                    f"{key}_vs_eager": statistics.median(dt["ours"]) / statistics.median(dt[name])})
+        rows.append((labels[name], oc, t, res[f"{key}_tokens_per_s_ratio"]))
 
-    pr = bench_product(ours, theirs, args.repeats, args.new_tokens, t_start + args.budget_s,
-                       compiled["ours_compiled"] if compiled else None)
+    pr = bench_product(ours, theirs, args.repeats, args.new_tokens, t_start + args.budget_s, compiled)
     tokens = DEC_BATCH * args.new_tokens  # rows decoded per step, as in HF's count
     o, t = tokens / statistics.median(pr["ours"]), tokens / statistics.median(pr["theirs"])
     res.update(product_tokens_per_s_ratio=ratio(pr, "ours"), product_tokens_per_s_ours=o,
-               product_tokens_per_s_theirs=t, product_repeats=len(pr["ours"]))
-    rows.append(("product path: guided + left-padded 8 x 256 (text_to_image)", o, t, res["product_tokens_per_s_ratio"]))
-    if compiled:
-        oc = tokens / statistics.median(pr["ours_compiled"])
-        res.update(product_compiled_tokens_per_s_ratio=ratio(pr, "ours_compiled"), product_compiled_tokens_per_s_ours=oc)
-        rows.append(("  ... through torch.compile", oc, t, res["product_compiled_tokens_per_s_ratio"]))
+               product_tokens_per_s_theirs=t, product_ratio_of_medians=ratio_of_medians(pr, "ours"),
+               product_repeats=len(pr["ours"]))
+    rows.append((f"product path: guided + left-padded 8 x {args.new_tokens} (text_to_image)", o, t, res["product_tokens_per_s_ratio"]))
+    for name in compiled:
+        key = "product_compiled" if name == "ours_compiled" else "product_static_compiled"
+        oc = tokens / statistics.median(pr[name])
+        res.update({f"{key}_tokens_per_s_ratio": ratio(pr, name), f"{key}_tokens_per_s_ours": oc,
+                    f"{key}_ratio_of_medians": ratio_of_medians(pr, name),
+                    f"{key}_vs_eager": statistics.median(pr["ours"]) / statistics.median(pr[name])})
+        rows.append((labels[name], oc, t, res[f"{key}_tokens_per_s_ratio"]))
+
+    if args.users_batches:
+        print("images and captions per second (random weights of the demo's exact shape: 49 codes per image):")
+        users = bench_users(tuple(args.users_batches), repeats=1 if args.quick else 3, compile=args.compile,
+                            int8=not args.quick)
+        res.update(users=users, users_table=users_table(users),
+                   users_note="random-weight model of the demo's exact shape and token count (speed only)")
 
     peak_end = matmul_peak_gflops()
     peak = max(peak, peak_end)  # the better of the two measurements (start and end) is the peak
@@ -417,14 +527,20 @@ def main() -> None:
         wall_s=wall,
     )
 
-    print(f"\n{'':<56}{'ours':>12}{'theirs':>12}{'ours/theirs':>13}")
+    print(f"\n{'':<56}{'ours':>12}{'theirs':>12}{'ours/theirs':>13}   ratio of medians [min, max]")
     for name, o, t, r in rows:
         fmt = "{:>12.3f}" if o < 10 else "{:>12.1f}"
-        print(f"{name:<56}" + fmt.format(o) + fmt.format(t) + (f"{r:>13.3f}" if r is not None else ""))
+        rm = "" if r is None or t == 0 else f"   {o / t:.3f}"
+        print(f"{name:<56}" + fmt.format(o) + fmt.format(t) + (f"{r:>13.3f}" if r is not None else "") + rm)
+    for key in [k for k in res if k.endswith("_ratio_of_medians")]:
+        v = res[key]
+        print(f"  {key}: {v['ratio']:.3f} [{v['min']:.3f}, {v['max']:.3f}] over {v['repeats']} repeats")
     print(f"ratios: medians of per-repeat ratios ({res['train_repeats']} training, {res['decode_repeats']} "
           f"decoding repeats); load average {load_before[0]:.1f} -> {res['loadavg_1min_after']:.1f}; "
           f"wall time {wall:.0f} s")
 
+    if res.get("users_table"):
+        print("\n" + res["users_table"])
     write_report(res, args.out, plot)
 
 
@@ -434,10 +550,11 @@ def plot(res: dict, png: Path) -> None:
 
     names = [("train", "training"), ("decode", "KV-cached sampling"), ("product", "guided text-to-image")]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for j, (suffix, label) in enumerate((("", "eager"), ("_compiled", "torch.compile"))):
+    kinds = (("", "eager"), ("_compiled", "torch.compile (dynamic)"), ("_static_compiled", "static cache, compiled"))
+    for j, (suffix, label) in enumerate(kinds):
         vals = [res.get(f"{k}{suffix}_tokens_per_s_ratio") for k, _ in names]
-        xs = [i + (j - 0.5) * 0.38 for i in range(len(names))]
-        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], 0.38, label=label)
+        xs = [i + (j - 1) * 0.27 for i in range(len(names))]
+        ax.bar([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], 0.27, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), [n for _, n in names])
     ax.set_ylabel("tokens/s, ours / transformers")
