@@ -402,8 +402,13 @@ def train_arm(name: str, objective: dict, work: Path, n_eval: int, fit_args: lis
     root = work / name
     secs = fit_recipe(RECIPE_CONFIG, root, ["--model.init_args.objective", json.dumps(objective),
                                             "--data.init_args.cache_dir", str(work / "cache"), *fit_args], reuse=True)
-    folder = root / "model"
-    tune(Path(last_ckpt(root)), n_eval, root / "scores.json", 20, "centred", folder)
+    folder, ckpt = root / "model", Path(last_ckpt(root))
+    done = folder / "tuning.json"
+    grid = {(c, t) for c in TUNE_GRID["cfg"] for t in TUNE_GRID["temperature"]}
+    old = json.loads(done.read_text()) if done.is_file() else {}
+    if not (old and done.stat().st_mtime_ns > ckpt.stat().st_mtime_ns and old.get("n_videos") == n_eval
+            and {(r["cfg"], r["temperature"]) for r in old["grid"]} == grid):  # tuned after this training: keep it
+        tune(ckpt, n_eval, root / "scores.json", 20, "centred", folder)
     (root / "train_seconds.txt").write_text(f"{secs:.1f}\n")
     return folder
 
