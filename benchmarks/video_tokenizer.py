@@ -4,7 +4,7 @@ The base is the 8x-spatial tokenizer (17x64x64 -> 5x8x8 FSQ codes) that `make be
 recipe used until this ablation showed that it reconstructs moving digits as blobs, so that no LM trained on its
 codes can draw a recognisable digit. This trains variants that change one thing each — spatial or temporal
 compression, width, FSQ levels — for the same number of steps on the same batches (configs/video_tokenizer.yaml
-through `benchmarks.nbp.train_tokenizer`, seed 0) and reports, on held-out clips (source digits never trained on):
+through `train_tokenizer` below, seed 0) and reports, on held-out clips (source digits never trained on):
 
   digit_acc   per-frame accuracy of the independent classifier (`benchmarks.nbp.quality`) on reconstructions,
               with a 95% interval clustered by video
@@ -17,6 +17,7 @@ Writes benchmarks/results/video_tokenizer.json. `--variants` picks a subset (res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -25,13 +26,28 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.nbp import heldout_classifier, psnr_db, quality, reconstruct, train_tokenizer
+from benchmarks import fit_run
+from benchmarks.nbp import heldout_classifier, psnr_db, quality, reconstruct
 from common.io import write_text_atomic
 from train.video.data import moving_digits
 from vision_tokenizers import registry
 from vision_tokenizers.video import VideoTokenizerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "video_tokenizer.json"
+
+
+def train_tokenizer(root: Path, cfg: VideoTokenizerConfig, steps: int, n_train: int, lr: float,
+                    batch: int = 8) -> Path:
+    """configs/video_tokenizer.yaml with this tokenizer shape, `steps` steps of `batch` moving-digit clips (seed 0,
+    the same batches for every shape); returns the exported tokenizer file."""
+    path = root / "tokenizer.safetensors"
+    fit_run("configs/video_tokenizer.yaml", root, [
+        "--trainer.enable_checkpointing", "false", "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps), "--model.init_args.tokenizer", json.dumps(dataclasses.asdict(cfg)),
+        "--model.init_args.lr", str(lr), "--model.init_args.export_path", str(path),
+        "--data.init_args.n_train", str(n_train), "--data.init_args.batch_size", str(batch),
+        "--data.init_args.frames", str(cfg.frames), "--data.init_args.image_size", str(cfg.image_size)])
+    return path
 
 # name -> VideoTokenizerConfig fields that differ from the base (8x space, 4x time: bench-nbp's tokenizer)
 BASE = dict(channels=[16, 32, 64], spatial_down=[True, False], time_down=[True, True], levels=[8, 5, 5, 5])
