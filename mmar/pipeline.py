@@ -20,7 +20,6 @@ the code that built its training samples; decoding is the model's objective's (m
 """
 from __future__ import annotations
 
-import inspect
 import operator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,7 +101,7 @@ class Pipeline:
         calls of that shape reuse it."""
         self.bundle = bundle
         self.device = bundle.lm.tok_emb.weight.device if device is None else torch.device(device)
-        if compile and "compile" not in inspect.signature(bundle.objective.generate).parameters:
+        if compile and not bundle.objective.compiles:
             raise ValueError(f"compile=True applies to next-token models; this one decodes with "
                              f"{type(bundle.objective).__name__}")
         if compile:

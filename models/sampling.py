@@ -80,6 +80,12 @@ def cfg_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def _allowed_only(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits [B, V] (no copy when already fp32) with the ids not `allowed` ([V] or [B, V]) at -inf."""
+    logits = logits.float()
+    return logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+
+
 def filter_probs(
     logits: torch.Tensor,  # [B, V]
     temperature: float = 1.0,
@@ -89,9 +95,7 @@ def filter_probs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The deterministic part of `sample` (temperature > 0): the probabilities to draw from [B, k] and the ids
     they stand for [B, k] (None: all V ids in order, k = V). No randomness, so it can run inside a compiled graph."""
-    logits = logits.float()  # no copy when already fp32
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = _allowed_only(logits, allowed)
     if temperature != 1.0:  # x / 1 == x exactly: skip the kernel
         logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -106,10 +110,7 @@ def filter_probs(
 
 def greedy(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """[B, V] -> the likeliest allowed id of each row [B] (temperature 0)."""
-    logits = logits.float()
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    return logits.argmax(dim=-1)
+    return _allowed_only(logits, allowed).argmax(dim=-1)
 
 
 def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Objective(nn.Module, abc.ABC):
     config: Any
     captions: bool = True  # a model trained with it captions images (text is trained token by token)
     continuous: bool = False  # it draws continuous latents, not token ids
+    compiles: bool = False  # its generate takes compile=True (the compiled static-cache decoding step)
 
     def bind(self, tokenizer, class_names: list[str] = ()) -> None:
         """Called by the training module with its data's text tokenizer and class names; a no-op unless an

@@ -27,6 +27,8 @@ class NextTokenPrediction(Objective):
             reference LM): `bind(tokenizer, class_names)`, then `(ids, flag, modality) -> (weights [B, T-1], figures)`.
     """
 
+    compiles = True
+
     @dataclass
     class Config:
         text_weight: float = 1.0
