@@ -13,7 +13,7 @@ from models.sequence import SequenceConfig, SequenceFormat, caption_targets
 from models.text_tokenizer import TextTokenizer
 from models.transformer import Transformer
 from models.vocab import VocabLayout
-from train.prior import PriorWeighting, prior_weights
+from train.prior import PriorWeighting, prior_weights, word_token_ids
 from vision_tokenizers import registry
 
 WORDS = ["apple", "boat", "cat", "drum", "egg", "fox", "gate", "hat"]
@@ -31,6 +31,51 @@ def test_weights_normalise_per_caption_with_a_floor():
     assert w[0, 0] < 0.2 < 1 < w[0, 1]
     w2 = prior_weights(p, sel, alpha=2.0, floor=0.05)
     assert w2[0, 1] / w2[0, 2] == pytest.approx((0.9 / 0.5) ** 2, rel=1e-5)
+
+
+def test_paper_formula_and_floor_against_a_hand_computed_batch():
+    """Two captions (4 and 3 tokens, right padding); the weights worked out by hand.
+    floor 0 (the paper): raw 1 - p; row 0: [0.1, 0.5, 0.8, 0.01], sum 1.41, times 4 / 1.41;
+                                     row 1: [1.0, 0.25, 0.0], sum 1.25, times 3 / 1.25.
+    floor 0.05:          row 0: [0.1, 0.5, 0.8, 0.05], sum 1.45, times 4 / 1.45;
+                         row 1: [1.0, 0.25, 0.05], sum 1.30, times 3 / 1.30."""
+    p = torch.tensor([[0.9, 0.5, 0.2, 0.99, 0.3], [0.0, 0.75, 1.0, 0.4, 0.6]])
+    sel = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
+    paper = prior_weights(p, sel, floor=0.0)
+    assert paper[0].tolist() == pytest.approx([0.28368794, 1.41843972, 2.26950355, 0.02836879, 1.0], abs=1e-5)
+    assert paper[1].tolist() == pytest.approx([2.4, 0.6, 0.0, 1.0, 1.0], abs=1e-5)
+    floored = prior_weights(p, sel, floor=0.05)
+    assert floored[0].tolist() == pytest.approx([0.27586207, 1.37931034, 2.20689655, 0.13793103, 1.0], abs=1e-5)
+    assert floored[1].tolist() == pytest.approx([2.30769231, 0.57692308, 0.11538462, 1.0, 1.0], abs=1e-5)
+    assert torch.equal(prior_weights(p, sel), paper)  # floor 0 is the default
+
+
+def test_a_caption_whose_raw_weights_are_all_zero_keeps_weight_one():
+    """Every token certain under the reference, no floor: nothing to prefer, plain NTP on that caption, no NaN."""
+    p = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.5, 1.0, 0.0, 0.0]])
+    sel = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    w = prior_weights(p, sel, floor=0.0)
+    assert torch.isfinite(w).all()
+    assert w[0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert w[1].tolist() == pytest.approx([2.0, 0.0, 1.0, 1.0])
+    assert torch.equal(prior_weights(p, torch.zeros_like(sel)), torch.ones(2, 4))  # no caption at all
+
+
+def test_floor_and_source_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\]"):
+        PriorWeighting(oracle_words=["cat"], floor=-0.1)
+    with pytest.raises(ValueError, match="needs a reference model"):
+        PriorWeighting()
+    with pytest.raises(ValueError, match="needs a reference model"):
+        PriorWeighting(oracle_words=[])
+    with pytest.raises(ValueError, match="not both"):
+        PriorWeighting(str(tmp_path), oracle_words=["cat"])
+    assert PriorWeighting(oracle_words=["cat"], floor=0.0).floor == 0.0
+    with pytest.raises(RuntimeError, match="no reference model"):
+        PriorWeighting(oracle_words=["cat"]).ref
+    with pytest.raises(RuntimeError, match="bind"):
+        PriorWeighting(oracle_words=["cat"])(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
+                                             torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_only_caption_tokens_of_image_to_text_samples_are_selected(caption_tokenizer, tiny_vq_config):
@@ -71,7 +116,7 @@ def reference(tmp_path_factory, tiny_vq_path) -> tuple[str, TextTokenizer]:
 
 def test_reference_model_weights_filler_low_and_item_words_high(reference):
     ref, tok = reference
-    prior = PriorWeighting(ref, floor=0.05)
+    prior = PriorWeighting(ref, floor=0.05)  # the ablation; floor 0 below
     prior.bind(tok, WORDS)
     layout = prior.ref.layout
     fmt = SequenceFormat(tok, layout, SequenceConfig(max_len=32))
@@ -91,6 +136,70 @@ def test_reference_model_weights_filler_low_and_item_words_high(reference):
     assert len(prior._cache) == 4
     w_again, _ = prior(b["ids"], b["loss"], b["modality"])
     assert torch.equal(w, w_again)
+    # the paper's formula (floor 0, the default) weights the predictable template even less
+    paper = PriorWeighting(ref)
+    paper.bind(tok, WORDS)
+    w0, _ = paper(b["ids"], b["loss"], b["modality"])
+    assert w0[filler].mean() < w[filler].mean() and w0[item].min() > 1.0
+    assert w0[sel].mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_oracle_weights_only_the_class_word_tokens(tiny_vq_config):
+    """Raw weight 1 on the oracle words' tokens, 0 on the other caption tokens, normalised per caption."""
+    tok = TextTokenizer.train_bpe([f"the thing is a {w}" for w in WORDS] * 4, 300)
+    oracle = PriorWeighting(oracle_words=["cat", "fox"])
+    oracle.bind(tok, WORDS)
+    cat, fox = tok.encode(" cat"), tok.encode(" fox")
+    assert len(cat) == len(fox) == 1 and tok.encode("cat") == cat and len(tok.encode("the thing is a cat")) == 5
+    assert oracle.oracle_ids.tolist() == sorted(cat + fox)
+    layout = VocabLayout(tok.vocab_size, tiny_vq_config.codebook_size)
+    fmt = SequenceFormat(tok, layout, SequenceConfig(max_len=32))
+    codes = torch.zeros(2, 2, dtype=torch.long)
+    b = fmt.collate([fmt.i2t_sample(codes, "the thing is a cat"), fmt.i2t_sample(codes, "the thing is a boat"),
+                     fmt.i2t_sample(codes, "a cat is a fox"), fmt.t2i_sample(codes, "the thing is a cat")])
+    w, stats = oracle(b["ids"], b["loss"], b["modality"])
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], tok)
+    # caption tokens then <eos>: " the thing is a cat" -> all 6 on "cat"; " a cat is a fox" -> 3 each on "cat", "fox"
+    assert w[0][sel[0]].tolist() == [0, 0, 0, 0, 6, 0]
+    assert w[1][sel[1]].tolist() == [1] * 6  # no oracle word: weight 1 everywhere, as a caption of certain tokens
+    assert w[2][sel[2]].tolist() == [0, 3, 0, 0, 3, 0]
+    assert not sel[3].any() and (w[3] == 1).all() and (w[~sel] == 1).all()  # text->image, prompts, image codes
+    assert stats["prior_w_mean"].item() == pytest.approx(1.0)
+    torch.manual_seed(0)
+    lm = Transformer(LMConfig.from_preset("tiny", vocab_size=layout.size, max_len=32))
+    out = NextTokenPrediction(prior=oracle).loss(lm, b)
+    assert torch.isfinite(out["loss"]) and not torch.allclose(out["loss"], NextTokenPrediction().loss(lm, b)["loss"])
+
+
+def test_oracle_from_the_training_cli(tmp_path, tiny_vq_path):
+    """The oracle control as the CLI builds it: typed init args, no reference, bound to the data's tokenizer."""
+    from train.cli import main
+
+    words = ["seven", "7"]
+    cli = main(["--config", "configs/mnist_lm.yaml", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.logger", "false", "--data.init_args.vision_tokenizer", str(tiny_vq_path),
+                "--data.init_args.source", "digits", "--data.init_args.holdout", "200",
+                "--data.init_args.bpe_vocab_size", "300", "--data.init_args.batch_size", "64",
+                "--data.init_args.augment_copies", "0", "--data.init_args.max_len", "48",
+                "--data.init_args.cache_dir", str(tmp_path / "cache"), "--model.init_args.preset", "tiny",
+                "--model.init_args.objective.init_args.prior", "train.prior.PriorWeighting",
+                "--model.init_args.objective.init_args.prior.init_args.oracle_words", "[seven, '7']"], run=False)
+    prior = cli.model.objective.prior
+    assert isinstance(prior, PriorWeighting) and prior.oracle_words == words and prior.reference is None
+    tok = cli.datamodule.spec.tokenizer
+    assert prior.tokenizer is tok and prior.oracle_ids.tolist() == word_token_ids(tok, words)
+    cli.datamodule.setup("fit")
+    b = next(iter(cli.datamodule.train_dataloader()))
+    w, _ = prior(b["ids"], b["loss"], b["modality"])
+    sel = caption_targets(b["ids"], b["loss"], b["modality"], tok)
+    on = torch.isin(b["ids"][:, 1:], prior.oracle_ids) & sel
+    assert on.any() and (sel.any(1) & ~on.any(1)).any()  # captions of sevens and of other digits
+    for r in sel.any(1).nonzero()[:, 0].tolist():
+        if on[r].any():
+            assert (w[r][sel[r] & ~on[r]] == 0).all()
+            assert torch.allclose(w[r][on[r]], sel[r].sum() / on[r].sum() * torch.ones(()))
+        else:
+            assert (w[r] == 1).all()
 
 
 def test_prior_loss_equals_ntp_when_weights_are_one_and_differs_otherwise(reference, monkeypatch):
