@@ -8,7 +8,8 @@ from them (next-token logits through `head`, a flow-matching velocity, ...) is t
 
 Shapes: B batch, T new positions, S keys visible, D width, H heads, K kv heads, E head dim, V vocabulary.
 The qkv and gate/up projections are fused (two matrix products per block fewer); models/hf.py splits
-and joins them for Hugging Face checkpoints.
+and joins them for Hugging Face checkpoints. The adaLN condition (cfg.adaln) may come as C rows [B, C, D] with a
+`cond_index` naming each position's row (xAR: one row per entity), so its matrix product runs C times, not T.
 """
 from __future__ import annotations
 
@@ -106,16 +107,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
-        # adaLN (cfg.adaln): a per-position condition vector (e.g. a flow-matching time embedding) gives
-        # scale/shift of both norms and the gates of both branches; zero-initialised, so at initialisation the
-        # block is a plain Llama block (text positions get a zero condition: only the learned bias modulates them).
+        # adaLN (cfg.adaln): a condition vector (e.g. a flow-matching time embedding) gives scale/shift of both
+        # norms and the gates of both branches; zero-initialised, so at initialisation the block is a plain Llama
+        # block (text positions get a zero condition: only the learned bias modulates them).
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim) if cfg.adaln else None
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, layer, cond=None):
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer, cond=None, cond_index=None):
         if self.ada is None or cond is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
             return x + self.mlp(self.mlp_norm(x))
-        g1, g2, s1, s2, b1, b2 = self.ada(F.silu(cond)).chunk(6, dim=-1)  # [B, T, D] each
+        mod = self.ada(F.silu(cond))  # [B, C, 6D]: once per condition row (an entity), not per position
+        if cond_index is not None:  # each position takes its row
+            mod = mod[:, cond_index] if cond_index.dim() == 1 else mod.gather(
+                1, cond_index.unsqueeze(-1).expand(-1, -1, mod.shape[-1]))  # [B, T, 6D]
+        g1, g2, s1, s2, b1, b2 = mod.chunk(6, dim=-1)  # [B, T, D] each
         x = x + (1 + g1) * self.attn(self.attn_norm(x) * (1 + s1) + b1, cos, sin, mask, is_causal, cache, layer)
         return x + (1 + g2) * self.mlp(self.mlp_norm(x) * (1 + s2) + b2)
 
@@ -180,11 +185,14 @@ class Transformer(nn.Module):
         block_ids: torch.Tensor | None = None,  # [B, T] mask structure (None = causal), see models/masks.py
         valid: torch.Tensor | None = None,  # [B, T] False on padding (never attended to)
         cache: KVCache | None = None,
-        cond: torch.Tensor | None = None,  # [B, T, D] adaLN condition (needs cfg.adaln; None = the plain path)
+        cond: torch.Tensor | None = None,  # [B, T, D] adaLN condition per position, or [B, C, D] rows with cond_index
+        cond_index: torch.Tensor | None = None,  # [T] or [B, T] long: the row of `cond` each position takes
         attn_mask: torch.Tensor | None = None,  # [B, 1, T, T] bool, replaces the block-id mask (no cache)
     ) -> torch.Tensor:
         x = self.embed(ids, embeds, embed_mask)  # [B, T, D]
         b, t, _ = x.shape
+        if cond is not None and (cond.shape[1] != t if cond_index is None else cond_index.shape[-1] != t):
+            raise ValueError(f"adaLN: cond {tuple(cond.shape)} needs one row per position or a cond_index of {t}")
         if cache is not None:  # the cache records positions/blocks/validity and says what to attend to
             position_ids, mask, is_causal = cache.append(t, position_ids, block_ids, valid)
         else:
@@ -202,7 +210,7 @@ class Transformer(nn.Module):
         limit = max(self.cfg.max_len, cache.max_len if cache is not None else t)
         cos, sin = self.rope(position_ids, x.dtype, limit)  # [B, 1, T, E]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, mask, is_causal, cache, i, cond)
+            x = blk(x, cos, sin, mask, is_causal, cache, i, cond, cond_index)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

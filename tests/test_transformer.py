@@ -194,3 +194,35 @@ def test_bad_config_is_rejected():
         LMConfig(dim=100, n_heads=3)
     with pytest.raises(ValueError, match="unknown preset"):
         LMConfig.from_preset("nope")
+
+
+def test_adaln_rows_equal_a_per_position_reference():
+    """adaLN from C condition rows + cond_index (the modulation computed once per row) equals a hand-written
+    per-position block: every weight random, one index for all rows [T] and one per row [B, T]."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    lm = Transformer(LMConfig.from_preset("tiny", adaln=True)).eval()
+    for p in lm.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ids, rows = torch.randint(0, 100, (2, 7)), torch.randn(2, 3, lm.cfg.dim)  # [B, T], [B, C, D]
+
+    def reference(cond):  # cond [B, T, D]: the adaLN linear applied at every position
+        x = lm.tok_emb(ids)
+        cos, sin = lm.rope(torch.arange(7).expand(2, 7), x.dtype, lm.cfg.max_len)
+        for i, blk in enumerate(lm.blocks):
+            mod = torch.stack([blk.ada(F.silu(cond[:, j])) for j in range(7)], 1)  # [B, T, 6D]
+            g1, g2, s1, s2, b1, b2 = mod.chunk(6, dim=-1)
+            x = x + (1 + g1) * blk.attn(blk.attn_norm(x) * (1 + s1) + b1, cos, sin, None, True, None, i)
+            x = x + (1 + g2) * blk.mlp(blk.mlp_norm(x) * (1 + s2) + b2)
+        return lm.norm(x)
+
+    with torch.no_grad():
+        idx = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+        torch.testing.assert_close(lm(ids, cond=rows, cond_index=idx), reference(rows[:, idx]))
+        per_row = torch.tensor([[0, 0, 1, 1, 2, 2, 2], [0, 2, 2, 1, 1, 1, 0]])  # [B, T]
+        ref = reference(torch.stack([rows[b, per_row[b]] for b in range(2)]))
+        torch.testing.assert_close(lm(ids, cond=rows, cond_index=per_row), ref)
+        torch.testing.assert_close(lm(ids, cond=rows[:, idx]), reference(rows[:, idx]))  # per position, no index
+        with pytest.raises(ValueError, match="adaLN"):
+            lm(ids, cond=rows)

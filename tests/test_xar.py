@@ -98,7 +98,7 @@ def test_noisy_context_is_block_causal_over_entities():
     lm, obj = _lm(), _obj()
     b = _batch(padded=False)
     x = obj.tokens(b["latents"])
-    t = torch.rand(3, 16)
+    t = torch.rand(3, 4)  # one time per entity
     ent = torch.arange(4).repeat_interleave(4)
     h1 = obj._forward(lm, b["ids"], b["valid"], x, t, obj.order, ent)
     x2 = x.clone()
@@ -124,18 +124,87 @@ def test_teacher_forcing_mask_and_equivalence():
     # the noisy entity k's hidden state equals a plain forward of prompt, clean entities < k, noisy entity k
     lm, b = _lm(), _batch()
     x = obj.tokens(b["latents"])
-    t = torch.rand(3, 4).repeat_interleave(4, 1)
-    x_t, _ = flow_pair(x, torch.randn_like(x), t)
+    t_ent = torch.rand(3, 4)  # [B, entities]
+    x_t, _ = flow_pair(x, torch.randn_like(x), t_ent.repeat_interleave(4, 1))
     ent = torch.arange(4).repeat_interleave(4)
     mask = obj.teacher_forcing_mask(6, "cpu").expand(3, -1, -1)
-    h_tf = obj._forward(lm, b["ids"], b["valid"], torch.cat([x, x_t], 1), torch.cat([torch.zeros_like(t), t], 1),
-                        obj.order.repeat(2), ent.repeat(2), attn_mask=mask)[:, 16:]
+    tt = torch.cat([torch.zeros_like(t_ent), t_ent], 1)  # rows: clean entities (t = 0), then the noisy ones
+    h_tf = obj._forward(lm, b["ids"], b["valid"], torch.cat([x, x_t], 1), tt, obj.order.repeat(2), ent.repeat(2),
+                        attn_mask=mask, rows=torch.cat([ent, 4 + ent]))[:, 16:]
     for k in range(4):
         z = torch.cat([x[:, :4 * k], x_t[:, 4 * k:4 * k + 4]], 1)
-        tt = torch.cat([torch.zeros(3, 4 * k), t[:, 4 * k:4 * k + 4]], 1)
+        tt = torch.cat([torch.zeros(3, k), t_ent[:, k:k + 1]], 1)  # clean entities < k at t = 0, then entity k
         h = obj._forward(lm, b["ids"], b["valid"], z, tt, obj.order[:4 * k + 4], ent[:4 * k + 4])
         assert torch.allclose(h[:, -4:], h_tf[:, 4 * k:4 * k + 4], atol=1e-5)
 
+
+
+def _per_token_forward(obj):
+    """The objective's forward as it was before the adaLN went per entity: the time embedding and every block's
+    adaLN linear applied at each position (prompt positions: a zero condition each)."""
+    def forward(lm, ids, valid, z, t, slots, blocks, attn_mask=None, rows=None):
+        rows = blocks if rows is None else rows
+        b, p = ids.shape
+        t_tok = t[:, rows]  # [B, L]: each position's entity time
+        cond = torch.cat([torch.zeros(b, p, obj.config.dim), obj.time(t_tok)], 1)  # [B, T, D]
+        real = lm.forward
+
+        def per_position(*a, cond_index=None, **kw):  # the backbone without rows: one condition per position
+            assert cond_index is not None
+            return real(*a, **{**kw, "cond": cond})
+
+        lm.forward = per_position
+        try:
+            return XARFlowMatching._forward(obj, lm, ids, valid, z, t, slots, blocks, attn_mask, rows)
+        finally:
+            del lm.forward
+    return forward
+
+
+@pytest.mark.parametrize("noisy_context,predictor", [(True, "backbone"), (False, "backbone"), (True, "mlp")])
+def test_adaln_once_per_entity_equals_the_per_token_computation(monkeypatch, noisy_context, predictor):
+    """Loss and gradients (every weight random) equal the per-token reference, and each block's adaLN linear
+    sees 1 + K rows (the prompt's zero row and one per entity; 1 + 2K with teacher forcing), not T positions."""
+    lm, obj = _lm(), _obj(noisy_context=noisy_context, predictor=predictor)
+    torch.manual_seed(5)
+    for q in [*lm.parameters(), *obj.parameters()]:
+        torch.nn.init.normal_(q, std=0.05)
+    batch = _batch()
+    rows_seen = []
+    hook = lm.blocks[0].ada.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+
+    def loss_and_grads():
+        lm.zero_grad()
+        obj.zero_grad()
+        torch.manual_seed(0)
+        loss = obj.loss(lm, batch)["loss"]
+        loss.backward()
+        return loss.detach(), [q.grad.clone() for q in [*lm.parameters(), *obj.parameters()] if q.grad is not None]
+
+    new, g_new = loss_and_grads()
+    hook.remove()
+    assert rows_seen == [1 + (4 if noisy_context else 8)]
+    monkeypatch.setattr(obj, "_forward", _per_token_forward(obj))
+    ref, g_ref = loss_and_grads()
+    torch.testing.assert_close(new, ref)
+    assert len(g_new) == len(g_ref)
+    for a, b in zip(g_new, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_sampling_equals_the_per_token_reference(monkeypatch):
+    """KV-cached sampling with per-entity adaLN equals uncached sampling through the per-token reference."""
+    lm, obj = _lm(), _obj()
+    torch.manual_seed(6)
+    for q in [*lm.parameters(), *obj.parameters()]:
+        torch.nn.init.normal_(q, std=0.05)
+    b = _batch()
+    ids, valid = torch.cat([b["ids"], b["ids"].flip(0)]), torch.cat([b["valid"], b["valid"].flip(0)])
+    a = obj.generate(lm, ids, valid=valid, steps=2, cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(obj, "_forward", _per_token_forward(obj))
+    c = obj.generate(lm, ids, valid=valid, steps=2, cfg_scale=2.0, generator=torch.Generator().manual_seed(1),
+                     use_cache=False)
+    assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
 
 @pytest.mark.parametrize("method", ["euler", "em"])
 def test_sampler_lands_on_a_point_mass(method):

@@ -7,8 +7,9 @@ with t = sigmoid(N(mean, std)) drawn independently per entity. With `noisy_conte
 learning) the sequence is `prompt, x_t(entity 1), .., x_t(entity K)` under a block-causal mask, so each entity
 is predicted from the *noisy* entities before it; with `noisy_context: false` (teacher forcing, the ablation)
 it is `prompt, x(1..K), x_t(1..K)` and noisy entity k attends to the prompt, the clean entities before it and
-itself. Time enters every backbone block through adaLN (the backbone needs `adaln: true`), per position: the
-entity's t for latent positions, nothing for the text prompt (as the official code conditions its blocks on
+itself. Time enters every backbone block through adaLN (the backbone needs `adaln: true`), once per entity as
+the official code does (the time embedding and each block's modulation are computed for the entity's t, then
+read by its positions); a zero condition for the text prompt (the official code conditions its blocks on
 time + class; here the class/caption is the text prompt, dropped for guidance by the data module).
 The velocity comes from the backbone's hidden state through a linear layer (`predictor: backbone`, the official
 design) or from a small per-token adaLN MLP head fed (x_t, t, hidden) (`predictor: mlp`, MAR's head).
@@ -195,9 +196,10 @@ class XARFlowMatching(Objective):
         raster[:, self.order] = seq
         return rearrange(raster, "b (h w) c -> b c h w", h=self.config.grid)
 
-    def _forward(self, lm, ids, valid, z, t, slots, blocks, attn_mask=None):
-        """Prompt ids/valid [B, P] + latent tokens z [B, L, c] with times t [B, L] at raster slots [L] and
-        block ids blocks [L] -> hidden states of the latent positions [B, L, D] (one uncached forward)."""
+    def _forward(self, lm, ids, valid, z, t, slots, blocks, attn_mask=None, rows=None):
+        """Prompt ids/valid [B, P] + latent tokens z [B, L, c] at raster slots [L] with block ids blocks [L], the
+        entities' times t [B, E] and each latent position's entity rows [L] (default: blocks) -> hidden states of
+        the latent positions [B, L, D] (one uncached forward)."""
         b, p = ids.shape
         l = z.shape[1]
         dev = ids.device
@@ -208,13 +210,15 @@ class XARFlowMatching(Objective):
         pos = torch.cat([(valid.long().cumsum(1) - 1).clamp(min=0), start + slots], 1)
         blk = torch.cat([torch.arange(p, device=dev), p + blocks]).expand(b, -1)
         val = torch.cat([valid, torch.ones(b, l, dtype=torch.bool, device=dev)], 1)
-        cond = torch.cat([torch.zeros(b, p, self.config.dim, device=dev), self.time(t)], 1)
+        rows = blocks if rows is None else rows
+        cond = torch.cat([torch.zeros(b, 1, self.config.dim, device=dev), self.time(t)], 1)  # [B, 1 + E, D]
+        index = torch.cat([torch.zeros(p, dtype=torch.long, device=dev), 1 + rows])  # [T]: row 0 = the prompt's
         if attn_mask is not None:
             key_ok = val.unsqueeze(1) | torch.eye(p + l, dtype=torch.bool, device=dev)  # [B, T, T]
             attn_mask = (attn_mask & key_ok).unsqueeze(1)  # [B, 1, T, T]
         h = lm(all_ids, embeds=self.embed(z, slots).flatten(0, 1), embed_mask=emask, position_ids=pos,
                block_ids=None if attn_mask is not None else blk, valid=val, cond=cond.to(lm.norm.weight.dtype),
-               attn_mask=attn_mask)
+               cond_index=index, attn_mask=attn_mask)
         return h[:, p:]
 
     def teacher_forcing_mask(self, p: int, device) -> torch.Tensor:
@@ -237,16 +241,19 @@ class XARFlowMatching(Objective):
         self._check(lm, latents)
         b, p = ids.shape
         x = self.tokens(latents)  # [B, N, c] entity order
-        t = self.sample_t((b, self.n_entities), x.device).repeat_interleave(self.group, 1)  # [B, N]
+        k = self.n_entities
+        t_ent = self.sample_t((b, k), x.device)  # [B, K]
+        t = t_ent.repeat_interleave(self.group, 1)  # [B, N]
         x_t, target = flow_pair(x, torch.randn_like(x), t)
-        ent = torch.arange(self.n_entities, device=x.device).repeat_interleave(self.group)  # [N]
+        ent = torch.arange(k, device=x.device).repeat_interleave(self.group)  # [N]
         if self.config.noisy_context:
-            h = self._forward(lm, ids, valid, x_t, t, self.order, ent)
-        else:
+            h = self._forward(lm, ids, valid, x_t, t_ent, self.order, ent)
+        else:  # rows 0..K-1: the clean entities (t = 0), K..2K-1: the noisy ones
             z = torch.cat([x, x_t], 1)
-            tt = torch.cat([torch.zeros_like(t), t], 1)
+            tt = torch.cat([torch.zeros_like(t_ent), t_ent], 1)  # [B, 2K]
             mask = self.teacher_forcing_mask(p, x.device).expand(b, -1, -1)
-            h = self._forward(lm, ids, valid, z, tt, self.order.repeat(2), ent.repeat(2), attn_mask=mask)
+            h = self._forward(lm, ids, valid, z, tt, self.order.repeat(2), ent.repeat(2), attn_mask=mask,
+                              rows=torch.cat([ent, k + ent]))
             h = h[:, self.n_tokens:]
         v = self.velocity(h, x_t, t)
         mse = F.mse_loss(v.float(), target)
@@ -281,10 +288,12 @@ class XARFlowMatching(Objective):
         if use_cache:
             cache = lm.new_cache(rows, p + self.n_tokens, device=dev)
             # prompt: causal, left padding masked; cond 0 as in training (the adaLN bias path, not the plain one)
-            lm(prompt, valid=valid, cache=cache, cond=torch.zeros(rows, p, self.config.dim, dtype=dtype, device=dev))
+            lm(prompt, valid=valid, cache=cache, cond=torch.zeros(rows, 1, self.config.dim, dtype=dtype, device=dev),
+               cond_index=torch.zeros(p, dtype=torch.long, device=dev))
         start = valid.sum(1, keepdim=True)  # [rows, 1]
         fill = torch.full((rows, g), int(prompt[0, -1]), dtype=prompt.dtype, device=dev)
         emask = torch.ones(rows, g, dtype=torch.bool, device=dev)
+        one_row = torch.zeros(g, dtype=torch.long, device=dev)  # [G]: the entity's positions share one adaLN row
         for k in range(k_all):
             scale = cfg_ramp(cfg_scale, k, k_all) if guided else None
             sl = slice(k * g, (k + 1) * g)
@@ -292,14 +301,14 @@ class XARFlowMatching(Objective):
             ent = torch.full((g,), k, device=dev)
             ctx = torch.cat([out[:, :k * g]] * (2 if guided else 1))  # [rows, k*G, c] clean context
 
-            def cached_h(z, t):  # [rows, G, c], [rows, G] -> [rows, G, D]
+            def cached_h(z, t):  # [rows, G, c], the entity's time [rows, 1] -> [rows, G, D]
                 return lm(fill, embeds=self.embed(z, slots).flatten(0, 1).to(dtype), embed_mask=emask,
                           position_ids=start + slots, block_ids=(p + ent).expand(rows, -1), cache=cache,
-                          cond=self.time(t).to(dtype))
+                          cond=self.time(t).to(dtype), cond_index=one_row)
 
             def uncached_h(z, t):
                 zz = torch.cat([ctx, z], 1)
-                tt = torch.cat([torch.zeros(rows, k * g, device=dev), t], 1)
+                tt = torch.cat([torch.zeros(rows, k, device=dev), t], 1)  # [rows, k + 1]: clean context, then t
                 blocks = torch.arange(k + 1, device=dev).repeat_interleave(g)
                 return self._forward(lm, prompt, valid, zz, tt, self.order[:(k + 1) * g], blocks)[:, k * g:]
 
@@ -307,11 +316,11 @@ class XARFlowMatching(Objective):
 
             def vfield(x: torch.Tensor, t: float) -> torch.Tensor:
                 xin = torch.cat([x, x]) if guided else x
-                tt = torch.full((rows, g), t, device=dev)
-                h = cached_h(xin, tt) if use_cache else uncached_h(xin, tt)
+                te = torch.full((rows, 1), t, device=dev)  # [rows, 1] the entity's time
+                h = cached_h(xin, te) if use_cache else uncached_h(xin, te)
                 if use_cache:
                     cache.restore(snap)
-                v = self.velocity(h, xin.to(dtype), tt).float()
+                v = self.velocity(h, xin.to(dtype), te.expand(-1, g)).float()
                 if guided:
                     vc, vu = v.chunk(2)
                     v = vu + scale * (vc - vu)
@@ -321,5 +330,5 @@ class XARFlowMatching(Objective):
             out[:, sl] = flow_sample(vfield, noise, steps, sampler, c.t_end, generator)
             if use_cache and k + 1 < k_all:  # write the finished entity, clean (t=0), into the cache
                 z = torch.cat([out[:, sl]] * (2 if guided else 1))
-                cached_h(z, torch.zeros(rows, g, device=dev))
+                cached_h(z, torch.zeros(rows, 1, device=dev))
         return self.untokens(out)
