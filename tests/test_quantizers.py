@@ -101,6 +101,34 @@ def test_vq_loss_value():
     assert out.loss.item() == pytest.approx(1.5 * mse.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("beta_on", ["commitment", "codebook"])
+def test_vq_loss_order_by_its_gradients(beta_on):
+    """Codes e0 = (0, 0), e1 = (1, 1); z = [(0.2, -0.1), (0.9, 1.3)] picks [0, 1]; n = 4 elements, z - q =
+    [(0.2, -0.1), (-0.1, 0.3)]. A term weighted w gives grad_z = w * 2 (z - q) / n and grad_e = w * 2 (q - z) / n:
+    beta_on "commitment" (VQ-VAE, LlamaGen): z 0.25, codebook 1; "codebook" (SEED's official legacy=True): z 1,
+    codebook 0.25. The loss value is the same: 1.25 * MSE = 1.25 * 0.15 / 4."""
+    q = VectorQuantizer(2, 2, beta=0.25, beta_on=beta_on)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    z = torch.tensor([[[0.2, -0.1], [0.9, 1.3]]], requires_grad=True)  # [B=1, N=2, C=2]
+    out = q(z)
+    assert out.codes.tolist() == [[0, 1]]
+    assert out.loss.item() == pytest.approx(0.046875)
+    out.loss.backward()
+    full_z = [[0.1, -0.05], [-0.05, 0.15]]  # 2 (z - q) / 4
+    full_e = [[-0.1, 0.05], [0.05, -0.15]]  # 2 (q - z) / 4
+    w_z, w_e = (0.25, 1.0) if beta_on == "commitment" else (1.0, 0.25)
+    torch.testing.assert_close(z.grad[0], w_z * torch.tensor(full_z))
+    torch.testing.assert_close(q.embedding.weight.grad, w_e * torch.tensor(full_e))
+
+
+def test_vq_loss_order_is_checked_and_defaults_to_llamagen_s():
+    assert VectorQuantizer(4, 2).beta_on == "commitment"
+    assert build_quantizer("vq", 4, 2).beta_on == "commitment"  # the VQ tokenizers: unchanged
+    with pytest.raises(ValueError, match="beta_on"):
+        VectorQuantizer(4, 2, beta_on="encoder")
+
+
 def test_vq_nearest_neighbour_matches_cdist():
     q = make("vq")
     z = torch.randn(50, C)

@@ -141,6 +141,27 @@ def test_real_size_shapes_on_meta_device(capsys):
     assert 6.7e9 < counts["lm.total"] < 6.9e9  # Vicuna-7B + 8,199 new embedding/output rows
 
 
+def test_stage2_uses_the_official_vq_loss_order(tmp_path):
+    """L_vq's gradients at stage 2: official order (beta on the codebook term) by default, against the VQ-VAE /
+    LlamaGen order on the same weights and input: the codebook gets 0.25x, the encoder side (quant_in) 4x."""
+    torch.manual_seed(0)
+    registry.save(SEEDTokenizer(TINY), tmp_path / "stage1.safetensors")
+    causal = torch.randn(4, TINY.num_queries, TINY.qformer_dim, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for order in ("codebook", "commitment"):
+        kw = {} if order == "codebook" else {"beta_on": order}  # the default is the official order
+        m = SEEDStage2Module(str(tmp_path / "stage1.safetensors"), **kw).eval()
+        assert m.tokenizer.quantizer.beta_on == order
+        m.tokenizer.quantize(causal).loss.backward()
+        grads[order] = (m.tokenizer.quantizer.embedding.weight.grad, m.tokenizer.quant_in[-1].weight.grad)
+    (e_official, z_official), (e_ours, z_ours) = grads["codebook"], grads["commitment"]
+    assert e_ours.abs().sum() > 0 and z_ours.abs().sum() > 0
+    torch.testing.assert_close(e_official, 0.25 * e_ours)
+    torch.testing.assert_close(z_official, 4.0 * z_ours)
+    with pytest.raises(ValueError, match="beta_on"):
+        SEEDStage2Module(str(tmp_path / "stage1.safetensors"), beta_on="encoder")
+
+
 # ---- training stages (short fits on digits) ---------------------------------------------------
 
 @pytest.fixture(scope="module")

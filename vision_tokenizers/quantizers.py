@@ -3,7 +3,7 @@
 Two flavours share one output structure and one code-lookup API:
 
 * `VectorQuantizer`: the classic VQ-VAE quantizer (nearest code in squared L2, straight-through
-  gradient, codebook + commitment loss), with optional l2-normalised lookup, a codebook initialised from
+  gradient, codebook + commitment loss, `beta` on either term), with optional l2-normalised lookup, a codebook initialised from
   the data (k-means on the first training batch) and dead-code restarts.
 * `IndexPropagationQuantizer` (IBQ): picks the code with the largest logit z.e, but builds z_q as a
   straight-through one-hot times the whole codebook, so every code row receives gradient each step
@@ -28,7 +28,8 @@ class QuantizerOutput:
 
     z_q: Tensor  # same shape as the input z; carries gradient back to the encoder
     codes: Tensor  # long, [B, H, W] or [B, N]
-    loss: Tensor  # scalar: codebook + beta * commitment (+ entropy penalty for IBQ)
+    loss: Tensor  # scalar: codebook + beta * commitment, or (VQ beta_on="codebook") beta * codebook + commitment
+    #               (+ entropy penalty for IBQ)
     perplexity: Tensor  # scalar: exp(entropy of the batch's code histogram); K when uniform
     usage: Tensor  # scalar: share of the codebook hit at least once in this batch
 
@@ -113,7 +114,11 @@ class _CodebookQuantizer(nn.Module):
 class VectorQuantizer(_CodebookQuantizer):
     """Nearest-neighbour VQ with straight-through gradients.
 
-    loss = MSE(q, sg[z]) + beta * MSE(z, sg[q]).
+    loss = MSE(q, sg[z]) + beta * MSE(z, sg[q]) (`beta_on="commitment"`, the default: VQ-VAE's and LlamaGen's
+    order, the codebook term weighted 1, the encoder's commitment beta), or MSE(z, sg[q]) + beta * MSE(q, sg[z])
+    (`beta_on="codebook"`: taming's VectorQuantizer2 with legacy=True, which SEED's official tokenizer uses; the
+    commitment term weighted 1, the codebook beta, so the encoder is pulled 1/beta times harder). The two have the
+    same value; only the gradients differ.
 
     `data_init`: the codebook starts from the data instead of the uniform +-1/K init: at the first training
     forward it is set by k-means on that batch's inputs (`kmeans_init`). A +-1/K codebook sits at the origin,
@@ -134,8 +139,12 @@ class VectorQuantizer(_CodebookQuantizer):
         restart_dead_codes: bool = False,
         dead_code_patience: int = 25,
         data_init: bool = False,
+        beta_on: str = "commitment",
     ):
         super().__init__(codebook_size, dim, beta, l2_norm)
+        if beta_on not in ("commitment", "codebook"):
+            raise ValueError(f"beta_on must be 'commitment' or 'codebook', got {beta_on!r}")
+        self.beta_on = beta_on  # which loss term beta weights (the other weighs 1); a training choice, not saved
         self.restart_dead_codes = restart_dead_codes
         self.dead_code_patience = dead_code_patience
         self.data_init = data_init
@@ -158,7 +167,11 @@ class VectorQuantizer(_CodebookQuantizer):
             self.kmeans_init(z_flat.detach())
         codes = self._lookup(z_flat)  # [M]
         q = F.embedding(codes, self.codebook())  # [M, C]
-        loss = F.mse_loss(q, z_flat.detach()) + self.beta * F.mse_loss(z_flat, q.detach())
+        codebook, commitment = F.mse_loss(q, z_flat.detach()), F.mse_loss(z_flat, q.detach())
+        if self.beta_on == "commitment":
+            loss = codebook + self.beta * commitment
+        else:
+            loss = self.beta * codebook + commitment
         z_q = z_flat + (q - z_flat).detach()  # straight-through: forward value q, gradient to z
         counts, perplexity, usage = _code_stats(codes, self.codebook_size)
         if self.training and self.restart_dead_codes:

@@ -19,11 +19,16 @@ class SEEDStage2Module(TokenizerTrainingModule):
     The weights 5 / 2 / 0.5 are SEED's official code (`loss_embed*5 + loss_distil_image*0.5 + loss_recon_s*2`
     in blip2_qformer_codebook_all_image.py). The codebook starts from k-means on the
     first batch (tokenizer.data_init) and restarted codes get fresh optimiser state (the base module).
+
+    `beta_on` (which term of L_vq the tokenizer's beta weights; the other weighs 1): "codebook" (default) is the
+    official code's order (taming's VectorQuantizer2, legacy=True: commitment weighted 1, codebook beta);
+    "commitment" is VQ-VAE's / LlamaGen's order (vision_tokenizers.quantizers.VectorQuantizer), this module's
+    before the change.
     """
 
     def __init__(self, init_from: str = "results/seed/seed_stage1.safetensors", lr: float = 1e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 100, vq_weight: float = 5.0, rec_weight: float = 2.0,
-                 gen_weight: float = 0.5, export_path: str | None = None):
+                 gen_weight: float = 0.5, export_path: str | None = None, beta_on: str = "codebook"):
         super().__init__(lr, weight_decay, warmup_steps, export_path)
         tok = registry.load(init_from)
         if not isinstance(tok, SEEDTokenizer):
@@ -34,6 +39,9 @@ class SEEDStage2Module(TokenizerTrainingModule):
         self.tokenizer = tok
         for m in (tok.quant_in, tok.quantizer, tok.quant_out, tok.recon_head, tok.gen_head):
             m.requires_grad_(True)
+        if beta_on not in ("commitment", "codebook"):
+            raise ValueError(f"beta_on must be 'commitment' or 'codebook', got {beta_on!r}")
+        tok.quantizer.beta_on = beta_on  # official: "codebook"
         self.weights = (vq_weight, rec_weight, gen_weight)  # official code: 5, 2, 0.5
 
     def frozen_modules(self) -> list[torch.nn.Module]:

@@ -36,7 +36,9 @@ class SEEDConfig:
     # VQ bottleneck
     codebook_size: int = 8192
     code_dim: int = 32
-    beta: float = 0.25  # commitment weight: SEED's official code (VectorQuantizer(..., beta=0.25))
+    # 0.25: SEED's official code (VectorQuantizer2(..., beta=0.25)), which weights the codebook term with it and the
+    # commitment term 1 (legacy=True); train.seed.stage2's beta_on picks the term
+    beta: float = 0.25
     # Not in the paper (its codebook starts uniform in +-1/K): k-means init on stage 2's first batch. The uniform
     # init left ~5% of the toy codebook in use; this project's choice.
     data_init: bool = True
