@@ -35,6 +35,23 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=True)
 
 
+def load_text_part(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, text_size: int) -> None:
+    """Load an LM's weights into `model` whose vocabulary may extend the source's past the shared text ids: every
+    tensor must match, except vocabulary-sized ones (embedding, head) that differ in their first dimension, of
+    which the first `text_size` rows (text ids and specials come first in every layout) are copied; the rest keep
+    their initial values."""
+    own = model.state_dict()
+    merged = {}
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape and own[k].shape[1:] == v.shape[1:] \
+                and min(len(v), len(own[k])) >= text_size:
+            w = own[k].clone()
+            w[:text_size] = v[:text_size]
+            v = w
+        merged[k] = v
+    load_state_strict(model, merged, source)
+
+
 def plain_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Contiguous CPU copies (safetensors refuses shared storage, so tied weights appear once)."""
     out, seen = {}, set()

@@ -161,3 +161,14 @@ def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     assert res["ntp"]["speedup_b1_lm"] == 1.0
     assert load_bundle(tmp_path / "bench" / "nbp_frame64" / "model").objective.config.block_size == 64
     assert nbp.table(json.loads(out.read_text())).count("\n") == 4  # header, rule, three samplers
+
+
+def test_over_seeds_and_auc_by_hand():
+    from benchmarks.cells import auc, over_seeds
+
+    s = over_seeds([0.5, 0.6, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["n"] == 3
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert s["ci95"] == pytest.approx([0.6 - half, 0.6 + half])
+    curve = [{"fraction": 0.5, "tf_cell": 0.5}, {"fraction": 1.0, "tf_cell": 1.0}]
+    assert auc(curve) == pytest.approx((0.5 * (1 / 11 + 0.5) + 0.5 * (0.5 + 1.0)) / 2 * 1.0)

@@ -1,7 +1,7 @@
 """The caption corpus of an image-caption source, text only: what PRIOR's reference model is trained on.
 
 It splits the source and builds the text tokenizer exactly as `train.datamodules.ImageTextDataModule` (or, for
-`source: scenes`, `train.understanding.data.ScenesDataModule`) does with the same settings (source, path, holdout /
+`source: scenes` or `cells`, `train.understanding.data.ScenesDataModule`) does with the same settings (source, path, holdout /
 n_train, seed, text_tokenizer, bpe_vocab_size), so the reference model reads captions with the tokenizer of the
 vision-language model it will weight; `train.prior.PriorWeighting` checks it. Only training captions are used:
 the held-out images' captions stay unseen by the reference as well.
@@ -38,8 +38,8 @@ class CaptionTextDataModule(TokenizedDataModule):
         vision_tokenizer: the vision tokenizer of the model PRIOR will weight; only its codebook size is used,
             so the reference's vocabulary layout equals that model's (text ids come first in every layout, so a
             reference also serves a model with another codebook, or none, that reads the same text tokenizer).
-        source: digits | mnist | fashion_mnist of train.sources, jsonl | folder | wds, or scenes (train/scenes.py:
-            `n_train` training scenes, validation on the val split's scenes).
+        source: digits | mnist | fashion_mnist of train.sources, jsonl | folder | wds, or scenes / cells
+            (train/scenes.py, train/cells.py: `n_train` training canvases, validation on the val split's).
         path: the user source's file, folder or shard glob.
         text_tokenizer: a tokenizer.json; unset: the byte-level BPE trained on the training captions.
         bpe_vocab_size: vocabulary size of that BPE.
@@ -57,13 +57,11 @@ class CaptionTextDataModule(TokenizedDataModule):
                  n_train: int = 20_000, seed: int = 0, batch_size: int = 64, val_size: int = 256, max_len: int = 64,
                  num_workers: int = 0):
         super().__init__(seed, batch_size, num_workers)
-        if source == "scenes":
-            from train.scenes import ItemPools, Scenes
-            from train.understanding.data import scenes_tokenizer
+        if source in ("scenes", "cells"):
+            from train.understanding.data import make_task, scenes_tokenizer
 
-            pools = ItemPools.load(0)
-            train = Scenes(pools, "train", n_train, seed)
-            self.train_data, self.val_data = train.as_set(), Scenes(pools, "val", val_size, seed).as_set()
+            train = make_task(source, "train", n_train, seed)
+            self.train_data, self.val_data = train.as_set(), make_task(source, "val", val_size, seed).as_set()
             tokenizer = scenes_tokenizer(train, text_tokenizer, bpe_vocab_size)
         else:
             self.split(source, path, holdout, val_size)

@@ -1,4 +1,4 @@
-"""Scenes as LM batches for image understanding: images travel with the batch, because what the LM reads of
+"""Scenes (train/scenes.py) or cells (train/cells.py) as LM batches for image understanding: images travel with the batch, because what the LM reads of
 an image (code ids, codebook embeddings, pooled ViT features) is computed by the model while it trains
 (ETT's stage 2 tunes the tokenizer, TokenFLEX trains its encoder).
 
@@ -20,6 +20,7 @@ from models.sequence import SequenceConfig, SequenceFormat
 from models.text_tokenizer import TextTokenizer
 from train.datamodules import DataModule, ImageDataset, TokenizedDataModule
 from train.resume import visit_rng
+from train.cells import WORDS, Cells, digit_pools
 from train.scenes import NAMES, ItemPools, Scenes, all_captions
 from train.sources import ImageTextSet
 from vision_tokenizers import registry
@@ -64,30 +65,59 @@ class SceneCollate:
         return batch
 
 
-def scenes_tokenizer(train: Scenes, text_tokenizer: str | None, vocab_size: int) -> TextTokenizer:
+TASKS = ("scenes", "cells")
+
+
+def make_task(task: str, split: str, n: int, seed: int = 0, pool_seed: int = 0, p_empty: float = 0.25):
+    """The `split` canvases of a task: `scenes` (train/scenes.py, 56 px, MNIST + Fashion-MNIST items, free
+    phrasings) or `cells` (train/cells.py, 64 px, digits, one fixed caption order)."""
+    if task == "scenes":
+        return Scenes(ItemPools.load(pool_seed), split, n, seed)
+    if task == "cells":
+        return Cells(digit_pools(pool_seed), split, n, seed, p_empty)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def scenes_tokenizer(train: Scenes | Cells, text_tokenizer: str | None, vocab_size: int) -> TextTokenizer:
     """The given tokenizer.json, or a byte-level BPE on every caption variant of the first 2,000 training scenes
-    (all phrasings and fillers occur there; deterministic)."""
+    (all phrasings and fillers occur there; deterministic). Cells: on a fixed corpus (Cells.tokenizer_corpus),
+    so that models trained with any data seed read text with one tokenizer."""
     if text_tokenizer:
         return TextTokenizer.from_file(text_tokenizer)
+    if isinstance(train, Cells):
+        return TextTokenizer.train_bpe(Cells.tokenizer_corpus(), vocab_size)
     return TextTokenizer.train_bpe((c for i in range(min(2000, len(train))) for c in train.captions(i)), vocab_size)
 
 
-def longest_caption(tokenizer: TextTokenizer) -> int:
-    """Tokens of the longest caption any scene can have: four items of one class, every phrasing and filler,
-    every class (a caption's parts are separated by words, so its length adds up over its items)."""
+def longest_caption(tokenizer: TextTokenizer, task: str = "scenes") -> int:
+    """Tokens of the longest caption any canvas can have. Scenes: four items of one class, every phrasing and
+    filler, every class (a caption's parts are separated by words, so its length adds up over its items)."""
+    if task == "cells":
+        return max(len(tokenizer.encode(c)) for c in Cells.longest_captions())
     return max(len(tokenizer.encode(c)) for k in range(len(NAMES)) for c in all_captions([k] * 4))
 
 
+def check_class_words(tokenizer: TextTokenizer, where: str) -> None:
+    """Cells: every class word must be one token where captions use it (after a space), so that a cell's answer
+    is one prediction (teacher-forced accuracy and class-token NLL read it there)."""
+    long = [w for w in WORDS if len(tokenizer.encode(" " + w)) != 1]
+    if long:
+        raise ValueError(f"{where}: class words {long} are not single tokens; train the BPE on cells captions")
+
+
 class ScenesDataModule(TokenizedDataModule):
-    """Scenes (train/scenes.py) for captioning and text-to-image with continuous or discrete image inputs.
+    """Scenes (train/scenes.py) or cells (train/cells.py) for captioning and text-to-image with continuous or
+    discrete image inputs.
 
     Args:
+        task: scenes | cells (the discriminating task: 64 px, one fixed caption order; see make_task).
         vision_tokenizer: a discrete image tokenizer file (registry .safetensors): its code ids are the targets of
             text->image samples and, for `inputs: codes` models, the LM's view of the image; its codebook
             embeddings feed ETT models. Unset (TokenFLEX): no codes, image->text only.
+        p_empty: cells only: the chance that a cell is empty.
         n_train / n_val: scenes generated for training / validation (items from disjoint pools).
         seed: seed of the scenes and of the per-sample draws; pool_seed: seed of the item pools' split.
-        image_size / channels: what the images are resized to (default: the tokenizer's, else 56 / 1).
+        image_size / channels: what the images are resized to (default: the tokenizer's, else the task's / 1).
         tokens: visual tokens per image when there is no tokenizer and no token_mix (TokenFLEX fixed count).
         token_mix: {token count: weight} drawn per training batch (TokenFLEX: e.g. {16: 0.2, 36: 0.3, 64: 0.5}).
         val_tokens: token count of validation batches (default: the largest of the mix, or `tokens`).
@@ -95,8 +125,8 @@ class ScenesDataModule(TokenizedDataModule):
         text_tokenizer / bpe_vocab_size: a tokenizer.json, or a BPE trained on the training captions.
     """
 
-    def __init__(self, vision_tokenizer: str | None = None, n_train: int = 20_000, n_val: int = 256, seed: int = 0,
-                 pool_seed: int = 0, image_size: int | None = None, channels: int = 1, tokens: int | None = None,
+    def __init__(self, vision_tokenizer: str | None = None, task: str = "scenes", p_empty: float = 0.25,
+                 n_train: int = 20_000, n_val: int = 256, seed: int = 0, pool_seed: int = 0, image_size: int | None = None, channels: int = 1, tokens: int | None = None,
                  token_mix: dict[int, float] | None = None, val_tokens: int | None = None,
                  p_caption_first: float = 0.5, p_drop_caption: float = 0.1, text_tokenizer: str | None = None,
                  bpe_vocab_size: int = 512, batch_size: int = 32, max_len: int = 128, num_workers: int = 0):
@@ -116,18 +146,20 @@ class ScenesDataModule(TokenizedDataModule):
             token_mix = {int(k): float(v) for k, v in (token_mix or {}).items()}
             if tokens is None and not token_mix:
                 raise ValueError("set tokens or token_mix (visual tokens per image) when there is no vision_tokenizer")
-        self.image_size, self.channels = image_size or 56, channels
+        self.image_size, self.channels = image_size or (64 if task == "cells" else 56), channels
         self.tokens, self.token_mix = tokens, token_mix or None
         self.val_tokens = val_tokens or (max(self.token_mix) if self.token_mix else tokens)
-        pools = ItemPools.load(pool_seed)
-        self.train_scenes = Scenes(pools, "train", n_train, seed)
-        self.val_scenes = Scenes(pools, "val", n_val, seed)
-        self.tokenize(scenes_tokenizer(self.train_scenes, text_tokenizer, bpe_vocab_size), vision,
+        self.train_scenes = make_task(task, "train", n_train, seed, pool_seed, p_empty)
+        self.val_scenes = make_task(task, "val", n_val, seed, pool_seed, p_empty)
+        tokenizer = scenes_tokenizer(self.train_scenes, text_tokenizer, bpe_vocab_size)
+        if task == "cells":
+            check_class_words(tokenizer, text_tokenizer or "the cells BPE")
+        self.tokenize(tokenizer, vision,
                       vision.config.codebook_size if vision is not None else 0,
                       SequenceConfig(max_len, p_caption_first, p_drop_caption), self.train_scenes.as_set().class_names)
         self.collate = SceneCollate(self.format, self.tokens, self.token_mix)
         self.val_collate = SceneCollate(self.format, self.val_tokens, None)
-        longest = longest_caption(self.tokenizer)
+        longest = longest_caption(self.tokenizer, task)
         if longest + max([*(self.token_mix or {}), self.tokens or 0, self.val_tokens or 0]) + 6 > max_len:
             raise ValueError(f"max_len {max_len} is too short for {longest}-token captions and the image tokens")
 
@@ -137,17 +169,21 @@ class ScenesDataModule(TokenizedDataModule):
 
 
 class ScenesImageDataModule(DataModule):
-    """Scene images only, for training an image tokenizer on them (configs/scenes_tokenizer.yaml); the same
-    training / validation scenes (same seeds) as ScenesDataModule, so test items stay unseen."""
+    """Scene (or cells) images only, for training an image tokenizer on them (configs/scenes_tokenizer.yaml,
+    cells_tokenizer.yaml); the same training / validation canvases (same seeds) as ScenesDataModule, so test items
+    stay unseen. image_size: default the task's (56 / 64)."""
 
-    def __init__(self, n_train: int = 20_000, n_val: int = 256, seed: int = 0, pool_seed: int = 0,
-                 image_size: int = 56, channels: int = 1, batch_size: int = 64, num_workers: int = 0):
+    def __init__(self, task: str = "scenes", p_empty: float = 0.25, n_train: int = 20_000, n_val: int = 256,
+                 seed: int = 0, pool_seed: int = 0, image_size: int | None = None, channels: int = 1,
+                 batch_size: int = 64, num_workers: int = 0):
         super().__init__(seed, batch_size, num_workers)
-        self.n_train, self.n_val, self.pool_seed = n_train, n_val, pool_seed
-        self.image_size, self.channels = image_size, channels
+        make_task(task, "val", 1, seed, pool_seed, p_empty)  # a bad task / p_empty fails here, not in setup
+        self.task, self.p_empty, self.n_train, self.n_val, self.pool_seed = task, p_empty, n_train, n_val, pool_seed
+        self.image_size, self.channels = image_size or (64 if task == "cells" else 56), channels
 
     def setup(self, stage: str | None = None) -> None:
-        pools = ItemPools.load(self.pool_seed)
-        self.train_set = ImageDataset(Scenes(pools, "train", self.n_train, self.seed).as_set(), self.channels,
+        args = (self.seed, self.pool_seed, self.p_empty)
+        self.train_set = ImageDataset(make_task(self.task, "train", self.n_train, *args).as_set(), self.channels,
                                       self.image_size)
-        self.val_set = ImageDataset(Scenes(pools, "val", self.n_val, self.seed).as_set(), self.channels, self.image_size)
+        self.val_set = ImageDataset(make_task(self.task, "val", self.n_val, *args).as_set(), self.channels,
+                                    self.image_size)

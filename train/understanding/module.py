@@ -10,7 +10,9 @@ Stages are flags (one YAML each, configs/scenes_ett_stage*.yaml): `train_lm`, `t
 (the TokenFLEX ViT), `train_tokenizer` (ETT stage 2: the loss becomes `L_cap + vq_weight * L_vq`, L_vq being the
 tokenizer's own loss, L2 reconstruction + codebook/commitment, on the batch's images). Frozen parts get no
 gradient, are not in the optimiser and stay in eval mode. `init_from` starts from an earlier stage's .ckpt
-(every part it holds, strictly). Text->image samples (the batch's non-caption rows) are always trained on the
+(every part it holds, strictly); `init_lm_from` starts only the LM from another model (any .ckpt or inference folder
+read with the same text tokenizer, e.g. a text-only LM trained on the captions: the "pretrained" stand-in of
+configs/cells_text_lm.yaml), its text rows copied when the vocabularies differ past them. Text->image samples (the batch's non-caption rows) are always trained on the
 tokenizer's current code ids, so a tuned tokenizer still draws images for text-to-image.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ class UnderstandingLMModule(ObjectiveSteps):
                  vit: dict | None = None, train_lm: bool = True, train_projector: bool = True,
                  train_encoder: bool = True, train_tokenizer: bool = False, vq_weight: float = 0.25,
                  vq_images: int | None = None,
-                 init_from: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
+                 init_from: str | None = None, init_lm_from: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, export_path: str | None = None):
         super().__init__()
         if data is None:
@@ -71,8 +73,12 @@ class UnderstandingLMModule(ObjectiveSteps):
         self.flags = dict(lm=train_lm, projector=train_projector, encoder=train_encoder, tokenizer=train_tokenizer)
         self.vq_weight, self.vq_images = vq_weight, vq_images
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        if init_from and init_lm_from:
+            raise ValueError("set init_from (an earlier stage: every part) or init_lm_from (the LM only), not both")
         if init_from:
             self.load_stage(init_from)
+        if init_lm_from:
+            self.load_lm(init_lm_from)
         self._freeze()
 
     # ---- parts and stages ---------------------------------------------------------------------
@@ -108,6 +114,17 @@ class UnderstandingLMModule(ObjectiveSteps):
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if module is not None:
                 load_state_strict(module, part, path)
+
+    def load_lm(self, path: str) -> None:
+        """The LM's weights (backbone and head) from another model read with the same text tokenizer."""
+        from common.weights import load_text_part
+        from models.bundle import load_bundle
+
+        src = load_bundle(path)
+        if src.tokenizer.to_json() != self.data.tokenizer.to_json():
+            raise ValueError(f"{path}: init_lm_from model reads text with another tokenizer; train both on the same "
+                             f"tokenizer.json (data.text_tokenizer)")
+        load_text_part(self.lm, src.lm.state_dict(), path, self.data.layout.text_size)
 
     def bundle(self) -> Bundle:
         d = self.data
