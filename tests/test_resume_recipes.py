@@ -135,6 +135,9 @@ class Inputs:
     def vq56(self) -> str:
         return str(_tiny_vq(self.folder / "vq56.safetensors", image_size=56, widths=(8, 8, 8, 16)))  # 7 x 7 codes
 
+    def vq64(self) -> str:
+        return str(_tiny_vq(self.folder / "vq64.safetensors", image_size=64, widths=(8, 8, 8, 8, 16)))  # 4 x 4 codes
+
     def kl(self) -> str:
         return str(_tiny_kl(self.folder / "kl.safetensors"))
 
@@ -165,7 +168,10 @@ def _size(recipe: str, inputs: Inputs) -> dict:
     """Per recipe: the data size (a few batches per epoch, so the runs cross epoch ends and validations) and
     the inputs it reads."""
     cache = {"data.init_args.cache_dir": str(inputs.folder / "cache")}
-    vq, vq56, kl = ({"data.init_args.vision_tokenizer": f()} for f in (inputs.vq, inputs.vq56, inputs.kl))
+    vq, vq56, vq64, kl = ({"data.init_args.vision_tokenizer": f()}
+                          for f in (inputs.vq, inputs.vq56, inputs.vq64, inputs.kl))
+    def text_lm() -> dict:  # the cells models start their LM from the text-only stand-in
+        return {"model.init_args.init_lm_from": inputs.stage("cells_text_lm", "last")}
     scenes = {"data.init_args.n_train": 96, "data.init_args.n_val": 32}  # ScenesDataModule encodes in memory
     sizes = {
         "mnist_lm": lambda: {**_mnist(43), **vq, **cache},  # 43 images x 6 copies: 4 batches of 64 an epoch
@@ -203,6 +209,11 @@ def _size(recipe: str, inputs: Inputs) -> dict:
                                       "model.init_args.init_from": inputs.stage("scenes_ett_stage2", "last")},
         "scenes_tokenflex": lambda: scenes,
         "scenes_prior_ref": lambda: {"data.init_args.n_train": 192, "data.init_args.val_size": 32, **vq56},
+        "cells_tokenizer": lambda: {"data.init_args.n_train": 96, "data.init_args.n_val": 32},
+        "cells_text_lm": lambda: {"data.init_args.n_train": 192, "data.init_args.val_size": 32, **vq64},
+        "cells_codes": lambda: {**scenes, **vq64, **text_lm()},
+        "cells_codebook": lambda: {**scenes, **vq64, **text_lm()},
+        "cells_tokenflex": lambda: {**scenes, **text_lm()},
     }
     return sizes[recipe]()
 
@@ -324,7 +335,8 @@ SLOW = ["mnist_lm", "mnist_prior_ref", "mnist_prior", "mnist_seed_lm", "mnist_vq
         "mnist_seed_stage1", "mnist_seed_stage2", "mnist_seed_detok", "video_tokenizer", "video_lm",
         "scenes_tokenizer", "scenes_lm_codes", "scenes_ett_stage1", "scenes_ett_stage2", "scenes_ett_stage3",
         "scenes_tokenflex", "scenes_prior_ref", "fashion_kl", "fashion_xar", "video32_tokenizer", "video32_lm",
-        "shapes_vq", "shapes_lm"]
+        "shapes_vq", "shapes_lm", "cells_tokenizer", "cells_text_lm", "cells_codes", "cells_codebook",
+        "cells_tokenflex"]
 
 
 def test_every_shipped_training_recipe_is_in_the_resume_set():
