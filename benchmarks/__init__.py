@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,8 @@ def fit_recipe(config: str, root: Path, extra: list[str], reuse: bool = False) -
             print(f"reusing {last_ckpt(root)}", flush=True)
             return old["seconds"]
     done.unlink(missing_ok=True)
+    # a fresh run starts without an earlier run's checkpoints (ModelCheckpoint would write "-v1" copies beside them)
+    shutil.rmtree(Path(root) / "checkpoints", ignore_errors=True)
     t = time.time()
     fit_run(config, root, extra)
     seconds = time.time() - t

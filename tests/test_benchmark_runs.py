@@ -32,6 +32,37 @@ def test_prior_benchmark_scenes_part(tmp_path):
     assert 0 < timing["reference_cached_s"] and 0 < timing["on_the_fly_share_of_step"] < 1
 
 
+@pytest.mark.slow
+def test_cells_benchmark_end_to_end(tmp_path):
+    """benchmarks/cells.py, every part at a tiny size with 2 seeds: tokenizer and stand-in trained, the ETT stages
+    chained, NTP shared by the ETT and PRIOR parts (trained once), paired differences equal to per-seed ones."""
+    from benchmarks.cells import main
+
+    out, work = tmp_path / "cells.json", tmp_path / "work"
+    main(["--parts", "pilot", "ett", "tokenflex", "prior", "--work", str(work), "--out", str(out),
+          "--tokenizer", str(tmp_path / "vq.safetensors"), "--tokenizer-steps", "2", "--text-lm-steps", "2",
+          "--seeds", "0", "1", "--steps", "4", "--pilot-steps", "8", "--n-train", "64", "--test", "8", "--val", "8",
+          "--vq-images", "2", "--probe-train", "16"])
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [p["step"] for p in r["pilot"]["curve"]] == list(range(1, 9)) and r["pilot"]["canvases"] == 8
+    ett, prior = r["ett"], r["prior"]
+    assert set(ett["arms"]) == {"a_codes", "b_frozen", "c_ett"}
+    for arm in ett["per_seed"].values():
+        for run in arm.values():
+            assert [p["step"] for p in run["curve"]] == [1, 2, 3, 4]
+            assert 0 <= run["final"]["cell"] <= 1 and run["final"]["tf_class_nll"] > 0
+    assert prior["per_seed"]["ntp"] == ett["per_seed"]["a_codes"]
+    assert len(list(work.glob("seed0/*/stage0"))) == 3 + 4 + 3  # ETT (a, b, c), TokenFLEX (4), PRIOR (3 more)
+    d = prior["paired"]["oracle_minus_ntp"]["tf_cell"]
+    by_hand = [prior["per_seed"]["oracle"][s]["final"]["tf_cell"] - prior["per_seed"]["ntp"][s]["final"]["tf_cell"]
+               for s in ("0", "1")]
+    assert d["n"] == 2 and np.allclose(d["per_seed"], by_hand)
+    assert set(r["tokenflex"]["by_count"]) == {"4", "16", "36", "64"}
+    assert set(r["tokenflex"]["by_count"]["36"]["paired"]) == {f"flexible_minus_fixed_{n}" for n in (4, 16, 64)}
+    assert 0 <= ett["probe"]["frozen"] <= 1 and "tuned_seed1" in ett["probe"]
+
+
 def test_fit_recipe_reuses_a_finished_run_only_while_its_inputs_are_unchanged(tmp_path, monkeypatch):
     import train.cli
     from benchmarks import fit_recipe
