@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar video bench-nbp bench-video-tokenizer \
-	bench-gpu bench-streaming bench-prior bench-int8 bench-understanding clean demo-deps test-browser video64
+	bench-gpu bench-streaming bench-prior bench-int8 bench-understanding bench-prior-scenes bench-understanding-scenes clean demo-deps test-browser video64
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -83,10 +83,16 @@ bench-streaming: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.streaming
 
-# PRIOR vs NTP -> benchmarks/results/prior.json + prior.png. Part mnist: the demo's recipe (discrete codes; reference
-# LM + two LM runs, about 30 minutes on 2 cores; needs the demo's VQ tokenizer: make demo). Part scenes: code ids and
-# a ViT through a projector (a scenes tokenizer, a reference LM, four LM runs). `--parts scenes` runs one part.
-bench-prior: $(STAMP) $(FASHION)
+# PRIOR vs NTP on cells (issue 31; docs/understanding.md) -> benchmarks/results/prior.json + prior.png: NTP (the same
+# runs as bench-understanding's code-ids arm, reused), PRIOR (the paper's w = 1 - P_ref), PRIOR with floor 0.05 and an
+# oracle weighting only the class words, 3 training seeds each, from the cells text-only stand-in. WALL_PRIOR.
+bench-prior: $(STAMP)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts prior --reuse --out benchmarks/results/prior.json
+
+# The older PRIOR benchmarks (demo digits, scenes: one seed each) -> benchmarks/results/prior_scenes.json; part mnist
+# needs the demo's VQ tokenizer (make demo).
+bench-prior-scenes: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	test -f results/demo/vq.safetensors || $(MAKE) demo
 	$(BIN)/python -m benchmarks.prior
@@ -100,10 +106,18 @@ bench-int8: $(STAMP)
 	test -d results/demo/lm || $(MAKE) demo
 	$(BIN)/python -m benchmarks.int8
 
-# Image understanding on scenes (about 30 minutes on 2 cores): ETT (code ids vs frozen codebook embeddings vs the tuned
-# tokenizer) and TokenFLEX (flexible vs fixed token counts), 1,000 test captions per model and count; Fashion-MNIST
-# from the Debian package -> benchmarks/results/understanding.json + understanding.png (docs/understanding.md).
-bench-understanding: $(STAMP) $(FASHION)
+# Image understanding on cells (issue 31; docs/understanding.md): the pilot gate, ETT (code ids / frozen codebook
+# embeddings / ETT-tuned) and TokenFLEX (flexible vs fixed 4 / 16 / 64 tokens, read at 4 / 16 / 36 / 64), 3 training
+# seeds per arm from one text-only stand-in, 1,000 test canvases per model and count
+# -> benchmarks/results/understanding.json + understanding.png. WALL_UNDERSTANDING.
+bench-understanding: $(STAMP)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts pilot ett tokenflex --reuse \
+		--out benchmarks/results/understanding.json
+
+# The older scenes benchmark (one seed per arm, models near the trivial baseline: kept as a harder preset)
+# -> benchmarks/results/understanding_scenes.json; Fashion-MNIST from the Debian package.
+bench-understanding-scenes: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.understanding
 

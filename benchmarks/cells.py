@@ -341,6 +341,56 @@ def plot(report: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def _ci(m: dict, digits: int = 3) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _signed(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def tables(report: dict) -> str:
+    """The report's figures as the markdown tables of docs/understanding.md (means and 95% t-intervals over seeds)."""
+    cols = ("cell", "occupancy", "class_accuracy", "tf_cell", "tf_class_nll", "auc_tf_cell")
+    head = "| arm | per-cell acc. | occupancy | class acc. | TF per-cell | TF class NLL | AUC (TF) |\n" \
+           "|---|---|---|---|---|---|---|"
+    out = []
+    if "pilot" in report:
+        p = report["pilot"]
+        out += [f"Pilot ({p['canvases']} {p['split']} canvases, {p['steps']} steps, {p['train_seconds']:.0f} s of "
+                f"training): gate {p['gate']['target']} per-cell accuracy, reached {p['gate']['cell']:.4f} "
+                f"({'met' if p['gate']['met'] else 'not met'})", "",
+                "| step | per-cell | occupancy | class acc. | TF per-cell | TF class NLL |", "|---|---|---|---|---|---|"]
+        out += [f"| {c['step']} | {c['cell']:.4f} | {c['occupancy']:.4f} | {c['class_accuracy']:.4f} | "
+                f"{c['tf_cell']:.4f} | {c['tf_class_nll']:.3f} |" for c in p["curve"]]
+        out.append("")
+
+    def block(title: str, part: dict) -> None:
+        out.extend([f"**{title}**", "", head])
+        for name, arm in part["arms"].items():
+            out.append(f"| {name} | " + " | ".join(_ci(arm[m]) for m in cols) + " |")
+        out.extend(["", "| paired (per seed, then over seeds) | per-cell | occupancy | class acc. | TF per-cell | "
+                        "TF class NLL | AUC (TF) |", "|---|---|---|---|---|---|---|"])
+        for name, d in part["paired"].items():
+            out.append(f"| {name} | " + " | ".join(_signed(d[m]) for m in cols) + " |")
+        out.append("")
+
+    if "ett" in report:
+        block("ETT", report["ett"])
+        pr = report["ett"]["probe"]
+        out += ["Code probe (cell class from its codebook embeddings, logistic regression, "
+                f"{pr['train_canvases']} training / {pr['test_canvases']} test canvases): " +
+                ", ".join(f"{k} {v:.4f}" for k, v in pr.items() if k not in ("train_canvases", "test_canvases")), ""]
+    if "tokenflex" in report:
+        for n, part in report["tokenflex"]["by_count"].items():
+            block(f"TokenFLEX, read at {n} tokens", part)
+    if "prior" in report:
+        block("PRIOR", report["prior"])
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["pilot", "ett", "tokenflex"],
@@ -360,7 +410,11 @@ def main(argv=None) -> None:
     p.add_argument("--text-lm-steps", type=int, default=300)
     p.add_argument("--reuse", action="store_true", help="keep runs of --work that already finished with the same arguments")
     p.add_argument("--out", default=str(RESULTS / "understanding.json"))
+    p.add_argument("--tables", action="store_true", help="print --out's figures as markdown tables; train nothing")
     args = p.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(Path(args.out).read_text())))
+        return
     from train.cells import Cells
 
     t0, work = time.time(), Path(args.work)

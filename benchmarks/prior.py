@@ -18,7 +18,7 @@ CIDEr-D (bootstrap / Wilson 95% intervals) and PRIOR's relative improvement with
 also times the reference model per training batch: on the fly against a cache hit (PriorWeighting's in-memory
 cache), beside one training step of the model.
 
-    python -m benchmarks.prior                  # both parts -> benchmarks/results/prior.json + prior.png
+    python -m benchmarks.prior                  # both parts -> benchmarks/results/prior_scenes.json + prior_scenes.png
     python -m benchmarks.prior --parts scenes   # one part (the JSON keeps the other part's last figures)
 """
 from __future__ import annotations
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--scenes-steps", type=int, default=400, help="scenes: steps of every model (batch 32)")
     p.add_argument("--ref-steps", type=int, default=400, help="scenes: steps of the reference LM (batch 64)")
     p.add_argument("--reuse", action="store_true", help="scenes: keep models whose run already finished in --work")
-    p.add_argument("--out", default=str(RESULTS / "prior.json"))
+    p.add_argument("--out", default=str(RESULTS / "prior_scenes.json"))
     args = p.parse_args(argv)
     t0, work = time.time(), Path(args.work)
     report = {"paper_relative_improvement": {"without_visual_encoder": 0.08, "with_visual_encoder": 0.19}}

@@ -17,7 +17,7 @@ TokenFLEX (configs/scenes_tokenflex.yaml): one model trained with the count draw
 Scores on `--test` held-out scenes (their items come from the test pool: never trained on), greedy captions:
 slot accuracy (share of the 4 cells named right; a per-caption figure), scene accuracy (all cells right,
 Wilson 95% interval), CIDEr-D and BLEU-4; model differences with paired bootstrap 95% intervals over the same
-test scenes. Writes benchmarks/results/understanding.json and understanding.png.
+test scenes. Writes benchmarks/results/understanding_scenes.json and understanding_scenes.png.
 
     python -m benchmarks.understanding                 # the default run (about an hour on 2 idle cores)
     python -m benchmarks.understanding --parts ett     # only ETT (the JSON keeps the last TokenFLEX figures)
@@ -284,7 +284,7 @@ def main(argv=None) -> None:
     p.add_argument("--t2i", type=int, default=500, help="text-to-image prompts per ETT model")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--reader-per-class", type=int, default=100)
-    p.add_argument("--out", default=str(RESULTS / "understanding.json"))
+    p.add_argument("--out", default=str(RESULTS / "understanding_scenes.json"))
     p.add_argument("--reuse", action="store_true",
                    help="keep models of --work whose training (same recipe and arguments) already finished")
     args = p.parse_args(argv)

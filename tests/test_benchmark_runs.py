@@ -36,7 +36,7 @@ def test_prior_benchmark_scenes_part(tmp_path):
 def test_cells_benchmark_end_to_end(tmp_path):
     """benchmarks/cells.py, every part at a tiny size with 2 seeds: tokenizer and stand-in trained, the ETT stages
     chained, NTP shared by the ETT and PRIOR parts (trained once), paired differences equal to per-seed ones."""
-    from benchmarks.cells import main
+    from benchmarks.cells import main, tables
 
     out, work = tmp_path / "cells.json", tmp_path / "work"
     main(["--parts", "pilot", "ett", "tokenflex", "prior", "--work", str(work), "--out", str(out),
@@ -61,6 +61,9 @@ def test_cells_benchmark_end_to_end(tmp_path):
     assert set(r["tokenflex"]["by_count"]) == {"4", "16", "36", "64"}
     assert set(r["tokenflex"]["by_count"]["36"]["paired"]) == {f"flexible_minus_fixed_{n}" for n in (4, 16, 64)}
     assert 0 <= ett["probe"]["frozen"] <= 1 and "tuned_seed1" in ett["probe"]
+    md = tables(r)  # the docs' tables: one row per arm and per paired difference
+    for row in ("| a_codes |", "| c_ett_minus_b_frozen |", "| flexible_minus_fixed_64 |", "| oracle_minus_ntp |"):
+        assert row in md
 
 
 def test_fit_recipe_reuses_a_finished_run_only_while_its_inputs_are_unchanged(tmp_path, monkeypatch):
