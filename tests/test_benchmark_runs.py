@@ -206,3 +206,19 @@ def test_over_seeds_and_auc_by_hand():
     assert s["ci95"] == pytest.approx([0.6 - half, 0.6 + half])
     curve = [{"fraction": 0.5, "tf_cell": 0.5}, {"fraction": 1.0, "tf_cell": 1.0}]
     assert auc(curve) == pytest.approx((0.5 * (1 / 11 + 0.5) + 0.5 * (0.5 + 1.0)) / 2 * 1.0)
+
+
+def test_cells_summary_pairs_by_seed_and_prints_its_tables():
+    """summarize: arms over seeds, paired differences per seed; tables(): one row per arm and per difference."""
+    from benchmarks.cells import METRICS, summarize, tables
+
+    def run(x):
+        return {"final": {m: x for m in METRICS}}
+
+    per_seed = {"a": {0: run(0.5), 1: run(0.6), 2: run(0.7)}, "b": {0: run(0.6), 1: run(0.8), 2: run(0.7)}}
+    part = summarize(per_seed, [("a", "b")])
+    d = part["paired"]["b_minus_a"]["cell"]
+    assert d["per_seed"] == pytest.approx([0.1, 0.2, 0.0]) and d["mean"] == pytest.approx(0.1) and d["n"] == 3
+    assert part["arms"]["b"]["tf_cell"]["mean"] == pytest.approx(0.7)
+    md = tables({"prior": part})
+    assert "| a | 0.600 [" in md and "| b_minus_a | +0.100 [" in md and md.startswith("**PRIOR**")
