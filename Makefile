@@ -85,7 +85,8 @@ bench-streaming: $(STAMP)
 
 # PRIOR vs NTP on cells (issue 31; docs/understanding.md) -> benchmarks/results/prior.json + prior.png: NTP (the same
 # runs as bench-understanding's code-ids arm, reused), PRIOR (the paper's w = 1 - P_ref), PRIOR with floor 0.05 and an
-# oracle weighting only the class words, 3 training seeds each, from the cells text-only stand-in. WALL_PRIOR.
+# oracle weighting only the class words, 3 training seeds each, from the cells text-only stand-in. Measured wall
+# time: 22 min on 2 cores with the NTP runs reused from bench-understanding (about 10 min more without them).
 bench-prior: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts prior --reuse --out benchmarks/results/prior.json
@@ -108,8 +109,9 @@ bench-int8: $(STAMP)
 
 # Image understanding on cells (issue 31; docs/understanding.md): the pilot gate, ETT (code ids / frozen codebook
 # embeddings / ETT-tuned) and TokenFLEX (flexible vs fixed 4 / 16 / 64 tokens, read at 4 / 16 / 36 / 64), 3 training
-# seeds per arm from one text-only stand-in, 1,000 test canvases per model and count
-# -> benchmarks/results/understanding.json + understanding.png. WALL_UNDERSTANDING.
+# seeds per arm from one text-only stand-in, 1,000 test canvases (ETT; TokenFLEX and PRIOR were run with --test 500)
+# -> benchmarks/results/understanding.json + understanding.png. Measured wall time on 2 cores:
+# ETT 27 min, TokenFLEX 34 min, pilot 2.5 min (800 steps), plus the tokenizer (9.5 min) and stand-in (45 s) once.
 bench-understanding: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts pilot ett tokenflex --reuse \

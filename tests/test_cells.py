@@ -137,6 +137,30 @@ def test_init_lm_from_refuses_another_tokenizer_or_shape(tmp_path, caption_token
                               init_from=str(folder))
 
 
+def test_init_encoder_from_copies_only_the_vit(tmp_path):
+    dm = ScenesDataModule(task="cells", n_train=16, n_val=4, tokens=4, p_caption_first=0.0, max_len=64)
+    vit = dict(image_size=64, patch_size=8, vit_dim=16, vit_depth=1, vit_heads=2, counts=[4], default_tokens=4)
+    torch.manual_seed(0)
+    src = UnderstandingLMModule(dm.spec, preset="tiny", inputs="vit_pool", vit=vit)
+    ckpt = tmp_path / "src.ckpt"
+    torch.save({"state_dict": src.state_dict()}, ckpt)
+    torch.manual_seed(1)
+    m = UnderstandingLMModule(dm.spec, preset="tiny", inputs="vit_pool", vit=vit, init_encoder_from=str(ckpt))
+    for k, v in m.visual.encoder.state_dict().items():
+        torch.testing.assert_close(v, src.visual.encoder.state_dict()[k], msg=k)
+    # the projector and the LM start fresh (seed 1's init, not the source's)
+    assert not torch.equal(m.visual.projector.out.weight, src.visual.projector.out.weight)
+    assert not torch.equal(m.lm.tok_emb.weight, src.lm.tok_emb.weight)
+    wide = UnderstandingLMModule(dm.spec, preset="tiny", inputs="vit_pool", vit={**vit, "vit_dim": 32})
+    torch.save({"state_dict": wide.state_dict()}, tmp_path / "wide.ckpt")
+    with pytest.raises(ValueError, match="wide.ckpt.*has shape"):
+        UnderstandingLMModule(dm.spec, preset="tiny", inputs="vit_pool", vit=vit,
+                              init_encoder_from=str(tmp_path / "wide.ckpt"))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt: no such checkpoint"):
+        UnderstandingLMModule(dm.spec, preset="tiny", inputs="vit_pool", vit=vit,
+                              init_encoder_from=str(tmp_path / "missing.ckpt"))
+
+
 def test_teacher_forced_reads_the_class_word_predictions():
     """benchmarks.cells.teacher_forced against a plain recomputation: each class word's prediction from its own
     prefix (no padding, one canvas at a time)."""

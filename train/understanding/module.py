@@ -12,7 +12,9 @@ tokenizer's own loss, L2 reconstruction + codebook/commitment, on the batch's im
 gradient, are not in the optimiser and stay in eval mode. `init_from` starts from an earlier stage's .ckpt
 (every part it holds, strictly); `init_lm_from` starts only the LM from another model (any .ckpt or inference folder
 read with the same text tokenizer, e.g. a text-only LM trained on the captions: the "pretrained" stand-in of
-configs/cells_text_lm.yaml), its text rows copied when the vocabularies differ past them. Text->image samples (the batch's non-caption rows) are always trained on the
+configs/cells_text_lm.yaml), its text rows copied when the vocabularies differ past them; `init_encoder_from` starts
+only the TokenFLEX ViT from another vit_pool .ckpt (a "pretrained" vision encoder; the projector starts fresh, as
+TokenFLEX's does on SigLIP). Text->image samples (the batch's non-caption rows) are always trained on the
 tokenizer's current code ids, so a tuned tokenizer still draws images for text-to-image.
 """
 from __future__ import annotations
@@ -35,6 +37,16 @@ from vision_tokenizers.projectors import (CodebookInput, CodebookInputConfig, Vi
 INPUTS = ("codes", "codebook", "vit_pool")
 
 
+def _ckpt_state(path: str) -> dict[str, torch.Tensor]:
+    """A Lightning .ckpt's state_dict, loaded without running pickled code; a clear error for a missing file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except (KeyError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a Lightning checkpoint ({type(e).__name__}: {e})") from None
+
+
 class UnderstandingLMModule(ObjectiveSteps):
     """See the module docstring. `vit` overrides ViTPoolInputConfig fields (vit_dim, vit_depth, vit_heads,
     patch_size, counts, default_tokens); `projector_hidden` is the projector's hidden width. `vq_images` (stage 2):
@@ -47,7 +59,8 @@ class UnderstandingLMModule(ObjectiveSteps):
                  vit: dict | None = None, train_lm: bool = True, train_projector: bool = True,
                  train_encoder: bool = True, train_tokenizer: bool = False, vq_weight: float = 0.25,
                  vq_images: int | None = None,
-                 init_from: str | None = None, init_lm_from: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
+                 init_from: str | None = None, init_lm_from: str | None = None,
+                 init_encoder_from: str | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 50, export_path: str | None = None):
         super().__init__()
         if data is None:
@@ -79,6 +92,10 @@ class UnderstandingLMModule(ObjectiveSteps):
             self.load_stage(init_from)
         if init_lm_from:
             self.load_lm(init_lm_from)
+        if init_encoder_from:
+            if init_from:
+                raise ValueError("set init_from (an earlier stage: every part) or init_encoder_from, not both")
+            self.load_encoder(init_encoder_from)
         self._freeze()
 
     # ---- parts and stages ---------------------------------------------------------------------
@@ -108,12 +125,22 @@ class UnderstandingLMModule(ObjectiveSteps):
 
     def load_stage(self, path: str) -> None:
         """Weights of an earlier stage's .ckpt (or any UnderstandingLMModule .ckpt): every part it holds."""
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state = _ckpt_state(path)
         for prefix, module in (("lm.", self.lm), ("objective.", self.objective), ("visual.", self.visual),
                                ("vision.", self.vision)):
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if module is not None:
                 load_state_strict(module, part, path)
+
+    def load_encoder(self, path: str) -> None:
+        """The TokenFLEX ViT's weights (`visual.encoder.*`) from another vit_pool .ckpt of the same ViT shape."""
+        if not isinstance(self.visual, ViTPoolInput):
+            raise ValueError(f"init_encoder_from needs inputs: vit_pool, got {self.inputs!r}")
+        state = _ckpt_state(path)
+        part = {k[len("visual.encoder."):]: v for k, v in state.items() if k.startswith("visual.encoder.")}
+        if not part:
+            raise ValueError(f"{path}: holds no TokenFLEX ViT (no visual.encoder.* weights)")
+        load_state_strict(self.visual.encoder, part, path)
 
     def load_lm(self, path: str) -> None:
         """The LM's weights (backbone and head) from another model read with the same text tokenizer."""
