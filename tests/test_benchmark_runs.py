@@ -118,7 +118,7 @@ def test_xar_reconstruction_rows_round_trip_each_tokenizer(tmp_path):
             seen.append(imgs)
             return float(len(seen)), (0.0, 2.0)
 
-    res = reconstructions(tmp_path, x, labels, Fid(), Clf(), boot=3)
+    res = reconstructions({t: tmp_path / f"{t}.safetensors" for t in ("vq", "kl")}, x, labels, Fid(), Clf(), boot=3)
     assert [r.shape for r in seen] == [x.shape, x.shape] and all(r.abs().max() <= 1 for r in seen)
     with torch.no_grad():
         assert torch.allclose(seen[1], kl.decode(kl.encode(x)).clamp(-1, 1), atol=1e-6)
@@ -222,3 +222,42 @@ def test_cells_summary_pairs_by_seed_and_prints_its_tables():
     assert part["arms"]["b"]["tf_cell"]["mean"] == pytest.approx(0.7)
     md = tables({"prior": part})
     assert "| a | 0.600 [" in md and "| b_minus_a | +0.100 [" in md and md.startswith("**PRIOR**")
+
+
+def test_xar_tokenizers_choose_the_most_regular_weight_within_tolerance():
+    from benchmarks.xar_tokenizers import choose_weight, main
+
+    assert choose_weight({1e-3: 60.0, 1e-4: 52.0, 1e-5: 50.0, 1e-6: 50.5}, 0.1) == 1e-4  # 52 <= 1.1 x 50
+    assert choose_weight({1e-3: 60.0, 1e-4: 56.0, 1e-5: 50.0}, 0.1) == 1e-5
+    assert choose_weight({1e-3: 60.0, 1e-6: 50.0}, 0.0) == 1e-6
+    with pytest.raises(SystemExit):
+        main(["--max-steps", "0"])
+
+
+@pytest.mark.slow
+def test_xar_tokenizers_benchmark_end_to_end(tmp_path, monkeypatch):
+    """`python -m benchmarks.xar_tokenizers` at toy size, with a small feature network in place of Inception: the
+    grid, the early-stopped runs, the test floors with the paired ratio, the JSON and the cached tokenizer files."""
+    import benchmarks.xar_tokenizers as xt
+    from vision_tokenizers import registry
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten(), torch.nn.Linear(64, 16))
+    monkeypatch.setattr(xt, "inception_path", lambda: net)
+    out = tmp_path / "r.json"
+    xt.main(["--holdout", "300", "--out", str(tmp_path / "tok"), "--results", str(out), "--kl-weights", "1e-3",
+             "1e-6", "--grid-steps", "3", "--tune-images", "40", "--max-steps", "8", "--val-every", "2",
+             "--patience", "1"])
+    res = json.loads(out.read_text())
+    assert (res["validation_images"], res["tuning_images"], res["test_images"]) == (50, 150, 100)
+    assert set(res["kl_grid"]) == {"0.001", "1e-06"} and res["kl_weight"] in (1e-3, 1e-6)
+    for kind in ("vq", "kl"):
+        r = res[kind]
+        assert 2 <= r["steps"] <= 8 and math.isfinite(r["best_val_mse"]) and r["test_images"] == 100
+        assert r["test_rfid_ci95"][0] <= r["test_rfid"] <= r["test_rfid_ci95"][1]
+        assert 0 <= r["test_accuracy_ci95"][0] <= r["test_accuracy"] <= r["test_accuracy_ci95"][1] <= 1
+        registry.load(res["files"][kind])  # the cached tokenizers load
+    lo, hi = res["kl_over_vq_rfid_ci95"]
+    assert lo <= res["kl_over_vq_rfid"] <= hi
+    assert res["kl_over_vq_rfid"] == pytest.approx(res["kl"]["test_rfid"] / res["vq"]["test_rfid"], rel=1e-6)
+    assert res["target_met"] == (res["kl_over_vq_rfid"] <= 1.2)

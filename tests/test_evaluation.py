@@ -141,3 +141,21 @@ def test_fid_equals_the_textbook_formula_and_its_interval_contains_it():
     assert abs(fid(real)) < 1e-6
     point, (lo, hi) = fid.interval(torch.rand(60, 1, 8, 8) * 1.4 - 0.6)
     assert lo <= point <= hi and hi > point
+
+
+def test_fid_paired_ratio_resamples_both_sets_together():
+    from evaluation.fid import FID
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+    real = torch.rand(300, 1, 8, 8) * 2 - 1
+    fid = FID(net, real)
+    near, far = real + 0.05 * torch.randn_like(real), real * 0.5 + 0.3  # two "reconstructions" of the same images
+    fa, fb = fid.features(far), fid.features(near)
+    ratio, (lo, hi) = fid.paired_ratio(fa, fb)
+    assert ratio == pytest.approx(fid(far) / fid(near), rel=1e-6)
+    assert 1 < lo <= ratio <= hi  # far is worse on every resample
+    same, (lo, hi) = fid.paired_ratio(fa, fa)
+    assert same == pytest.approx(1.0) and lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="paired"):
+        fid.paired_ratio(fa, fb[:10])
