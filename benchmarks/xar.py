@@ -96,7 +96,9 @@ def reachable_steps(config: str, out: Path, name: str, args: list[str], seconds:
         raise ValueError(f"--probe-steps must be >= 10, got {probe}")
     cli, _ = train_stage(config, out, f"{name}_probe", 0, [*args, "--trainer.max_steps", str(probe),
                                                           "--trainer.callbacks+=benchmarks.xar.StepClock"])
-    per_step = next(cb for cb in cli.trainer.callbacks if isinstance(cb, StepClock)).seconds_per_step()
+    from benchmarks.xar import StepClock as clock  # the class the CLI built (not __main__'s under `python -m`)
+
+    per_step = next(cb for cb in cli.trainer.callbacks if isinstance(cb, clock)).seconds_per_step()
     return max(int(0.9 * seconds / per_step), cli.model.warmup_steps + 1), per_step
 
 
