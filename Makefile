@@ -88,7 +88,7 @@ bench-xar-tokenizers $(XAR_TOK): $(STAMP)
 
 # xAR v2, step 2 (a one-seed pilot, not the claims): NTP on the cached VQ codes vs cell-entity xAR on the cached KL
 # latents, 150 s of training each, 1,000 samples per model against the 1,000 test digits
-# -> benchmarks/results/xar_pilot.json. Measured wall time: XAR_PILOT_MIN minutes on 2 cores (tokenizers cached).
+# -> benchmarks/results/xar_pilot.json. Measured wall time: 17.5 minutes on 2 cores (tokenizers cached).
 bench-xar-pilot: $(XAR_TOK)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.xar --datasets mnist --ablation-datasets --tokenizers benchmarks/results/xar_tokenizers.json \

@@ -240,7 +240,16 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
     res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
     fid = FID(fid_path, x_real)
-    res.update(reconstructions(res["tokenizer_files"], x_real, ref.labels, fid, clf, a.fid_boot))
+    if a.tokenizers is not None:  # the same test part and judge: the cached run's floors, not recomputed
+        cached = cached_tokenizers(a.tokenizers, source)
+        for tag in ("vq", "kl"):
+            c = cached[tag]
+            res.update({f"{tag}_reconstruction_fid": c["test_rfid"], f"{tag}_reconstruction_fid_ci95": c["test_rfid_ci95"],
+                        f"{tag}_reconstruction_accuracy": c["test_accuracy"],
+                        f"{tag}_reconstruction_accuracy_ci95": c["test_accuracy_ci95"],
+                        f"{tag}_reconstruction_samples": c["test_images"]})
+    else:
+        res.update(reconstructions(res["tokenizer_files"], x_real, ref.labels, fid, clf, a.fid_boot))
     classes = sorted(set(int(v) for v in data.labels))
     prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
     want = np.repeat(np.asarray(classes), a.per_class)
@@ -251,8 +260,9 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
         for k, pr in enumerate(prompts):
             for i in range(0, a.per_class, a.gen_batch):
                 m = min(a.gen_batch, a.per_class - i)
-                imgs.append(Pipeline(b).draw_images([pr], m, cfg=a.cfg, temperature=a.temperature, generator=g,
-                                          steps=a.steps, sampler=a.sampler))
+                opts = (dict(steps=a.steps, sampler=a.sampler) if b.objective.continuous  # xAR: flow steps
+                        else dict(temperature=a.temperature))  # NTP: token sampling
+                imgs.append(Pipeline(b).draw_images([pr], m, cfg=a.cfg, generator=g, **opts))
         imgs = torch.cat(imgs)
         res[f"{name}_seconds_per_image"] = (time.time() - t) / len(imgs)
         res.update(scored(name, imgs, want, fid, clf, a.fid_boot))
