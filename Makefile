@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo shapes bench-memory test test-slow bench bench-seed bench-xar video bench-nbp bench-video-tokenizer \
-	bench-gpu bench-streaming bench-xar-tokenizers bench-xar-pilot bench-prior bench-int8 bench-understanding bench-prior-scenes bench-understanding-scenes clean demo-deps test-browser video64
+	bench-gpu bench-streaming bench-xar-tokenizers bench-xar-pilot bench-xar-adaln bench-cells-pilot bench-prior bench-int8 bench-understanding bench-prior-scenes bench-understanding-scenes clean demo-deps test-browser video64
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -77,6 +77,11 @@ bench-xar: $(STAMP) $(FASHION)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	$(BIN)/python -m benchmarks.xar --datasets mnist fashion_mnist --tokenizer-seconds 90 --lm-seconds 150 --per-class 100
 
+# Training-step time of xAR with adaLN once per entity vs per token (one thread, alternating steps; run it on an idle
+# machine) -> benchmarks/results/xar_adaln.json. About 2 minutes.
+bench-xar-adaln: $(STAMP)
+	$(BIN)/python -m benchmarks.xar_adaln
+
 # xAR v2 (issue 30), step 1: the VQ and KL tokenizers trained once to convergence on MNIST (holdout 3,000: test part of
 # 1,000 digits), the KL weight chosen on the tuning part, each one's test rFID and classifier accuracy (its floor)
 # -> benchmarks/results/xar_tokenizers.json; the tokenizers stay cached in results/xar_tokenizers/.
@@ -129,6 +134,12 @@ bench-int8: $(STAMP)
 # seeds per arm from one text-only stand-in, 1,000 test canvases (ETT; TokenFLEX and PRIOR were run with --test 500)
 # -> benchmarks/results/understanding.json + understanding.png. Measured wall time on 2 cores:
 # ETT 27 min, TokenFLEX 34 min, pilot 2.5 min (800 steps), plus the tokenizer (9.5 min) and stand-in (45 s) once.
+# The cells pilot alone (one code-ids NTP model, 800 steps, its learning curve on validation canvases; the tokenizer
+# and the stand-in reused from bench-understanding's work folder when present) -> benchmarks/results/cells.json.
+# Measured wall time: 5.5 minutes on 2 cores with the tokenizer and stand-in reused (2026-12-05: 0.6765 per-cell at 800 steps).
+bench-cells-pilot: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts pilot --reuse --out benchmarks/results/cells.json
+
 bench-understanding: $(STAMP)
 	$(BIN)/pip install -q matplotlib==3.11.2  # pinned as the [bench] extra of pyproject.toml
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.cells --parts pilot ett tokenflex --reuse \

@@ -51,6 +51,14 @@ def batched(fn, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def round_trip(path, x: torch.Tensor) -> torch.Tensor:
+    """decode(encode(x)) of the tokenizer file at `path`, clamped to [-1, 1]: the reconstructions an rFID scores."""
+    from vision_tokenizers import registry
+
+    tok = registry.load(path).eval()
+    return batched(lambda b: tok.decode(tok.encode(b)).clamp(-1, 1), x)
+
+
 def train_stage(config: str, out: Path, name: str, steps: int, extra: list[str]):
     """One quiet run of a recipe (benchmarks.fit_run) for `steps` steps; returns (cli, seconds)."""
     t = time.time()

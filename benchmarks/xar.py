@@ -116,10 +116,10 @@ def cached_tokenizers(path: Path, source: str) -> dict:
     return cached
 
 
-def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int) -> dict:
+def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int,
+              cached: dict | None = None) -> dict:
     src = ["--data.init_args.source", source, "--data.init_args.holdout", str(holdout)]
-    if a.tokenizers is not None:  # converged tokenizers trained once by benchmarks/xar_tokenizers.py
-        cached = cached_tokenizers(a.tokenizers, source)
+    if cached is not None:  # converged tokenizers trained once by benchmarks/xar_tokenizers.py
         files = cached["files"]
         for tag in files:
             res[f"{tag}_tokenizer_seconds"], res[f"{tag}_tokenizer_steps"] = cached[tag]["seconds"], cached[tag]["steps"]
@@ -210,14 +210,11 @@ def scored(name: str, imgs: torch.Tensor, want, fid: FID, clf, boot: int) -> dic
 
 def reconstructions(files: dict, x_real: torch.Tensor, labels, fid: FID, clf, boot: int) -> dict:
     """Each tokenizer's round trip of the FID reference images (rFID): the floor its LM's samples start from."""
-    from benchmarks.seed import batched
-    from vision_tokenizers import registry
+    from benchmarks.seed import round_trip
 
     res = {}
     for tag in ("vq", "kl"):
-        tok = registry.load(files[tag]).eval()
-        rec = batched(lambda b: tok.decode(tok.encode(b)).clamp(-1, 1), x_real)
-        res.update(scored(f"{tag}_reconstruction", rec, labels, fid, clf, boot))
+        res.update(scored(f"{tag}_reconstruction", round_trip(files[tag], x_real), labels, fid, clf, boot))
     return res
 
 
@@ -228,11 +225,11 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    ref = reference(source, a.train_images,
-                    cached_tokenizers(a.tokenizers, source)["holdout"] if a.tokenizers is not None else None)
+    cached = cached_tokenizers(a.tokenizers, source) if a.tokenizers is not None else None
+    ref = reference(source, a.train_images, cached["holdout"] if cached else None)
     data, x_real, clf = ref.data, ref.x_real, ref.clf
     res["train_images"], res["holdout"] = len(data) - ref.holdout, ref.holdout
-    bundles = train_all(source, out, a, res, variants, ref.holdout)
+    bundles = train_all(source, out, a, res, variants, ref.holdout, cached)
 
     print(f"== {source}: evaluation ==", flush=True)
     t_eval = time.time()
@@ -240,8 +237,7 @@ def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> d
     res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
     res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
     fid = FID(fid_path, x_real)
-    if a.tokenizers is not None:  # the same test part and judge: the cached run's floors, not recomputed
-        cached = cached_tokenizers(a.tokenizers, source)
+    if cached is not None:  # the same test part and judge: the cached run's floors, not recomputed
         for tag in ("vq", "kl"):
             c = cached[tag]
             res.update({f"{tag}_reconstruction_fid": c["test_rfid"], f"{tag}_reconstruction_fid_ci95": c["test_rfid_ci95"],

@@ -1,5 +1,5 @@
 """Training-step time of xAR with adaLN once per entity vs per token, at configs/mnist_xar.yaml's size:
-`python -m benchmarks.xar_adaln` (prints the medians and their ratio; writes nothing).
+`python -m benchmarks.xar_adaln` (prints the medians and their ratio; writes benchmarks/results/xar_adaln.json).
 
 Preset xar-demo (width 256, 4 blocks), batch 64, 4 x 8 x 8 latents in 4x4 cells (K = 4 entities of 16 tokens),
 a 12-token prompt, noisy context, fp32, one thread. "per token" is the objective's forward as it was before
@@ -10,11 +10,15 @@ the same machine load.
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import statistics
 import time
 
 import torch
 
+from benchmarks import write_report
 from models.config import LMConfig
 from models.objectives import XARFlowMatching
 from models.transformer import Transformer
@@ -45,8 +49,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default="benchmarks/results/xar_adaln.json")
     a = ap.parse_args(argv)
+    if min(a.steps, a.batch, a.prompt, a.threads) < 1:
+        ap.error("--steps, --batch, --prompt and --threads must be >= 1")
     torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()[0]
     kw = dict(dim=256, latent_channels=4, grid=8, entity="cell", entity_size=4)
     torch.manual_seed(0)
     lm = Transformer(LMConfig.from_preset("xar-demo", max_len=160))
@@ -78,8 +86,14 @@ def main(argv=None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:>10}: median {v * 1000:.1f} ms/step over {a.steps} steps")
-    print(f"speedup (per token / per entity, ratio of medians): {med['per token'] / med['per entity']:.3f}x "
+    ratio = med["per token"] / med["per entity"]
+    print(f"speedup (per token / per entity, ratio of medians): {ratio:.3f}x "
           f"({a.threads} thread(s), batch {a.batch}, prompt {a.prompt}, T = {a.prompt + 64})")
+    write_report({"ms_per_step_median": {k: v * 1000 for k, v in med.items()}, "speedup": ratio,
+                  "steps": a.steps, "batch": a.batch, "prompt": a.prompt, "threads": a.threads,
+                  "platform": platform.platform(), "torch_version": torch.__version__,
+                  "loadavg_1min_before": load0, "loadavg_1min_after": os.getloadavg()[0],
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, a.results)
 
 
 if __name__ == "__main__":

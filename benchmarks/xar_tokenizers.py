@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
-from benchmarks.seed import batched, images_of, train_stage
+from benchmarks.seed import images_of, round_trip, train_stage
 from evaluation.fid import FID, inception_path
 from evaluation.splits import SPLIT_SEED, heldout_parts
 
@@ -65,16 +65,8 @@ def train_tokenizer(kind: str, out: Path, name: str, src: list[str], steps: int,
     res = {"steps": int(cli.trainer.global_step), "seconds": seconds, "max_steps": steps}
     stop = next((cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EarlyStopping"), None)
     if stop is not None:
-        res.update(best_val_mse=float(stop.best_score), stopped_early=bool(stop.stopped_epoch > 0
-                                                                         or res["steps"] < steps))
+        res.update(best_val_mse=float(stop.best_score), stopped_early=res["steps"] < steps)
     return res
-
-
-def round_trip(path: Path, x: torch.Tensor) -> torch.Tensor:
-    from vision_tokenizers import registry
-
-    tok = registry.load(path).eval()
-    return batched(lambda b: tok.decode(tok.encode(b)).clamp(-1, 1), x)
 
 
 def run(a) -> dict:

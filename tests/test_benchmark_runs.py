@@ -261,3 +261,16 @@ def test_xar_tokenizers_benchmark_end_to_end(tmp_path, monkeypatch):
     assert lo <= res["kl_over_vq_rfid"] <= hi
     assert res["kl_over_vq_rfid"] == pytest.approx(res["kl"]["test_rfid"] / res["vq"]["test_rfid"], rel=1e-6)
     assert res["target_met"] == (res["kl_over_vq_rfid"] <= 1.2)
+
+
+def test_xar_adaln_benchmark_writes_its_ratio(tmp_path):
+    from benchmarks.xar_adaln import main
+
+    out = tmp_path / "a.json"
+    main(["--steps", "1", "--batch", "2", "--prompt", "3", "--results", str(out)])
+    res = json.loads(out.read_text())
+    med = res["ms_per_step_median"]
+    assert set(med) == {"per token", "per entity"} and min(med.values()) > 0
+    assert res["speedup"] == pytest.approx(med["per token"] / med["per entity"])
+    with pytest.raises(SystemExit):
+        main(["--steps", "0", "--results", str(out)])
