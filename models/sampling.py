@@ -14,11 +14,14 @@ from models.cache import StaticCacheView
 Schedule = float | Sequence[float] | Callable[[int], float]
 
 
+CFG_SCHEDULES = ("linear", "constant")  # xAR guidance across entities (models.objectives.xar.cfg_ramp)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """A model's sampling defaults, tuned with its recipe and saved with it (config.json "sampling"): every entry
     point (mmar t2i/t2v, Pipeline, mmar eval, the web page) draws with these unless a caller sets a field.
-    Token objectives use cfg / temperature / top_k / top_p; flow matching (xAR) uses cfg / steps / sampler."""
+    Token objectives use cfg / temperature / top_k / top_p; flow matching (xAR) uses cfg / cfg_schedule / steps / sampler."""
 
     cfg: float = 3.0
     temperature: float = 1.0
@@ -26,6 +29,7 @@ class SamplingConfig:
     top_p: float | None = None
     steps: int | None = None
     sampler: str | None = None
+    cfg_schedule: str | None = None  # xAR: "linear" (1 at the first entity -> cfg at the last) or "constant"
 
     def __post_init__(self):
         if not math.isfinite(self.cfg) or self.cfg < 0:
@@ -40,6 +44,8 @@ class SamplingConfig:
             raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
         if self.sampler not in (None, "euler", "em"):
             raise ValueError(f"sampling sampler must be euler or em, got {self.sampler!r}")
+        if self.cfg_schedule not in (None, *CFG_SCHEDULES):
+            raise ValueError(f"sampling cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
 
     def override(self, **given) -> "SamplingConfig":
         """These defaults with every field the caller set (not None) replaced, validated."""

@@ -239,3 +239,11 @@ def tensor_to_pil_all(x):
     from vision_tokenizers.image_io import tensor_to_pil
 
     return [tensor_to_pil(t) for t in x]
+
+
+def test_token_models_refuse_a_cfg_schedule(tiny_bundle):
+    """cfg_schedule guides flow-matching entities; a token model given one says so instead of ignoring it."""
+    from mmar.pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="cfg_schedule applies to flow-matching"):
+        Pipeline(tiny_bundle).draw_images(["a 3"], 1, cfg_schedule="constant")

@@ -3,8 +3,10 @@ PRIOR in both settings, scores at each checkpoint, the JSON and its plot; and pi
 that the test suite can run quickly."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,139 +93,6 @@ def test_fit_recipe_reuses_a_finished_run_only_while_its_inputs_are_unchanged(tm
     assert len(runs) == 4
 
 
-def test_xar_reconstruction_rows_round_trip_each_tokenizer(tmp_path):
-    """bench-xar's rFID rows: each saved tokenizer's decode(encode(x)) is scored against the labels of x."""
-    from conftest import TINY_VQ
-
-    from benchmarks.xar import reconstructions
-    from vision_tokenizers import registry
-    from vision_tokenizers.kl import KLConfig, KLTokenizer
-    from vision_tokenizers.vq import VQTokenizer
-
-    torch.manual_seed(0)
-    registry.save(VQTokenizer(TINY_VQ), tmp_path / "vq.safetensors")
-    kl = KLTokenizer(KLConfig(image_size=8, pad=0, channels=(8, 16), latent_channels=4))
-    registry.save(kl, tmp_path / "kl.safetensors")
-    x = torch.rand(6, 1, 8, 8) * 2 - 1
-    labels = np.array([0, 1, 0, 1, 0, 1])
-    seen = []
-
-    class Clf:  # "predicts" 1 for the images whose mean is above the set's median
-        def predict(self, imgs):
-            m = imgs.mean((1, 2, 3))
-            return (m > m.median()).long().numpy()
-
-    class Fid:
-        def interval(self, imgs, boot):
-            seen.append(imgs)
-            return float(len(seen)), (0.0, 2.0)
-
-    res = reconstructions({t: tmp_path / f"{t}.safetensors" for t in ("vq", "kl")}, x, labels, Fid(), Clf(), boot=3)
-    assert [r.shape for r in seen] == [x.shape, x.shape] and all(r.abs().max() <= 1 for r in seen)
-    with torch.no_grad():
-        assert torch.allclose(seen[1], kl.decode(kl.encode(x)).clamp(-1, 1), atol=1e-6)
-    want = (Clf().predict(seen[0]) == labels).mean()
-    assert res["vq_reconstruction_accuracy"] == pytest.approx(want)
-    assert res["kl_reconstruction_fid"] == 2.0 and res["kl_reconstruction_samples"] == 6
-    assert len(res["vq_reconstruction_accuracy_ci95"]) == 2
-
-
-def test_video_tokenizer_ablation_runs_and_has_the_recipe_as_a_row(tmp_path, monkeypatch):
-    import yaml
-
-    import benchmarks.video_tokenizer as vt
-    from benchmarks.video_tokenizer import BASE, RECIPE, VARIANTS, config, main
-    from evaluation.judges import HeldOutClassifier
-    from train.video.data import _mnist_split
-
-    digits, labels = _mnist_split("heldout")  # a small classifier keeps the test fast; the benchmark fits all
-    small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
-                              augment=False)
-    monkeypatch.setattr(vt, "heldout_classifier", lambda *a, **k: small)
-
-    recipe = yaml.safe_load(open("configs/video_tokenizer.yaml"))["model"]["init_args"]["tokenizer"]
-    assert {k: recipe[k] for k in BASE} == {k: getattr(config(RECIPE), k) for k in BASE}  # the README recipe's row
-    assert all(set(v) <= set(BASE) and len(v) <= 1 for v in VARIANTS.values())  # one change per variant
-    out = tmp_path / "vt.json"
-    main(["--variants", "s8_t4", "s4_t4", "--steps", "1", "--n-train", "8", "--n-eval", "8", "--results", str(out)])
-    res = json.loads(out.read_text())
-    assert res["s8_t4"]["codes"] == 5 * 8 * 8 and res["s4_t4"]["codes"] == 5 * 16 * 16
-    for r in res.values():
-        assert 0 <= r["digit_acc_lo"] <= r["digit_acc"] <= r["digit_acc_hi"] <= 1 and math.isfinite(r["psnr"])
-
-
-def test_nbp_benchmark_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
-    """`make bench-nbp` at toy size: the recipe's row-block model (here a one-step toy of configs/video32_*.yaml,
-    tuned and saved as `make video` does), the NTP and frame-block arms trained from the same recipe, each tuned,
-    scored, and timed interleaved; the JSON rows and the Markdown table."""
-    import benchmarks.nbp as nbp
-    from evaluation.judges import HeldOutClassifier
-    from models.bundle import load_bundle
-    from train.cli import main as cli
-    from train.video.data import _mnist_split
-
-    digits, labels = _mnist_split("heldout")
-    small = HeldOutClassifier(torch.from_numpy(digits[:200]).float().div(127.5).sub(1).unsqueeze(1), labels[:200],
-                              augment=False)
-    monkeypatch.setattr(nbp, "heldout_classifier", lambda *a, **k: small)
-    monkeypatch.setattr(nbp, "TUNE_GRID", {"cfg": (1.0, 3.0), "temperature": (1.0,)})
-    tok = tmp_path / "tok.safetensors"
-    quiet = ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-             "--trainer.val_check_interval=1"]
-    cli(["fit", "--config", "configs/video32_tokenizer.yaml", *quiet, "--trainer.default_root_dir", str(tmp_path / "t"),
-         "--model.init_args.export_path", str(tok), "--data.init_args.n_train", "4", "--data.init_args.n_val", "2",
-         "--data.init_args.batch_size", "2"])
-    lm = ["--model.init_args.dim=64", "--model.init_args.n_layers=1", "--model.init_args.n_heads=2",
-          "--model.init_args.n_kv_heads=2", "--model.init_args.mlp_dim=128", f"--data.init_args.vision_tokenizer={tok}",
-          "--data.init_args.n_train=4", "--data.init_args.n_val=2", "--data.init_args.batch_size=2"]
-    cli(["fit", "--config", "configs/video32_lm.yaml", *quiet, *lm, "--trainer.default_root_dir", str(tmp_path / "l"),
-         "--data.init_args.cache_dir", str(tmp_path / "cache")])
-    row = tmp_path / "row_model"
-    nbp.main(["--n-eval", "8", "--digit-size", "20", "--start", "centred", "--score-results", str(tmp_path / "r.json"),
-              "--tune", str(tmp_path / "l" / "checkpoints" / "last.ckpt"), "--tuned-model", str(row)])
-    assert load_bundle(row).sampling.cfg in (1.0, 3.0) and (row / "tuning.json").is_file()
-    out = tmp_path / "nbp.json"
-    nbp.main(["--n-eval", "8", "--repeats", "2", "--results", str(out), "--save", str(tmp_path / "bench"),
-              "--recipe-model", str(row), *[f"--fit-arg={x}" for x in quiet + lm]])
-    res = json.loads(out.read_text())["arms"]
-    assert list(res) == ["ntp", "nbp_row8", "nbp_frame64"]
-    # backbone forwards per video, prefill included: 192 codes; 7 + 24 row blocks; 63 + 3 frame blocks
-    assert [res[k]["forwards_b1"] for k in res] == [192, 1 + 7 + 23, 1 + 63 + 2]
-    for r in res.values():
-        assert r["speedup_b1_lm"] > 0 and r["fps_b8_with_decode"] > 0 and len(r["tuning"]["grid"]) == 2
-        assert r["sec_per_call_b1_lm"]["q25"] <= r["sec_per_call_b1_lm"]["median"] <= r["sec_per_call_b1_lm"]["q75"]
-    assert res["ntp"]["speedup_b1_lm"] == 1.0
-    assert load_bundle(tmp_path / "bench" / "nbp_frame64" / "model").objective.config.block_size == 64
-    assert nbp.table(json.loads(out.read_text())).count("\n") == 4  # header, rule, three samplers
-
-
-def test_over_seeds_and_auc_by_hand():
-    from benchmarks.cells import auc, over_seeds
-
-    s = over_seeds([0.5, 0.6, 0.7])
-    assert s["mean"] == pytest.approx(0.6) and s["n"] == 3
-    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
-    assert s["ci95"] == pytest.approx([0.6 - half, 0.6 + half])
-    curve = [{"fraction": 0.5, "tf_cell": 0.5}, {"fraction": 1.0, "tf_cell": 1.0}]
-    assert auc(curve) == pytest.approx((0.5 * (1 / 11 + 0.5) + 0.5 * (0.5 + 1.0)) / 2 * 1.0)
-
-
-def test_cells_summary_pairs_by_seed_and_prints_its_tables():
-    """summarize: arms over seeds, paired differences per seed; tables(): one row per arm and per difference."""
-    from benchmarks.cells import METRICS, summarize, tables
-
-    def run(x):
-        return {"final": {m: x for m in METRICS}}
-
-    per_seed = {"a": {0: run(0.5), 1: run(0.6), 2: run(0.7)}, "b": {0: run(0.6), 1: run(0.8), 2: run(0.7)}}
-    part = summarize(per_seed, [("a", "b")])
-    d = part["paired"]["b_minus_a"]["cell"]
-    assert d["per_seed"] == pytest.approx([0.1, 0.2, 0.0]) and d["mean"] == pytest.approx(0.1) and d["n"] == 3
-    assert part["arms"]["b"]["tf_cell"]["mean"] == pytest.approx(0.7)
-    md = tables({"prior": part})
-    assert "| a | 0.600 [" in md and "| b_minus_a | +0.100 [" in md and md.startswith("**PRIOR**")
-
-
 def test_xar_tokenizers_choose_the_most_regular_weight_within_tolerance():
     from benchmarks.xar_tokenizers import choose_weight, main
 
@@ -247,7 +116,7 @@ def test_xar_tokenizers_benchmark_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     xt.main(["--holdout", "300", "--out", str(tmp_path / "tok"), "--results", str(out), "--kl-weights", "1e-3",
              "1e-6", "--grid-steps", "3", "--tune-images", "40", "--max-steps", "8", "--val-every", "2",
-             "--patience", "1"])
+             "--patience", "1", "--publish", str(tmp_path / "published")])
     res = json.loads(out.read_text())
     assert (res["validation_images"], res["tuning_images"], res["test_images"]) == (50, 150, 100)
     assert set(res["kl_grid"]) == {"0.001", "1e-06"} and res["kl_weight"] in (1e-3, 1e-6)
@@ -256,7 +125,9 @@ def test_xar_tokenizers_benchmark_end_to_end(tmp_path, monkeypatch):
         assert 2 <= r["steps"] <= 8 and math.isfinite(r["best_val_mse"]) and r["test_images"] == 100
         assert r["test_rfid_ci95"][0] <= r["test_rfid"] <= r["test_rfid_ci95"][1]
         assert 0 <= r["test_accuracy_ci95"][0] <= r["test_accuracy"] <= r["test_accuracy_ci95"][1] <= 1
-        registry.load(res["files"][kind])  # the cached tokenizers load
+        registry.load(res["files"][kind])  # the cached tokenizers load, from the published copies
+        assert res["files"][kind] == str(tmp_path / "published" / f"{kind}.safetensors")
+        assert res["sha256"][kind] == hashlib.sha256(Path(res["files"][kind]).read_bytes()).hexdigest()
     lo, hi = res["kl_over_vq_rfid_ci95"]
     assert lo <= res["kl_over_vq_rfid"] <= hi
     assert res["kl_over_vq_rfid"] == pytest.approx(res["kl"]["test_rfid"] / res["vq"]["test_rfid"], rel=1e-6)
@@ -274,3 +145,21 @@ def test_xar_adaln_benchmark_writes_its_ratio(tmp_path):
     assert res["speedup"] == pytest.approx(med["per token"] / med["per entity"])
     with pytest.raises(SystemExit):
         main(["--steps", "0", "--results", str(out)])
+
+
+def test_xar_tokenizers_grid_from_an_earlier_report(tmp_path):
+    """--grid-from takes an earlier report's KL weight grid and choice (same dataset and holdout) and refuses another
+    split's."""
+    from types import SimpleNamespace
+
+    from benchmarks.xar_tokenizers import kl_grid
+
+    prev = {"dataset": "mnist", "holdout": 3000, "kl_grid": {"0.001": {"tuning_rfid": 30.0}}, "kl_weight": 0.001,
+            "tolerance": 0.1, "grid_steps": 300, "tune_images": 500, "date": "2026-12-04T00:00:00+00:00"}
+    path = tmp_path / "prev.json"
+    path.write_text(json.dumps(prev))
+    a = SimpleNamespace(grid_from=path, dataset="mnist", holdout=3000)
+    res = kl_grid(a, None, {}, {}, tmp_path, [])
+    assert res["kl_weight"] == 0.001 and res["kl_grid"] == prev["kl_grid"] and res["grid_date"] == prev["date"]
+    with pytest.raises(SystemExit, match="holdout 3000"):
+        kl_grid(SimpleNamespace(grid_from=path, dataset="mnist", holdout=1500), None, {}, {}, tmp_path, [])

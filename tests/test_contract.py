@@ -273,7 +273,8 @@ def test_generate_has_one_signature_and_refuses_what_it_cannot_honour(case, capt
     assert list(inspect.signature(type(b.objective).generate).parameters)[:len(want)] == want
     ids, valid = guided_prompts(b)
     refused = ({"temperature": 0.5}, {"top_k": 3}, {"stop_id": 1}) if _continuous(b.objective) else \
-        ({"steps": 2}, {"sampler": "em"}, *(({"stop_id": 1},) if not b.objective.captions else ()))
+        ({"steps": 2}, {"sampler": "em"}, {"cfg_schedule": "constant"},
+         *(({"stop_id": 1},) if not b.objective.captions else ()))
     for opt in refused:
         with pytest.raises(ValueError, match=f"does not take {next(iter(opt))}"):
             b.objective.generate(b.lm, ids, b.vision.num_tokens, valid=valid, cfg_scale=2.0, **opt)

@@ -279,10 +279,13 @@ def test_guidance_ramps_linearly_across_entities(monkeypatch):
     lm, obj = _lm(), _obj()
     seen = []
     real = xar.cfg_ramp
-    monkeypatch.setattr(xar, "cfg_ramp", lambda c, k, n: seen.append(real(c, k, n)) or seen[-1])
+    monkeypatch.setattr(xar, "cfg_ramp", lambda c, k, n, s: seen.append(real(c, k, n, s)) or seen[-1])
     b = _batch(padded=False)
     obj.generate(lm, torch.cat([b["ids"]] * 2), cfg_scale=4.0, steps=1)
     assert seen == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    seen.clear()
+    obj.generate(lm, torch.cat([b["ids"]] * 2), cfg_scale=4.0, steps=1, cfg_schedule="constant")
+    assert seen == [4.0] * 4
 
 
 def test_config_round_trip_and_checks():

@@ -52,7 +52,7 @@ def test_text_to_image_script_draws_from_an_xar_checkpoint(xar_ckpt, tmp_path):
     for source in (ckpt, folder):
         out = tmp_path / f"out_{source.name}"
         assert run("t2i", ["--ckpt", str(source), "--prompt", "a handwritten 3", "--n", "2", "--steps", "2",
-                           "--sampler", "euler", "--out", str(out)]) == 0
+                           "--sampler", "euler", "--cfg-schedule", "constant", "--out", str(out)]) == 0
         assert (out / "grid.png").is_file() and (out / "000_01.png").is_file()
 
 
@@ -66,6 +66,14 @@ def test_pipeline_steps_and_sampler_reach_the_objective(xar_ckpt):
     again = Pipeline(b).draw_images(["a handwritten 3", "the digit seven"], 2, cfg=2.0, steps=3, sampler="em",
                                     generator=torch.Generator().manual_seed(0))
     assert torch.equal(imgs, again)
+    # the cfg schedule reaches the objective: constant guidance changes the first entity's draw, linear is the default
+    kw = dict(cfg=3.0, steps=2, sampler="euler")
+    draw = lambda **o: Pipeline(b).draw_images(["a handwritten 3"], 1, generator=torch.Generator().manual_seed(0),  # noqa: E731
+                                               **kw, **o)
+    assert torch.equal(draw(), draw(cfg_schedule="linear"))
+    assert not torch.equal(draw(), draw(cfg_schedule="constant"))
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        draw(cfg_schedule="cosine")
     with pytest.raises(ValueError, match="does not caption"):
         Pipeline(b).draw_captions(imgs)
 

@@ -97,6 +97,14 @@ class NumericalGuard(L.Callback):
         pl_module.log("train/skipped_steps", float(self.skipped))
 
 
+def ema_update_(average: list[torch.Tensor], params: list[torch.Tensor], decay: float, updates: int) -> None:
+    """One EMA update in place: average <- d average + (1 - d) params with d = min(decay, (1 + n) / (10 + n)) at the
+    n-th update (diffusers' EMAModel warm-up). The one formula of EMA below and of benchmarks.xar's tracks."""
+    d = min(decay, (1 + updates) / (10 + updates))
+    with torch.no_grad():
+        torch._foreach_lerp_(average, [p.detach() for p in params], 1 - d)
+
+
 class EMA(L.Callback):
     """Exponential moving average of the trainable weights, updated after every optimiser step with decay
     min(decay, (1 + n) / (10 + n)) at the n-th update (n from 0, diffusers' EMAModel warm-up, so a short run is
@@ -131,9 +139,7 @@ class EMA(L.Callback):
     def _update(self, trainer, pl_module) -> None:
         if self.other is None or self.holds_average or trainer.global_step <= self.step:
             return
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.other, [p.detach() for _, p in self._params(pl_module)], 1 - d)
+        ema_update_(self.other, [p for _, p in self._params(pl_module)], self.decay, self.updates)
         self.updates, self.step = self.updates + 1, trainer.global_step
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -51,7 +51,7 @@ class Objective(nn.Module, abc.ABC):
                  valid: torch.Tensor | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, allowed: torch.Tensor | None = None, cfg_scale: float | None = None,
                  stop_id: int | None = None, steps: int | None = None, sampler: str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 cfg_schedule: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue `prompt` [B, T] (left-padded where `valid` is False; with `cfg_scale` the unconditional rows
         follow the conditional ones) by up to `max_new_tokens` ids [B, N], KV-cached. Every objective takes
         these options; one it cannot honour raises ValueError (`refuse`) instead of being ignored."""

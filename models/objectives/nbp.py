@@ -127,11 +127,11 @@ class NextBlockPrediction(Objective):
     @torch.inference_mode()
     def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
                  top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
-                 generator=None) -> torch.Tensor:
+                 cfg_schedule=None, generator=None) -> torch.Tensor:
         """Continue text->visual prompts `... <boi>` [rows, T] (left-padded; with `cfg_scale` the
         unconditional rows follow the conditional ones) by `max_new_tokens` codes [B, N], a block per forward.
         Only visual codes are trained, so there is no text to stop on (`stop_id` is refused)."""
-        self.refuse(stop_id=stop_id, steps=steps, sampler=sampler)
+        self.refuse(stop_id=stop_id, steps=steps, sampler=sampler, cfg_schedule=cfg_schedule)
         temperature = 1.0 if temperature is None else temperature
         rows, t = prompt.shape
         if cfg_scale is not None and rows % 2:

@@ -66,12 +66,12 @@ class NextTokenPrediction(Objective):
 
     def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
                  top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
-                 generator=None, compile: bool = False) -> torch.Tensor:
+                 cfg_schedule=None, generator=None, compile: bool = False) -> torch.Tensor:
         """Token by token through the KV cache (models.sampling.generate); flow steps and samplers do not apply.
 
         `compile=True`: every token after the prompt through the compiled static-cache step
         (make_step_fn(static=True, compile=True)); the same tokens, compiled once per batch shape."""
-        self.refuse(steps=steps, sampler=sampler)
+        self.refuse(steps=steps, sampler=sampler, cfg_schedule=cfg_schedule)
         step_fn = make_step_fn(lm, static=True, compile=True) if compile else None
         return generate(lm, prompt, max_new_tokens, valid=valid, temperature=1.0 if temperature is None else temperature,
                         top_k=top_k, top_p=top_p, allowed=allowed, cfg_scale=cfg_scale, stop_id=stop_id,

@@ -15,7 +15,7 @@ The velocity comes from the backbone's hidden state through a linear layer (`pre
 design) or from a small per-token adaLN MLP head fed (x_t, t, hidden) (`predictor: mlp`, MAR's head).
 
 Sampling: per entity, from noise at t=1 to 0 with Euler or Euler–Maruyama (to `t_end`, then one deterministic
-step), guidance ramped linearly across entities 1 + (cfg - 1) k / (K - 1); the finished entity is written clean
+step), guidance ramped linearly across entities 1 + (cfg - 1) k / (K - 1) (or constant, `cfg_schedule`); the finished entity is written clean
 (t=0) into the KV cache once, and each flow step runs only the current entity's tokens on top of the cache.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 from models.flow_head import FlowMLPHead, TimestepEmbedder
 from models.masks import attention_mask
 from models.objectives.base import Objective
+from models.sampling import CFG_SCHEDULES
 
 ENTITIES = ("token", "cell", "subsample", "image")
 
@@ -57,9 +58,14 @@ def entity_order(kind: str, grid: int, size: int) -> tuple[torch.Tensor, int]:
     return order, size * size
 
 
-def cfg_ramp(cfg: float, k: int, n_entities: int) -> float:
-    """Guidance scale of AR step k of K: 1 at the first entity, `cfg` at the last (linear)."""
-    return 1.0 + (cfg - 1.0) * k / (n_entities - 1) if n_entities > 1 else cfg
+def cfg_ramp(cfg: float, k: int, n_entities: int, schedule: str = "linear") -> float:
+    """Guidance scale of AR step k of K. linear: 1 at the first entity, `cfg` at the last (the official code's
+    ramp); constant: `cfg` at every entity. One entity (whole image) gets `cfg` either way."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or n_entities == 1:
+        return cfg
+    return 1.0 + (cfg - 1.0) * k / (n_entities - 1)
 
 
 def flow_pair(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,9 +269,9 @@ class XARFlowMatching(Objective):
     @torch.inference_mode()
     def generate(self, lm, prompt: torch.Tensor, max_new_tokens: int | None = None, *, valid=None, temperature=None,
                  top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
-                 generator=None, use_cache: bool = True) -> torch.Tensor:
+                 cfg_schedule=None, generator=None, use_cache: bool = True) -> torch.Tensor:
         """Latents [B, c, h, w] for prompts [B, P] (or [2B, P] with cfg_scale: conditional rows first, then the
-        unconditional ones), entity by entity; token options (temperature, top-k, top-p, allowed ids, a stop
+        unconditional ones), entity by entity, guidance across entities by `cfg_schedule` (cfg_ramp; None: linear); token options (temperature, top-k, top-p, allowed ids, a stop
         id) are refused. `use_cache=False` recomputes prompt + context at every flow step (the reference the
         cached path must equal)."""
         self.refuse(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed, stop_id=stop_id)
@@ -295,7 +301,7 @@ class XARFlowMatching(Objective):
         emask = torch.ones(rows, g, dtype=torch.bool, device=dev)
         one_row = torch.zeros(g, dtype=torch.long, device=dev)  # [G]: the entity's positions share one adaLN row
         for k in range(k_all):
-            scale = cfg_ramp(cfg_scale, k, k_all) if guided else None
+            scale = cfg_ramp(cfg_scale, k, k_all, cfg_schedule or "linear") if guided else None
             sl = slice(k * g, (k + 1) * g)
             slots = self.order[sl]
             ent = torch.full((g,), k, device=dev)
