@@ -64,15 +64,23 @@ class FID:
                for i in range(0, len(images), self.batch)]
         return torch.cat(out).numpy()  # [N, F]
 
-    def _distance(self, f: np.ndarray, y: np.ndarray) -> float:
-        """FID of features f [n, F], given y = f @ C_r^1/2 (precomputed once for a bootstrap)."""
-        n = len(f)
-        mu = f.mean(0)
-        yc = y - y.mean(0)
-        gram = yc @ yc.T if n < yc.shape[1] else yc.T @ yc
+    def _distance(self, f: np.ndarray, y: np.ndarray, counts: np.ndarray | None = None) -> float:
+        """FID of features f [m, F], given y = f @ C_r^1/2 (precomputed once for a bootstrap). `counts` [m]: each
+        row stands for that many items (a bootstrap resample as its distinct items, ~63% of them: the same FID as
+        the rows repeated, with a smaller Gram matrix)."""
+        c = np.ones(len(f)) if counts is None else np.asarray(counts, dtype=float)
+        n = c.sum()
+        mu = c @ f / n
+        yc = (y - c @ y / n) * np.sqrt(c)[:, None]  # rows weighted: yc^T yc = sum_i c_i (y_i - mu_y)(y_i - mu_y)^T
+        gram = yc @ yc.T if len(yc) < yc.shape[1] else yc.T @ yc
         ev = np.linalg.eigvalsh(gram / (n - 1))
-        return float(((self.mu_r - mu) ** 2).sum() + np.trace(self.cov_r) + ((f - mu) ** 2).sum() / (n - 1)
+        return float(((self.mu_r - mu) ** 2).sum() + np.trace(self.cov_r) + c @ ((f - mu) ** 2).sum(1) / (n - 1)
                      - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+    def _resampled(self, f: np.ndarray, y: np.ndarray, idx: np.ndarray) -> float:
+        """_distance of the items idx (with repeats), computed on the distinct ones with their counts."""
+        u, counts = np.unique(idx, return_counts=True)
+        return self._distance(f[u], y[u], counts)
 
     def __call__(self, fake: torch.Tensor) -> float:
         f = self.features(fake)
@@ -88,7 +96,7 @@ class FID:
         from evaluation.judges import bootstrap_interval
 
         y = f @ self.sqrt_r
-        return bootstrap_interval(lambda i: self._distance(f[i], y[i]), len(f), resamples=resamples, seed=seed)
+        return bootstrap_interval(lambda i: self._resampled(f, y, i), len(f), resamples=resamples, seed=seed)
 
     def paired_ratio(self, fa: np.ndarray, fb: np.ndarray, resamples: int = 1000,
                      seed: int = 0) -> tuple[float, tuple[float, float]]:
@@ -99,5 +107,5 @@ class FID:
         if fa.shape != fb.shape:
             raise ValueError(f"paired_ratio needs paired feature sets of one shape, got {fa.shape} and {fb.shape}")
         ya, yb = fa @ self.sqrt_r, fb @ self.sqrt_r
-        return bootstrap_interval(lambda i: self._distance(fa[i], ya[i]) / self._distance(fb[i], yb[i]), len(fa),
+        return bootstrap_interval(lambda i: self._resampled(fa, ya, i) / self._resampled(fb, yb, i), len(fa),
                                   resamples=resamples, seed=seed)

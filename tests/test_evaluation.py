@@ -143,6 +143,23 @@ def test_fid_equals_the_textbook_formula_and_its_interval_contains_it():
     assert lo <= point <= hi and hi > point
 
 
+def test_fid_of_a_resample_from_distinct_items_and_counts_equals_the_repeated_rows():
+    """The bootstrap scores a resample on its distinct items with their counts (a smaller Gram matrix): the same FID
+    as the repeated rows, with fewer and with more items than features."""
+    from evaluation.fid import FID
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 24))
+    fid = FID(net, torch.rand(100, 1, 8, 8) * 2 - 1)
+    rng = np.random.default_rng(0)
+    for n in (15, 60):
+        f = fid.features(torch.rand(n, 1, 8, 8))
+        y = f @ fid.sqrt_r
+        idx = rng.integers(0, n, n)
+        assert len(set(idx.tolist())) < n  # repeats
+        assert fid._resampled(f, y, idx) == pytest.approx(fid._distance(f[idx], y[idx]), rel=1e-6)
+
+
 def test_fid_paired_ratio_resamples_both_sets_together():
     from evaluation.fid import FID
 
