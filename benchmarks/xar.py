@@ -486,7 +486,24 @@ def tables(summary: dict) -> str:
             acc = next(v for k, v in c.items() if k.startswith("accuracy_"))
             lines.append(f"| {name} | {len(c['seeds'])} | {_ci(fid)} | {c['verdict_fid']} | {_ci(acc, 3)} | "
                          f"{c['verdict_accuracy']} |")
+        lines += ["", "| arm | seed | steps | FID [95% bootstrap] | accuracy [95% Wilson] |", "|---|---|---|---|---|"]
+        for arm, m in r["arms"].items():
+            for s, p in m["per_seed"].items():
+                lines.append(f"| {arm} | {s} | {p['train_steps']} | {p['fid']:.2f} [{p['fid_ci95'][0]:.2f}, "
+                             f"{p['fid_ci95'][1]:.2f}] | {p['accuracy']:.3f} [{p['accuracy_ci95'][0]:.3f}, "
+                             f"{p['accuracy_ci95'][1]:.3f}] |")
+        curves = [(arm, s, c) for arm, m in r["arms"].items() for s, c in m["curve"].items()]
+        if curves:
+            lines += ["", "| arm | seed | " + " | ".join(f"FID / acc at {p['fraction']:g}" for p in curves[0][2]) + " |",
+                      "|---|---|" + "---|" * len(curves[0][2])]
+            for arm, s, c in curves:
+                lines.append(f"| {arm} | {s} | " + " | ".join(f"{p['fid']:.1f} / {p['accuracy']:.3f}" for p in c) + " |")
         lines.append("")
+    if summary.get("tuning"):
+        lines += ["| arm | tuned on | weights | sampling | tuning FID |", "|---|---|---|---|---|"]
+        for arm, t in summary["tuning"].items():
+            lines.append(f"| {arm} | {t['regime']} seed {t['seed']} | {t['weights']} | "
+                         + ", ".join(f"{k} {v}" for k, v in t["settings"].items()) + f" | {t['tuning_fid']:.2f} |")
     return "\n".join(lines)
 
 
