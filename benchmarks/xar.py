@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -626,6 +625,7 @@ def main(argv=None) -> None:
                 for arm in a.arms:
                     runner.run(arm, regime, seed)
         store = runner.store
+        store["classifier_accuracy_on_real_test"] = runner.classifier_accuracy_on_real_test
     else:
         store = json.loads(a.store.read_text())
     summary = summarize(store, cached)
@@ -633,6 +633,7 @@ def main(argv=None) -> None:
               "lm_seconds": a.lm_seconds, "lm_steps": a.lm_steps, "per_class": a.per_class,
               "curve_per_class": a.curve_per_class, "tune_per_class": a.tune_per_class,
               "classifier": "SVM on the tuning part (evaluation.judges.HeldOutClassifier)",
+              "classifier_accuracy_on_real_test": store.get("classifier_accuracy_on_real_test"),
               "fid_reference": f"the {cached['test_images']} test digits", "platform": platform.platform(),
               "threads": torch.get_num_threads(), "loadavg_1min_before": load0,
               "loadavg_1min_after": os.getloadavg()[0], "wall_s_this_invocation": time.time() - t0,

@@ -171,7 +171,8 @@ class Pipeline:
         Every option left at None takes the model's saved sampling defaults (`self.sampling`). Only image codes are
         sampled inside the image span; with cfg != 1 the batch is doubled with the unconditional prompt (the
         caption-dropped form the model was trained on). A continuous-latent objective (xAR) draws latents with
-        `steps` / `sampler` / `cfg_schedule` instead, and refuses temperature, top-k and top-p, which do not apply to it.
+        `steps` / `sampler` / `cfg_schedule` instead, and refuses temperature, top-k and top-p, which do not apply
+        to it.
         """
         b = self.bundle
         s = b.sampling.override(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps, sampler=sampler,
@@ -292,8 +293,8 @@ class Pipeline:
                       steps: int | None = None, sampler: str | None = None, cfg_schedule: str | None = None,
                       progress: Progress | None = None, batch_size: int | None = None) -> list[Image.Image]:
         """`n` images per prompt, prompt-major (`len(prompts) * n` PIL images). `cfg` is the classifier-free
-        guidance scale (1 = off); `steps` / `sampler` / `cfg_schedule` apply to continuous-latent (xAR) checkpoints only. Options
-        left at None take the model's saved sampling defaults (`self.sampling`).
+        guidance scale (1 = off); `steps` / `sampler` / `cfg_schedule` apply to continuous-latent (xAR) checkpoints
+        only. Options left at None take the model's saved sampling defaults (`self.sampling`).
 
         Default (`batch_size=None`): each image is drawn alone with its own seed, so results do not depend on
         what else is asked for (see the module docstring). `batch_size=k` draws k images per sampler call

@@ -21,7 +21,8 @@ CFG_SCHEDULES = ("linear", "constant")  # xAR guidance across entities (models.o
 class SamplingConfig:
     """A model's sampling defaults, tuned with its recipe and saved with it (config.json "sampling"): every entry
     point (mmar t2i/t2v, Pipeline, mmar eval, the web page) draws with these unless a caller sets a field.
-    Token objectives use cfg / temperature / top_k / top_p; flow matching (xAR) uses cfg / cfg_schedule / steps / sampler."""
+    Token objectives use cfg / temperature / top_k / top_p; flow matching (xAR) uses cfg / cfg_schedule / steps /
+    sampler."""
 
     cfg: float = 3.0
     temperature: float = 1.0

@@ -15,8 +15,9 @@ The velocity comes from the backbone's hidden state through a linear layer (`pre
 design) or from a small per-token adaLN MLP head fed (x_t, t, hidden) (`predictor: mlp`, MAR's head).
 
 Sampling: per entity, from noise at t=1 to 0 with Euler or Euler–Maruyama (to `t_end`, then one deterministic
-step), guidance ramped linearly across entities 1 + (cfg - 1) k / (K - 1) (or constant, `cfg_schedule`); the finished entity is written clean
-(t=0) into the KV cache once, and each flow step runs only the current entity's tokens on top of the cache.
+step), guidance ramped linearly across entities 1 + (cfg - 1) k / (K - 1) (or constant, `cfg_schedule`); the
+finished entity is written clean (t=0) into the KV cache once, and each flow step runs only the current entity's
+tokens on top of the cache.
 """
 from __future__ import annotations
 
@@ -271,9 +272,9 @@ class XARFlowMatching(Objective):
                  top_k=None, top_p=None, allowed=None, cfg_scale=None, stop_id=None, steps=None, sampler=None,
                  cfg_schedule=None, generator=None, use_cache: bool = True) -> torch.Tensor:
         """Latents [B, c, h, w] for prompts [B, P] (or [2B, P] with cfg_scale: conditional rows first, then the
-        unconditional ones), entity by entity, guidance across entities by `cfg_schedule` (cfg_ramp; None: linear); token options (temperature, top-k, top-p, allowed ids, a stop
-        id) are refused. `use_cache=False` recomputes prompt + context at every flow step (the reference the
-        cached path must equal)."""
+        unconditional ones), entity by entity, guidance across entities by `cfg_schedule` (cfg_ramp; None: linear);
+        token options (temperature, top-k, top-p, allowed ids, a stop id) are refused. `use_cache=False` recomputes
+        prompt + context at every flow step (the reference the cached path must equal)."""
         self.refuse(temperature=temperature, top_k=top_k, top_p=top_p, allowed=allowed, stop_id=stop_id)
         if max_new_tokens is not None and max_new_tokens != self.n_tokens:
             raise ValueError(f"this xAR model draws {self.n_tokens} latent tokens, got max_new_tokens={max_new_tokens}")
