@@ -195,8 +195,8 @@ class Runner:
               "--model.init_args.mlp_dim", str(a.mlp_dim), "--model.init_args.lr", str(a.lr),
               "--model.init_args.warmup_steps", str(a.warmup_steps),
               "--data.init_args.source", cached["dataset"], "--data.init_args.holdout", str(cached["holdout"]),
-              "--data.init_args.batch_size", str(a.batch_size), "--data.init_args.cache_dir", str(a.work / "cache")]
-        self.lm_args = lm
+              "--data.init_args.batch_size", str(a.batch_size)]
+        self.lm_args = [*lm, "--data.init_args.cache_dir", str(a.work / "cache")]  # where runs live is no signature
         self.arm_args = {}
         for name, (config, tok, over) in ARMS.items():
             extra = ["--data.init_args.vision_tokenizer", files[tok]]
@@ -207,7 +207,7 @@ class Runner:
                 extra += ["--model.init_args.objective.init_args.dim", str(a.dim)]
             self.arm_args[name] = (config, extra)
         # what a stored run must match to be reused: the tokenizers, the LM, the judges and the sample counts
-        self.signature = {"tokenizers": {k: sha256(v) for k, v in files.items()}, "lm": lm[:-2],
+        self.signature = {"tokenizers": {k: sha256(v) for k, v in files.items()}, "lm": lm,
                           "per_class": a.per_class, "curve_per_class": a.curve_per_class,
                           "tune_per_class": a.tune_per_class, "tune_reference": a.tune_reference,
                           "ema_decays": a.ema_decays, "fid_boot": a.fid_boot}
