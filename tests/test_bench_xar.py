@@ -167,3 +167,5 @@ def test_bench_xar_grid_end_to_end(tmp_path, monkeypatch):
     dates = {k: r["date"] for k, r in st["runs"].items()}
     bx.main(args)  # everything stored: nothing retrained
     assert {k: r["date"] for k, r in json.loads(store.read_text())["runs"].items()} == dates
+    bx.main([*args, "--summary-only"])  # rebuilt from the store alone: the judge's real-test accuracy survives
+    assert 0 < json.loads(out.read_text())["classifier_accuracy_on_real_test"] <= 1
